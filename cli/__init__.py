@@ -1,0 +1,1 @@
+"""Command-line front end of edje-search (installed as the package ``edje_search_cli``)."""

@@ -1,0 +1,139 @@
+"""build-index, add, remove, query, info."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import click
+
+from .main import cli, emit_json, index_option, json_option
+
+
+def _write_skipped(index_dir: Path, skipped: list[tuple[str, str]]) -> Path:
+    path = index_dir / "skipped.jsonl"
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for p, reason in skipped:
+            f.write(json.dumps({"path": p, "reason": reason}, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def _report_build(engine, report, as_json: bool) -> None:
+    skipped_file = _write_skipped(engine.store.directory, report.skipped)
+    if as_json:
+        emit_json({**dataclasses.asdict(report), "skipped": [{"path": p, "reason": r} for p, r in report.skipped],
+                   "images": len(engine.store), "index": str(engine.store.directory)})
+        return
+    click.echo(f"{report.summary()}; index {engine.store.directory} holds {len(engine.store)} images")
+    if report.skipped:
+        click.echo(f"skipped files and reasons: {skipped_file}")
+
+
+@cli.command("build-index")
+@click.argument("images_dir", type=click.Path(exists=True))
+@index_option
+@click.option("--model", default="edje-demo", show_default=True,
+              help="Model directory or registered model name (see `edje-search models`). "
+                   "Used when creating the index; an existing index keeps its model.")
+@click.option("--factory", default="Flat", show_default=True,
+              help='FAISS index-factory string for the first stage, e.g. "Flat" or "HNSW32,Flat".')
+@click.option("--batch-size", default=32, show_default=True, help="Images per model forward pass.")
+@click.option("--workers", default=2, show_default=True, help="Image-decoding worker processes.")
+@click.option("--commit-every", default=512, show_default=True,
+              help="Images per atomic commit (an interrupted build keeps what was committed).")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+@json_option
+def build_index(images_dir, index_dir, model, factory, batch_size, workers, commit_every, no_progress, as_json):
+    """Index every image under IMAGES_DIR (new or changed files only on re-runs; deleted files are dropped)."""
+    from edje_search import Engine, load_model
+    from edje_search.storage.index_store import CONFIG_FILE
+
+    index_path = Path(index_dir)
+    if (index_path / CONFIG_FILE).is_file():
+        engine = Engine.from_pretrained(index_path, writable=True)
+    else:
+        engine = Engine.create(index_path, load_model(model), factory=factory)
+    report = engine.sync(images_dir, batch_size=batch_size, num_workers=workers,
+                         commit_every=commit_every, progress=not no_progress)
+    _report_build(engine, report, as_json)
+
+
+@cli.command("add")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True))
+@index_option
+@click.option("--batch-size", default=32, show_default=True, help="Images per model forward pass.")
+@click.option("--workers", default=2, show_default=True, help="Image-decoding worker processes.")
+@json_option
+def add(paths, index_dir, batch_size, workers, as_json):
+    """Add image files or folders to an existing index."""
+    from edje_search import Engine
+    from edje_search.images import iter_image_files
+
+    engine = Engine.from_pretrained(index_dir, writable=True)
+    files = [str(f) for p in paths for f in iter_image_files(p)]
+    report = engine.add(files, batch_size=batch_size, num_workers=workers)
+    _report_build(engine, report, as_json)
+
+
+@cli.command("remove")
+@click.argument("paths", nargs=-1, required=True)
+@index_option
+@json_option
+def remove(paths, index_dir, as_json):
+    """Remove image files from an index (the files themselves are not touched)."""
+    from edje_search import Engine
+
+    engine = Engine.from_pretrained(index_dir, writable=True)
+    n = engine.remove(paths)
+    if as_json:
+        emit_json({"removed": n, "images": len(engine.store)})
+    else:
+        click.echo(f"{n} removed; index holds {len(engine.store)} images")
+
+
+@cli.command("query")
+@click.argument("text", nargs=-1, required=True)
+@index_option
+@click.option("-k", "k", default=10, show_default=True, help="Number of results.")
+@click.option("--rerank-k", default=20, show_default=True,
+              help="First-stage candidates rescored by the joint encoder (0 = no reranking).")
+@click.option("--model", default=None, help="Model to query with (default: the index's own model).")
+@json_option
+def query(text, index_dir, k, rerank_k, model, as_json):
+    """Search the index for TEXT; each TEXT argument is one query."""
+    from edje_search import Engine
+
+    if k <= 0:
+        raise click.BadParameter("must be at least 1", param_hint="-k")
+    if rerank_k < 0:
+        raise click.BadParameter("must be 0 or more", param_hint="--rerank-k")
+    engine = Engine.from_pretrained(index_dir, model=model)
+    if k > len(engine.store):
+        raise click.BadParameter(f"the index holds only {len(engine.store)} images", param_hint="-k")
+    results = engine.search_batch(list(text), k=k, rerank_k=rerank_k)
+    if as_json:
+        emit_json([{"query": q, "hits": [dataclasses.asdict(h) for h in hits]} for q, hits in zip(text, results)])
+        return
+    for q, hits in zip(text, results):
+        click.echo(f"query: {q}")
+        click.echo(f"{'rank':>4}  {'rerank':>8}  {'first':>7}  path")
+        for h in hits:
+            rr = f"{h.rerank_score:8.3f}" if h.rerank_score is not None else f"{'-':>8}"
+            click.echo(f"{h.rank:>4}  {rr}  {h.first_stage_score:7.4f}  {h.path}")
+
+
+@cli.command("info")
+@index_option
+@json_option
+def info(index_dir, as_json):
+    """Describe an index: size, FAISS recipe, token shape and the model that built it."""
+    from edje_search import Engine
+
+    data = Engine.from_pretrained(index_dir).info()
+    if as_json:
+        emit_json(data)
+    else:
+        for key, value in data.items():
+            click.echo(f"{key:>18}: {value}")

@@ -1,0 +1,236 @@
+"""The search engine: one object owning the index and the model.
+
+Query flow: embed text -> FAISS top rerank_k -> gather stored tokens -> joint-encoder scores
+-> hits sorted by rerank score.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+
+from .config import IndexConfig
+from .images import iter_image_files
+from .models.bundle import EdjeModel
+from .models.registry import load_model
+from .pipeline import embed_files
+from .storage import vector_index
+from .storage.index_store import IndexError_, IndexStore
+
+MAX_QUERY_CHARS = 2000
+
+
+class ModelMismatch(RuntimeError):
+    """The index was built with a different model than the one given."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Hit:
+    """One search result. ``rerank_score`` is None for hits beyond the reranked pool."""
+
+    rank: int
+    row: int
+    path: str
+    first_stage_score: float
+    rerank_score: float | None
+
+
+@dataclasses.dataclass
+class BuildReport:
+    added: int = 0
+    unchanged: int = 0
+    removed: int = 0
+    skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+
+    def summary(self) -> str:
+        return (f"{self.added} added, {self.unchanged} unchanged, {self.removed} removed, "
+                f"{len(self.skipped)} skipped")
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _check_query(text: str) -> str:
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError("empty query: give some text to search for")
+    if len(text) > MAX_QUERY_CHARS:
+        raise ValueError(f"query too long ({len(text)} characters; the limit is {MAX_QUERY_CHARS})")
+    return text
+
+
+class Engine:
+    """Two-stage image search over one index directory."""
+
+    def __init__(self, store: IndexStore, model: EdjeModel):
+        self.store = store
+        self.model = model
+
+    # -------------------------------------------------------------------------- construction
+    @classmethod
+    def create(cls, index_dir: str | Path, model: EdjeModel, *, factory: str = "Flat",
+               chunk_rows: int = 16) -> "Engine":
+        """A new, empty index in ``index_dir`` for ``model`` (which must be saved somewhere)."""
+        index_dir = Path(index_dir)
+        if model.path is None:  # a recipe built in memory: keep a copy beside the index
+            model.save_pretrained(index_dir / "model")
+        config = IndexConfig(
+            factory=factory, dim=model.first_stage.embed_dim,
+            tokens_per_image=model.reranker.config.tokens_per_image,
+            token_width=model.reranker.token_width, token_dtype="float16",
+            model_path=str(model.path), model_fingerprint=model.fingerprint(), chunk_rows=chunk_rows,
+        )
+        return cls(IndexStore.create(index_dir, config), model)
+
+    @classmethod
+    def from_pretrained(cls, index_dir: str | Path, *, model: EdjeModel | str | None = None,
+                        writable: bool = False, device: str | torch.device | None = None) -> "Engine":
+        """Open an index; the model defaults to the one it was built with."""
+        store = IndexStore.open(index_dir, mode="r+" if writable else "r")
+        if model is None:
+            model_path = store.config.model_path
+            if not Path(model_path).is_dir():
+                raise IndexError_(f"the model this index was built with is gone: {model_path} "
+                                  f"(pass --model with that model)")
+            model = load_model(model_path)
+        elif isinstance(model, (str, Path)):
+            model = load_model(model)
+        if model.fingerprint() != store.config.model_fingerprint:
+            raise ModelMismatch(
+                f"index {index_dir} was built with model {store.config.model_fingerprint} "
+                f"({store.config.model_path}) but the model given is {model.fingerprint()} ({model.path}); "
+                f"use that model or rebuild the index")
+        model.to(device or default_device()).eval()
+        return cls(store, model)
+
+    # ------------------------------------------------------------------------------- indexing
+    def add(self, paths: Iterable[str | Path], *, batch_size: int = 32, num_workers: int = 2,
+            commit_every: int = 512, progress: bool = True, report: BuildReport | None = None) -> BuildReport:
+        """Embed and commit image files (commits every ``commit_every`` images)."""
+        report = report or BuildReport()
+        known = {e.path for e in self.store.entries}
+        todo = []
+        for p in paths:
+            p = os.path.abspath(p)
+            if p in known:
+                report.unchanged += 1
+            else:
+                todo.append(p)
+        pending: list = []
+        n_pending = 0
+        for batch in embed_files(self.model, todo, batch_size=batch_size, num_workers=num_workers,
+                                 token_dtype=self.store.config.token_dtype, progress=progress):
+            report.skipped.extend(batch.failed)
+            if batch.paths:
+                pending.append(batch)
+                n_pending += len(batch.paths)
+            if n_pending >= commit_every:
+                report.added += self._commit(pending)
+                pending, n_pending = [], 0
+        report.added += self._commit(pending)
+        return report
+
+    def _commit(self, batches: list, removed_rows: Sequence[int] = ()) -> int:
+        if not batches and not removed_rows:
+            return 0
+        paths = [p for b in batches for p in b.paths]
+        hashes = [h for b in batches for h in b.hashes]
+        dim = self.store.config.dim
+        vectors = np.concatenate([b.vectors for b in batches]) if batches else np.zeros((0, dim), np.float32)
+        tokens = np.concatenate([b.tokens for b in batches]) if batches else np.zeros(
+            (0, self.store.config.tokens_per_image, self.store.config.token_width), self.store.config.token_dtype)
+        self.store.commit(paths, hashes, vectors, tokens, removed_rows=removed_rows)
+        return len(paths)
+
+    def remove(self, paths: Iterable[str | Path]) -> int:
+        """Drop the rows of these files; returns how many were indexed."""
+        wanted = {os.path.abspath(p) for p in paths}
+        rows = [e.row for e in self.store.entries if e.path in wanted]
+        if rows:
+            self._commit([], removed_rows=rows)
+        return len(rows)
+
+    def sync(self, root: str | Path, **kwargs) -> BuildReport:
+        """Make the index mirror the images under ``root``: add new files, drop deleted ones."""
+        root_abs = os.path.abspath(root)
+        found = [os.path.abspath(p) for p in iter_image_files(root)]
+        found_set = set(found)
+        prefix = root_abs.rstrip(os.sep) + os.sep
+        gone = [e.path for e in self.store.entries
+                if (e.path.startswith(prefix) or e.path == root_abs) and e.path not in found_set]
+        report = BuildReport()
+        report.removed = self.remove(gone)
+        return self.add(found, report=report, **kwargs)
+
+    # -------------------------------------------------------------------------------- search
+    def search(self, query: str, *, k: int = 10, rerank_k: int = 50, batch_size: int = 64) -> list[Hit]:
+        """Top ``k`` images for one text query; the first ``rerank_k`` candidates are reranked."""
+        return self.search_batch([query], k=k, rerank_k=rerank_k, batch_size=batch_size)[0]
+
+    @torch.inference_mode()
+    def search_batch(self, queries: Sequence[str], *, k: int = 10, rerank_k: int = 50,
+                     batch_size: int = 64) -> list[list[Hit]]:
+        """Like :meth:`search` for several queries; their pairs are scored in shared batches."""
+        queries = [_check_query(q) for q in queries]
+        n = len(self.store)
+        if n == 0:
+            raise ValueError("the index is empty: add images with `edje-search build-index`")
+        if k <= 0 or rerank_k < 0:
+            raise ValueError(f"k must be positive and rerank_k non-negative (got k={k}, rerank_k={rerank_k})")
+        k = min(k, n)
+        pool = min(max(k, rerank_k), n)
+        q = self.model.embed_texts(list(queries)).cpu().numpy()
+        first_scores, rows = vector_index.search(self.store.faiss, q, pool)  # (Q, pool)
+        n_rerank = min(rerank_k, pool)
+        rerank = self._rerank_pool(queries, rows[:, :n_rerank], batch_size) if n_rerank else None
+        by_row = {e.row: e.path for e in self.store.entries}
+        results = []
+        for qi in range(len(queries)):
+            cand = [(int(r), float(s)) for r, s in zip(rows[qi], first_scores[qi]) if r >= 0]
+            head = cand[:n_rerank]
+            tail = cand[n_rerank:]
+            rs = rerank[qi][: len(head)] if rerank is not None else []
+            order = sorted(range(len(head)), key=lambda i: (-rs[i], -head[i][1]))
+            ranked = [(head[i][0], head[i][1], float(rs[i])) for i in order] + [(r, s, None) for r, s in tail]
+            results.append([Hit(rank=j + 1, row=r, path=by_row[r], first_stage_score=s, rerank_score=x)
+                            for j, (r, s, x) in enumerate(ranked[:k])])
+        return results
+
+    def _rerank_pool(self, queries: Sequence[str], rows: np.ndarray, batch_size: int) -> np.ndarray:
+        """Joint-encoder scores (Q, p) for each query against its candidate rows."""
+        flat = rows.reshape(-1)
+        valid = flat >= 0
+        uniq, inverse = np.unique(flat[valid], return_inverse=True)
+        tokens = torch.from_numpy(np.asarray(self.store.tokens.get(uniq), dtype=np.float32))
+        captions = np.repeat(np.arange(len(queries)), rows.shape[1])[valid]
+        scores = np.full(flat.shape, -np.inf, dtype=np.float32)
+        out = []
+        for s in range(0, len(inverse), batch_size):
+            sl = slice(s, s + batch_size)
+            caps = [queries[i] for i in captions[sl]]
+            out.append(self.model.reranker.score(caps, projected_tokens=tokens[inverse[sl]]).cpu().numpy())
+        scores[valid] = np.concatenate(out) if out else []
+        return scores.reshape(rows.shape)
+
+    def rerank_all(self, query: str, batch_size: int = 64) -> np.ndarray:
+        """Joint-encoder score of ``query`` against every live row, by manifest order (oracle)."""
+        rows = np.array([[e.row for e in self.store.entries]])
+        with torch.inference_mode():
+            return self._rerank_pool([query], rows, batch_size)[0]
+
+    # ---------------------------------------------------------------------------------- info
+    def info(self) -> dict:
+        cfg = self.store.config
+        return {
+            "index": str(self.store.directory), "images": len(self.store), "rows": self.store.n_rows,
+            "generation": self.store.generation, "factory": cfg.factory, "dim": cfg.dim,
+            "tokens_per_image": cfg.tokens_per_image, "token_width": cfg.token_width,
+            "token_dtype": cfg.token_dtype,
+            "bytes_per_image": cfg.tokens_per_image * cfg.token_width * np.dtype(cfg.token_dtype).itemsize,
+            "model": cfg.model_path, "model_name": self.model.name, "model_fingerprint": cfg.model_fingerprint,
+        }

@@ -1,0 +1,48 @@
+"""Indexing pipeline stage: image files -> (first-stage vectors, stored tokens).
+
+Hand-off: :func:`embed_files` yields :class:`EmbeddedBatch` objects; the engine commits them
+to its index store. Decoding runs in DataLoader workers while the model runs.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterator
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .images import image_loader
+from .models.bundle import EdjeModel
+
+
+@dataclasses.dataclass
+class EmbeddedBatch:
+    paths: list[str]
+    hashes: list[str]
+    vectors: np.ndarray  # (b, E) float32, L2-normalised
+    tokens: np.ndarray  # (b, m, d) in the store's dtype
+    failed: list[tuple[str, str]]  # (path, reason)
+
+
+def embed_files(model: EdjeModel, paths: list[str], *, batch_size: int = 32, num_workers: int = 2,
+                token_dtype: str = "float16", progress: bool = True) -> Iterator[EmbeddedBatch]:
+    """Decode and embed ``paths`` in order; unreadable files come back in ``failed``."""
+    loader = image_loader(paths, model.first_stage.preprocess, batch_size, num_workers)
+    bar = tqdm(total=len(paths), unit="img", desc="indexing", disable=not progress, dynamic_ncols=True)
+    try:
+        for batch in loader:
+            failed = [(paths[i], reason) for i, reason in batch["failed"]]
+            if batch["pixels"] is None:
+                yield EmbeddedBatch([], [], np.zeros((0, model.first_stage.embed_dim), np.float32),
+                                    np.zeros((0, model.reranker.config.tokens_per_image, model.reranker.token_width),
+                                             token_dtype), failed)
+            else:
+                with torch.inference_mode():
+                    vectors, tokens = model.embed_images(batch["pixels"])
+                yield EmbeddedBatch([paths[i] for i in batch["index"]], batch["sha256"],
+                                    vectors.cpu().numpy().astype(np.float32),
+                                    tokens.cpu().numpy().astype(token_dtype), failed)
+            bar.update(len(batch["index"]) + len(failed))
+    finally:
+        bar.close()

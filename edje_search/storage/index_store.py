@@ -1,0 +1,168 @@
+"""The on-disk index: config, committed state, vectors, tokens, FAISS file and manifest.
+
+Layout of an index directory::
+
+    index.json            IndexConfig (recipe, widths, model fingerprint)
+    state.json            the committed generation: {"generation": g, "n_rows": N}
+    vectors.zarr/         (N, E) float32 first-stage embeddings (source of truth for FAISS)
+    tokens.zarr/          (N, m, d) float16 adapter outputs
+    faiss-<g>.index       FAISS index of the live rows of generation g (ids = row numbers)
+    manifest-<g>.jsonl    one line per live row: row, path, sha256
+    skipped.jsonl         files the last build could not use, with the reason
+
+A commit appends rows to the arrays, writes the generation's FAISS file and manifest, then
+renames state.json into place. Rows beyond the committed ``n_rows`` are ignored (and
+overwritten by the next commit), so a crash at any moment leaves the last commit intact.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+from ..config import IndexConfig, load_config, save_config
+from . import vector_index
+from .token_store import ZarrTokenStore
+
+CONFIG_FILE = "index.json"
+STATE_FILE = "state.json"
+
+
+class IndexError_(RuntimeError):
+    """The index directory is missing, incomplete or inconsistent."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ManifestEntry:
+    row: int
+    path: str
+    sha256: str
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class IndexStore:
+    """Reads and commits one index directory."""
+
+    def __init__(self, directory: Path, config: IndexConfig, generation: int, n_rows: int,
+                 mode: str = "r"):
+        self.directory = directory
+        self.config = config
+        self.generation = generation
+        self.n_rows = n_rows  # committed rows in the arrays (live or removed)
+        self.mode = mode
+        self.tokens = ZarrTokenStore.open(directory / "tokens.zarr", mode="r" if mode == "r" else "r+")
+        self._vectors = ZarrTokenStore.open(directory / "vectors.zarr", mode="r" if mode == "r" else "r+")
+        self.entries: list[ManifestEntry] = self._read_manifest()
+        self.faiss = vector_index.read_index(self._faiss_path(generation)) if generation > 0 else \
+            vector_index.new_index(config.factory, config.dim)
+
+    # ------------------------------------------------------------------------------- creation
+    @classmethod
+    def create(cls, directory: str | Path, config: IndexConfig) -> "IndexStore":
+        directory = Path(directory)
+        if (directory / CONFIG_FILE).exists():
+            raise FileExistsError(f"an index already exists in {directory}")
+        vector_index.new_index(config.factory, config.dim)  # validate the factory string early
+        directory.mkdir(parents=True, exist_ok=True)
+        ZarrTokenStore.create(directory / "tokens.zarr", config.tokens_per_image, config.token_width,
+                              dtype=config.token_dtype, chunk_rows=config.chunk_rows)
+        ZarrTokenStore.create(directory / "vectors.zarr", 1, config.dim, dtype="float32", chunk_rows=1024)
+        _atomic_write_text(directory / STATE_FILE, json.dumps({"generation": 0, "n_rows": 0}) + "\n")
+        save_config(config, directory / CONFIG_FILE)  # written last: its presence marks an index
+        return cls(directory, config, 0, 0, mode="r+")
+
+    @classmethod
+    def open(cls, directory: str | Path, mode: str = "r") -> "IndexStore":
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise IndexError_(f"no index at {directory} (build one with `edje-search build-index`)")
+        if not (directory / CONFIG_FILE).is_file():
+            raise IndexError_(f"{directory} is not an edje-search index (no {CONFIG_FILE})")
+        try:
+            config = load_config(IndexConfig, directory / CONFIG_FILE)
+            state = json.loads((directory / STATE_FILE).read_text())
+            store = cls(directory, config, int(state["generation"]), int(state["n_rows"]), mode=mode)
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+            raise IndexError_(f"index at {directory} is corrupt: {e}") from e
+        if mode != "r":
+            store.tokens.truncate(store.n_rows)  # drop rows of an interrupted commit
+            store._vectors.truncate(store.n_rows)
+        return store
+
+    # -------------------------------------------------------------------------------- reading
+    def _faiss_path(self, generation: int) -> Path:
+        return self.directory / f"faiss-{generation}.index"
+
+    def _manifest_path(self, generation: int) -> Path:
+        return self.directory / f"manifest-{generation}.jsonl"
+
+    def _read_manifest(self) -> list[ManifestEntry]:
+        if self.generation == 0:
+            return []
+        with open(self._manifest_path(self.generation), encoding="utf-8") as f:
+            return [ManifestEntry(**json.loads(line)) for line in f if line.strip()]
+
+    def __len__(self) -> int:
+        """Number of live (searchable) images."""
+        return len(self.entries)
+
+    def vectors(self, rows) -> np.ndarray:
+        """First-stage embeddings (k, E) of the given rows."""
+        return self._vectors.get(rows)[:, 0]
+
+    # ------------------------------------------------------------------------------ committing
+    def commit(self, new_paths: list[str], new_hashes: list[str], vectors: np.ndarray,
+               tokens: np.ndarray, removed_rows: Iterable[int] = ()) -> None:
+        """Append rows for ``new_paths`` and drop ``removed_rows``, atomically."""
+        if self.mode == "r":
+            raise IndexError_("index opened read-only")
+        removed = set(int(r) for r in removed_rows)
+        start = self.n_rows
+        b = len(new_paths)
+        if not (len(new_hashes) == b == vectors.shape[0] == tokens.shape[0]):
+            raise ValueError("commit: paths, hashes, vectors and tokens disagree in length")
+        if b:
+            self.tokens.write(start, tokens)
+            self._vectors.write(start, vectors[:, None, :])
+        rows = np.arange(start, start + b, dtype=np.int64)
+        if removed:
+            self.faiss.remove_ids(np.fromiter(removed, dtype=np.int64))
+        if b:
+            live = [e.row for e in self.entries if e.row not in removed]
+            vector_index.add_vectors(self.faiss, vectors, rows,
+                                     all_vectors=None if self.faiss.is_trained else
+                                     np.concatenate([self.vectors(live), vectors]) if live else vectors)
+        entries = [e for e in self.entries if e.row not in removed]
+        entries += [ManifestEntry(int(r), p, h) for r, p, h in zip(rows, new_paths, new_hashes)]
+        gen = self.generation + 1
+        vector_index.write_index(self.faiss, self._faiss_path(gen))
+        _atomic_write_text(self._manifest_path(gen),
+                           "".join(json.dumps(dataclasses.asdict(e), ensure_ascii=False) + "\n" for e in entries))
+        _atomic_write_text(self.directory / STATE_FILE,
+                           json.dumps({"generation": gen, "n_rows": start + b}) + "\n")
+        _fsync_dir(self.directory)
+        old = self.generation
+        self.generation, self.n_rows, self.entries = gen, start + b, entries
+        if old > 0:  # readers holding the old generation keep their open file handles
+            for p in (self._faiss_path(old), self._manifest_path(old)):
+                p.unlink(missing_ok=True)

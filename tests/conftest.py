@@ -1,0 +1,48 @@
+"""Shared offline fixtures: a tiny random model, generated images, a built index."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from edje_search.data.synthetic import make_dataset
+from edje_search.models.registry import build_tiny_model
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("tiny_model")
+    build_tiny_model(seed=0).save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def shapes_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("shapes")
+    make_dataset(d, n_train=48, n_val=8, n_test=40, image_size=32, seed=1, progress=False)
+    return d
+
+
+@pytest.fixture(scope="session")
+def _built_index(tmp_path_factory, tiny_model_dir, shapes_dir) -> Path:
+    from edje_search import Engine, load_model
+
+    d = tmp_path_factory.mktemp("index") / "idx"
+    engine = Engine.create(d, load_model(tiny_model_dir))
+    engine.sync(shapes_dir / "test", num_workers=0, progress=False, batch_size=16)
+    return d
+
+
+@pytest.fixture
+def built_index(_built_index, tmp_path) -> Path:
+    """A per-test copy of a 40-image index built with the tiny model."""
+    d = tmp_path / "idx"
+    shutil.copytree(_built_index, d)
+    return d
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

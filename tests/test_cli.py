@@ -1,0 +1,61 @@
+"""The command line end to end: build-index -> query -> info, JSON output and exit codes."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from edje_search_cli.main import cli, register_commands
+
+register_commands()
+
+
+def run(*args, ok=True):
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    if ok:
+        assert result.exit_code == 0, result.output
+    return result
+
+
+def test_build_query_info(tmp_path, tiny_model_dir, shapes_dir):
+    index = tmp_path / "idx"
+    out = run("build-index", shapes_dir / "test", "--index", index, "--model", tiny_model_dir,
+              "--workers", "0", "--no-progress", "--json")
+    report = json.loads(out.stdout)
+    assert report["added"] == 40 and report["images"] == 40
+    out = run("query", "a small red circle left of a large blue square", "--index", index, "-k", "5",
+              "--rerank-k", "10", "--json")
+    hits = json.loads(out.stdout)[0]["hits"]
+    assert [h["rank"] for h in hits] == [1, 2, 3, 4, 5]
+    assert all(h["rerank_score"] is not None and h["path"].endswith(".png") for h in hits)
+    scores = [h["rerank_score"] for h in hits]
+    assert scores == sorted(scores, reverse=True)
+    human = run("query", "two blue squares", "--index", index, "-k", "3").stdout
+    assert "rerank" in human and human.count(".png") == 3
+    info = json.loads(run("info", "--index", index, "--json").stdout)
+    assert info["images"] == 40 and info["factory"] == "Flat" and info["tokens_per_image"] == 4
+    again = json.loads(run("build-index", shapes_dir / "test", "--index", index, "--no-progress",
+                           "--workers", "0", "--json").stdout)
+    assert again["added"] == 0 and again["unchanged"] == 40
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["query", "x", "--index", "{missing}"], "no index"),
+    (["query", "", "--index", "{index}"], "empty query"),
+    (["query", "cat", "--index", "{index}", "-k", "0"], "at least 1"),
+    (["query", "cat", "--index", "{index}", "-k", "1000"], "holds only"),
+    (["info", "--index", "{tmp}"], "not an edje-search index"),
+    (["build-index", "{tmp}", "--index", "{tmp}/new", "--model", "no-such-model"], "neither a model directory"),
+])
+def test_errors_are_one_line_with_nonzero_exit(built_index, tmp_path, args, needle):
+    args = [a.format(missing=tmp_path / "missing", index=built_index, tmp=tmp_path) for a in args]
+    result = run(*args, ok=False)
+    assert result.exit_code != 0
+    assert needle in result.output
+    assert "Traceback" not in result.output
+
+
+def test_models_lists_recipes():
+    out = json.loads(run("models", "--json").stdout)
+    assert {"tiny-random", "edje-demo"} <= {m["name"] for m in out}

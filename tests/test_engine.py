@@ -1,0 +1,110 @@
+"""Two-stage search against oracles, incremental maintenance and model checks."""
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from edje_search import Engine, ModelMismatch, load_model
+from edje_search.models.registry import build_tiny_model
+
+QUERIES = ["a small red circle left of a large blue square", "two small green triangles and a small white diamond"]
+
+
+def test_rerank_everything_equals_brute_force(built_index):
+    engine = Engine.from_pretrained(built_index)
+    n = len(engine.store)
+    for q in QUERIES:
+        hits = engine.search(q, k=n, rerank_k=n)
+        rows = [e.row for e in engine.store.entries]
+        brute = engine.rerank_all(q)
+        # reference: score every image independently, one pair at a time
+        with torch.no_grad():
+            tok = torch.from_numpy(engine.store.tokens.get(rows).astype(np.float32))
+            ref = np.array([engine.model.reranker.score([q], projected_tokens=tok[i:i + 1]).item()
+                            for i in range(len(rows))])
+        np.testing.assert_allclose(brute, ref, rtol=1e-4, atol=1e-5)
+        expected = [rows[i] for i in np.argsort(-ref, kind="stable")]
+        got = [h.row for h in hits]
+        assert sorted(got) == sorted(rows)
+        np.testing.assert_allclose([h.rerank_score for h in hits], np.sort(ref)[::-1], rtol=1e-4, atol=1e-5)
+        # same order up to numerically tied scores
+        assert [ref[rows.index(r)] for r in got] == pytest.approx([ref[rows.index(r)] for r in expected], abs=1e-5)
+
+
+def test_no_rerank_equals_first_stage_exact_knn(built_index):
+    engine = Engine.from_pretrained(built_index)
+    hits = engine.search(QUERIES[0], k=10, rerank_k=0)
+    q = engine.model.embed_texts([QUERIES[0]]).numpy()[0]
+    rows = [e.row for e in engine.store.entries]
+    sims = engine.store.vectors(rows) @ q
+    expected = [rows[i] for i in np.argsort(-sims)[:10]]
+    assert [h.row for h in hits] == expected
+    assert all(h.rerank_score is None for h in hits)
+    assert [h.rank for h in hits] == list(range(1, 11))
+
+
+def test_reranked_head_then_first_stage_tail(built_index):
+    engine = Engine.from_pretrained(built_index)
+    plain = engine.search(QUERIES[1], k=12, rerank_k=0)
+    hits = engine.search(QUERIES[1], k=12, rerank_k=5)
+    assert {h.row for h in hits[:5]} == {h.row for h in plain[:5]}
+    assert [h.row for h in hits[5:]] == [h.row for h in plain[5:]]
+    scores = [h.rerank_score for h in hits[:5]]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_batch_search_equals_single_queries(built_index):
+    engine = Engine.from_pretrained(built_index)
+    batch = engine.search_batch(QUERIES, k=8, rerank_k=15, batch_size=7)
+    for q, hits in zip(QUERIES, batch):
+        single = engine.search(q, k=8, rerank_k=15)
+        assert [h.row for h in hits] == [h.row for h in single]
+        np.testing.assert_allclose([h.rerank_score for h in hits], [h.rerank_score for h in single], atol=1e-5)
+
+
+def test_bad_queries_raise(built_index):
+    engine = Engine.from_pretrained(built_index)
+    with pytest.raises(ValueError, match="empty"):
+        engine.search("   ")
+    with pytest.raises(ValueError, match="too long"):
+        engine.search("x" * 5000)
+    with pytest.raises(ValueError, match="k must be"):
+        engine.search("a cat", k=0)
+
+
+def test_other_model_is_rejected(built_index, tmp_path):
+    other = build_tiny_model(seed=9)
+    other.save_pretrained(tmp_path / "other")
+    with pytest.raises(ModelMismatch):
+        Engine.from_pretrained(built_index, model=load_model(tmp_path / "other"))
+
+
+def test_sync_adds_new_and_drops_deleted(built_index, shapes_dir, tmp_path):
+    folder = tmp_path / "photos"
+    shutil.copytree(shapes_dir / "val", folder)
+    engine = Engine.from_pretrained(built_index, writable=True)
+    before = len(engine.store)
+    report = engine.sync(folder, num_workers=0, progress=False)
+    assert report.added == 8 and len(engine.store) == before + 8
+    (folder / "000003.png").unlink()
+    report = engine.sync(folder, num_workers=0, progress=False)
+    assert (report.added, report.removed, report.unchanged) == (0, 1, 7)
+    reopened = Engine.from_pretrained(built_index)
+    assert len(reopened.store) == before + 7
+    assert str(folder / "000003.png") not in {e.path for e in reopened.store.entries}
+    assert reopened.store.faiss.ntotal == before + 7
+
+
+def test_unreadable_files_are_skipped_with_reason(built_index, tmp_path):
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "text.jpg").write_text("not an image")
+    engine = Engine.from_pretrained(built_index, writable=True)
+    report = engine.sync(folder, num_workers=0, progress=False)
+    reasons = dict(report.skipped)
+    assert report.added == 0 and set(reasons) == {str(folder / "empty.png"), str(folder / "text.jpg")}
+    assert "empty" in reasons[str(folder / "empty.png")]

@@ -1,0 +1,100 @@
+"""Token stores, the FAISS wrapper and atomic index commits."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edje_search.config import IndexConfig
+from edje_search.storage import vector_index
+from edje_search.storage.index_store import IndexError_, IndexStore
+from edje_search.storage.token_store import MemoryTokenStore, TokenStore, ZarrTokenStore
+
+
+@pytest.mark.parametrize("make", ["zarr", "memory"])
+def test_token_store_round_trip_is_exact(tmp_path, make):
+    rng = np.random.default_rng(0)
+    data = rng.standard_normal((37, 4, 8)).astype(np.float16)
+    store = ZarrTokenStore.create(tmp_path / "t.zarr", 4, 8, chunk_rows=5) if make == "zarr" else MemoryTokenStore(4, 8)
+    assert isinstance(store, TokenStore)
+    store.write(0, data[:20])
+    store.write(20, data[20:])
+    if make == "zarr":
+        store = ZarrTokenStore.open(tmp_path / "t.zarr")
+    assert len(store) == 37
+    rows = np.array([36, 0, 5, 5, 19, 20])
+    got = store.get(rows)
+    assert got.dtype == np.float16 and got.shape == (6, 4, 8)
+    assert np.array_equal(got, data[rows])
+    with pytest.raises(IndexError):
+        store.get([37])
+
+
+def test_zarr_truncate_and_overwrite(tmp_path):
+    store = ZarrTokenStore.create(tmp_path / "t.zarr", 2, 3, chunk_rows=4)
+    store.write(0, np.ones((10, 2, 3), np.float16))
+    store.truncate(6)
+    assert len(store) == 6
+    store.write(6, np.full((2, 2, 3), 7, np.float16))
+    assert np.array_equal(store.get([5, 6, 7])[:, 0, 0], np.array([1, 7, 7], np.float16))
+
+
+def test_flat_faiss_equals_exact_knn():
+    rng = np.random.default_rng(1)
+    xb = rng.standard_normal((500, 24)).astype(np.float32)
+    xb /= np.linalg.norm(xb, axis=1, keepdims=True)
+    xq = rng.standard_normal((30, 24)).astype(np.float32)
+    index = vector_index.new_index("Flat", 24)
+    ids = np.arange(1000, 1500)
+    vector_index.add_vectors(index, xb, ids)
+    scores, rows = vector_index.search(index, xq, 10)
+    sims = xq @ xb.T
+    ref = np.argsort(-sims, axis=1)[:, :10]
+    assert np.array_equal(rows, ids[ref])
+    np.testing.assert_allclose(scores, np.take_along_axis(sims, ref, 1), rtol=1e-5, atol=1e-5)
+
+
+def test_bad_factory_string_is_a_value_error():
+    with pytest.raises(ValueError, match="factory"):
+        vector_index.new_index("NotAnIndex99", 8)
+
+
+def _config(**kw):
+    base = dict(factory="Flat", dim=8, tokens_per_image=2, token_width=4, token_dtype="float16",
+                model_path="m", model_fingerprint="f", chunk_rows=4)
+    return IndexConfig(**{**base, **kw})
+
+
+def test_index_store_commit_reopen_and_remove(tmp_path):
+    rng = np.random.default_rng(2)
+    store = IndexStore.create(tmp_path / "i", _config())
+    v = rng.standard_normal((6, 8)).astype(np.float32)
+    t = rng.standard_normal((6, 2, 4)).astype(np.float16)
+    store.commit([f"/p{i}" for i in range(6)], [f"h{i}" for i in range(6)], v, t)
+    store.commit([], [], v[:0], t[:0], removed_rows=[1, 3])
+    again = IndexStore.open(tmp_path / "i")
+    assert [e.path for e in again.entries] == ["/p0", "/p2", "/p4", "/p5"]
+    assert again.faiss.ntotal == 4
+    assert np.array_equal(again.tokens.get([4]), t[4:5])
+    np.testing.assert_array_equal(again.vectors([5]), v[5:6])
+    assert sorted(p.name for p in (tmp_path / "i").glob("faiss-*")) == ["faiss-2.index"]
+
+
+def test_uncommitted_rows_are_ignored_and_dropped(tmp_path):
+    store = IndexStore.create(tmp_path / "i", _config())
+    z = np.zeros
+    store.commit(["/a"], ["h"], z((1, 8), np.float32), z((1, 2, 4), np.float16))
+    store.tokens.write(1, np.ones((3, 2, 4), np.float16))  # a commit that died half way
+    reopened = IndexStore.open(tmp_path / "i", mode="r+")
+    assert len(reopened.tokens) == 1 and len(reopened) == 1
+
+
+def test_open_errors_are_clear(tmp_path):
+    with pytest.raises(IndexError_, match="no index"):
+        IndexStore.open(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(IndexError_, match="not an edje-search index"):
+        IndexStore.open(tmp_path / "empty")
+    IndexStore.create(tmp_path / "c", _config())
+    (tmp_path / "c" / "state.json").write_text("{garbage")
+    with pytest.raises(IndexError_, match="corrupt"):
+        IndexStore.open(tmp_path / "c")

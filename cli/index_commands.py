@@ -100,8 +100,9 @@ def remove(paths, index_dir, as_json):
 @click.option("--rerank-k", default=20, show_default=True,
               help="First-stage candidates rescored by the joint encoder (0 = no reranking).")
 @click.option("--model", default=None, help="Model to query with (default: the index's own model).")
+@click.option("--compare", is_flag=True, help="Show first-stage and reranked top-k side by side.")
 @json_option
-def query(text, index_dir, k, rerank_k, model, as_json):
+def query(text, index_dir, k, rerank_k, model, compare, as_json):
     """Search the index for TEXT; each TEXT argument is one query."""
     from edje_search import Engine
 
@@ -113,6 +114,15 @@ def query(text, index_dir, k, rerank_k, model, as_json):
     if k > len(engine.store):
         raise click.BadParameter(f"the index holds only {len(engine.store)} images", param_hint="-k")
     results = engine.search_batch(list(text), k=k, rerank_k=rerank_k)
+    if compare:
+        plain = engine.search_batch(list(text), k=k, rerank_k=0)
+        if as_json:
+            emit_json([{"query": q, "first_stage": [dataclasses.asdict(h) for h in p],
+                        "reranked": [dataclasses.asdict(h) for h in r]} for q, p, r in zip(text, plain, results)])
+        else:
+            for q, p, r in zip(text, plain, results):
+                _print_side_by_side(q, p, r)
+        return
     if as_json:
         emit_json([{"query": q, "hits": [dataclasses.asdict(h) for h in hits]} for q, hits in zip(text, results)])
         return
@@ -122,6 +132,19 @@ def query(text, index_dir, k, rerank_k, model, as_json):
         for h in hits:
             rr = f"{h.rerank_score:8.3f}" if h.rerank_score is not None else f"{'-':>8}"
             click.echo(f"{h.rank:>4}  {rr}  {h.first_stage_score:7.4f}  {h.path}")
+
+
+def _short(path: str, width: int = 34) -> str:
+    return path if len(path) <= width else "..." + path[-(width - 3):]
+
+
+def _print_side_by_side(q, plain, reranked) -> None:
+    click.echo(f"query: {q}")
+    click.echo(f"{'rank':>4}  {'first stage only':<34} {'score':>7}   {'reranked':<34} {'rerank':>7}")
+    for a, b in zip(plain, reranked):
+        rr = f"{b.rerank_score:7.3f}" if b.rerank_score is not None else f"{'-':>7}"
+        click.echo(f"{a.rank:>4}  {_short(a.path):<34} {a.first_stage_score:7.4f}   {_short(b.path):<34} {rr}")
+    click.echo("")
 
 
 @cli.command("info")

@@ -1,2 +1,155 @@
-"""make-dataset, train, eval (filled in by the training work)."""
+"""make-dataset, train first-stage, train reranker, eval."""
 from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import click
+
+from .main import cli, emit_json, json_option
+
+
+def _read_training_data(annotations: str, image_root: str | None):
+    from edje_search.data.annotations import read_captions
+
+    data = read_captions(annotations, image_root)
+    for where, reason in data.problems[:20]:
+        click.echo(f"skipped {where}: {reason}", err=True)
+    if len(data.problems) > 20:
+        click.echo(f"... and {len(data.problems) - 20} more skipped entries", err=True)
+    if len(data.images) < 2:
+        raise click.UsageError(f"{annotations}: need at least two usable images, found {len(data.images)}")
+    click.echo(f"{len(data.images)} images, {len(data.captions)} captions, {len(data.problems)} entries skipped",
+               err=True)
+    return data
+
+
+@cli.command("make-dataset")
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--train", "n_train", default=20000, show_default=True, help="Training images.")
+@click.option("--val", "n_val", default=500, show_default=True, help="Validation images.")
+@click.option("--test", "n_test", default=1000, show_default=True, help="Test images.")
+@click.option("--image-size", default=48, show_default=True, help="Side of the square images in pixels.")
+@click.option("--seed", default=0, show_default=True, help="Random seed (same seed, same data set).")
+def make_dataset_cmd(out_dir, n_train, n_val, n_test, image_size, seed):
+    """Render the generated compositional shapes data set (train/val/test + annotation JSON)."""
+    from edje_search.data.synthetic import make_dataset
+
+    files = make_dataset(out_dir, n_train=n_train, n_val=n_val, n_test=n_test, image_size=image_size, seed=seed)
+    for split, path in files.items():
+        click.echo(f"{split}: {path}")
+
+
+@cli.group("train")
+def train():
+    """Train the first stage or the reranker (run under `torchrun` for several processes)."""
+
+
+def _data_options(f):
+    f = click.option("--image-root", default=None, type=click.Path(exists=True, file_okay=False),
+                     help="Folder the annotation's image paths are relative to (default: the file's folder).")(f)
+    return click.option("--data", "annotations", required=True, type=click.Path(exists=True, dir_okay=False),
+                        help="Training annotations: BLIP-style JSON list or JSON Lines of {image, caption}.")(f)
+
+
+@train.command("first-stage")
+@_data_options
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Run folder; the model goes to OUT/first_stage, resumable state to OUT/train_state.pt.")
+@click.option("--epochs", default=3.0, show_default=True, help="Passes over the captions.")
+@click.option("--batch-size", default=256, show_default=True)
+@click.option("--lr", default=1e-3, show_default=True)
+@click.option("--image-size", default=48, show_default=True, help="Input resolution of the image tower.")
+@click.option("--width", default=128, show_default=True, help="Width of the ViT image tower.")
+@click.option("--layers", default=4, show_default=True, help="Depth of the ViT image tower.")
+@click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available).")
+def train_first_stage_cmd(annotations, image_root, out_dir, epochs, batch_size, lr, image_size, width, layers, device):
+    """Contrastively train a small ViT against the locked bundled MiniLM text tower."""
+    from edje_search.training.first_stage import FirstStageTrainConfig, train_first_stage
+
+    data = _read_training_data(annotations, image_root)
+    cfg = FirstStageTrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, image_size=image_size,
+                                width=width, layers=layers)
+    model = train_first_stage(data, out_dir, cfg, device=device)
+    model.save_pretrained(Path(out_dir) / "first_stage")
+    click.echo(f"first stage saved to {Path(out_dir) / 'first_stage'}")
+
+
+@train.command("reranker")
+@_data_options
+@click.option("--first-stage", "first_stage_dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="First-stage directory (from `train first-stage`, or an EDJE model's first_stage/).")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Run folder; the model goes to OUT/model, resumable state to OUT/train_state.pt.")
+@click.option("--variant", type=click.Choice(["compressed", "local"]), default="compressed", show_default=True,
+              help="compressed: attention adapter to --n-queries tokens; local: keep every vision token.")
+@click.option("--n-queries", default=16, show_default=True, help="Stored tokens per image (compressed variant).")
+@click.option("--mlp-dim", default=8192, show_default=True, help="Hidden width of the adapter MLP.")
+@click.option("--teacher", "teacher_dir", default=None, type=click.Path(exists=True, file_okay=False),
+              help="Trained model directory to distil from (e.g. the local variant).")
+@click.option("--init-from", default=None, type=click.Path(exists=True, file_okay=False),
+              help="Start from this model directory's reranker (fine-tuning).")
+@click.option("--language-model", "lm_dir", default=None, type=click.Path(exists=True, file_okay=False),
+              help="BERT directory to start the joint encoder from (default: bundled MiniLM-L6).")
+@click.option("--lm-layers", default=None, type=int, help="Keep only the first N language-model layers.")
+@click.option("--steps", default=1000, show_default=True, help="Optimizer steps.")
+@click.option("--batch-size", default=32, show_default=True, help="Pairs per process per micro-batch.")
+@click.option("--grad-accum", default=1, show_default=True, help="Micro-batches per optimizer step.")
+@click.option("--lr", default=1e-4, show_default=True)
+@click.option("--weight-decay", default=0.05, show_default=True)
+@click.option("--w-itm", default=1.0, show_default=True, help="Weight of the matching loss.")
+@click.option("--w-mlm", default=1.0, show_default=True, help="Weight of masked-LM (0 for fine-tuning).")
+@click.option("--w-recovery", default=1.0, show_default=True, help="Weight of text-embedding recovery.")
+@click.option("--w-distill", default=1.0, show_default=True, help="Weight of distillation (needs --teacher).")
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
+              help="bf16 autocast pays on GPUs; on CPUs it is often slower for training.")
+@click.option("--name", default="edje", show_default=True, help="Name recorded in the model directory.")
+@click.option("--device", default=None, help="cpu, cuda, ... (default: cuda if available).")
+@click.option("--seed", default=0, show_default=True)
+def train_reranker_cmd(annotations, image_root, first_stage_dir, out_dir, variant, n_queries, mlp_dim, teacher_dir,
+                       init_from, lm_dir, lm_layers, steps, batch_size, grad_accum, lr, weight_decay, w_itm, w_mlm,
+                       w_recovery, w_distill, precision, name, device, seed):
+    """Train the adapter + joint encoder with ITM (hard negatives), MLM, recovery and distillation."""
+    from edje_search.training.reranker import RerankerTrainConfig, train_reranker
+
+    data = _read_training_data(annotations, image_root)
+    cfg = RerankerTrainConfig(variant=variant, n_queries=n_queries, mlp_dim=mlp_dim, lm_layers=lm_layers,
+                              steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
+                              weight_decay=weight_decay, w_itm=w_itm, w_mlm=w_mlm, w_recovery=w_recovery,
+                              w_distill=w_distill if teacher_dir else 0.0, precision=precision, seed=seed)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    (Path(out_dir) / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+    train_reranker(first_stage_dir, data, out_dir, cfg, teacher_dir=teacher_dir, init_from=init_from,
+                   lm_dir=lm_dir, name=name, device=device)
+    click.echo(f"model saved to {Path(out_dir) / 'model'}")
+
+
+@cli.command("eval")
+@_data_options
+@click.option("--model", "models", multiple=True, required=True,
+              help="Model directory or name; repeat to compare rerankers sharing one first stage.")
+@click.option("--rerank-k", default=10, show_default=True, help="First-stage candidates to rerank.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
+              help="Joint-encoder precision while scoring.")
+@click.option("--batch-size", default=128, show_default=True, help="Pairs per joint-encoder batch.")
+@click.option("--out", "out_file", default=None, type=click.Path(dir_okay=False),
+              help="Also write the results as JSON to this file.")
+@json_option
+def eval_cmd(annotations, image_root, models, rerank_k, precision, batch_size, out_file, as_json):
+    """Recall@1/5/10, text-to-image and image-to-text, first stage vs reranked."""
+    from edje_search import load_model
+    from edje_search.evaluation import evaluate, format_table, load_eval_set
+    from edje_search.training.common import pick_device
+
+    data = load_eval_set(annotations, image_root)
+    loaded = [load_model(m).to(pick_device()).eval() for m in models]
+    results = evaluate(loaded, data, rerank_k=rerank_k, precision=precision, batch_size=batch_size)
+    results["data"] = str(annotations)
+    if out_file:
+        Path(out_file).parent.mkdir(parents=True, exist_ok=True)
+        Path(out_file).write_text(json.dumps(results, indent=2) + "\n")
+    if as_json:
+        emit_json(results)
+    else:
+        click.echo(format_table(results))

@@ -130,7 +130,10 @@ class FirstStage(nn.Module):
         save_config(self.config, directory / CONFIG_NAME)
         save_model(self.clip, str(directory / WEIGHTS_NAME))
         if self.tokenizer_dir is not None and self.tokenizer_dir.resolve() != (directory / TOKENIZER_DIR).resolve():
-            shutil.copytree(self.tokenizer_dir, directory / TOKENIZER_DIR, dirs_exist_ok=True)
+            # tokenizer and architecture files only: the text weights are in our safetensors
+            shutil.copytree(self.tokenizer_dir, directory / TOKENIZER_DIR, dirs_exist_ok=True,
+                            ignore=shutil.ignore_patterns("*.safetensors", "*.bin", "*.onnx", "*.h5", "1_Pooling",
+                                                          "README.md", ".gitattributes"))
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, *, load_weights: bool = True) -> "FirstStage":

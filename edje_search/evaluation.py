@@ -1,0 +1,151 @@
+"""Retrieval evaluation: Recall@K for the first stage alone and after reranking its top-k.
+
+Text-to-image: each caption's target is its image. Image-to-text: an image is found at the
+best rank of any of its captions. Reranking reorders the first stage's top ``rerank_k``
+candidates by joint-encoder score; candidates below keep their first-stage order.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .data.annotations import CaptionSet
+from .images import image_loader
+from .models.bundle import EdjeModel
+from .training.common import autocast
+
+KS = (1, 5, 10)
+
+
+def recall_at_k(ranks: np.ndarray, ks: Sequence[int] = KS) -> dict[str, float]:
+    """Zero-based ranks of the first correct item -> {"R@k": percent}."""
+    ranks = np.asarray(ranks)
+    return {f"R@{k}": float(100.0 * np.mean(ranks < k)) for k in ks}
+
+
+def first_correct_rank(order: np.ndarray, targets: Sequence[set[int]]) -> np.ndarray:
+    """(Q, N) candidate order per query and each query's correct set -> rank of the first hit."""
+    ranks = np.full(len(targets), order.shape[1], dtype=np.int64)
+    for q, tgt in enumerate(targets):
+        hit = np.flatnonzero(np.isin(order[q], list(tgt)))
+        if hit.size:
+            ranks[q] = hit[0]
+    return ranks
+
+
+def rerank_order(order: np.ndarray, rerank_k: int,
+                 score_pairs: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> np.ndarray:
+    """Reorder each row's first ``rerank_k`` entries by ``score_pairs(query_idx, item_idx)``."""
+    k = min(rerank_k, order.shape[1])
+    q_idx = np.repeat(np.arange(order.shape[0]), k)
+    scores = score_pairs(q_idx, order[:, :k].reshape(-1)).reshape(order.shape[0], k)
+    head = np.take_along_axis(order[:, :k], np.argsort(-scores, axis=1, kind="stable"), axis=1)
+    return np.concatenate([head, order[:, k:]], axis=1)
+
+
+@dataclasses.dataclass
+class EncodedSet:
+    image_emb: torch.Tensor  # (N, E)
+    vision_tokens: torch.Tensor  # (N, n, D_v) float16, on CPU
+    text_emb: torch.Tensor  # (C, E)
+
+
+@torch.no_grad()
+def encode_set(model: EdjeModel, data: CaptionSet, batch_size: int = 64, num_workers: int = 1,
+               progress: bool = True) -> EncodedSet:
+    fs = model.first_stage
+    embs, toks = [], []
+    loader = image_loader([str(p) for p in data.images], fs.preprocess, batch_size, num_workers)
+    for batch in tqdm(loader, desc="encoding images", disable=not progress):
+        if batch["failed"]:
+            raise ValueError(f"unreadable evaluation image: {data.images[batch['failed'][0][0]]}")
+        e, t = fs.encode_image(batch["pixels"].to(model.device))
+        embs.append(e.float().cpu())
+        toks.append(t.half().cpu())
+    texts = [model.embed_texts(data.captions[s:s + 256]).cpu() for s in range(0, len(data.captions), 256)]
+    return EncodedSet(torch.cat(embs), torch.cat(toks), torch.cat(texts))
+
+
+@torch.no_grad()
+def project_tokens(model: EdjeModel, vision_tokens: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    out = [model.reranker.project(vision_tokens[s:s + batch_size].to(model.device).float()).cpu()
+           for s in range(0, len(vision_tokens), batch_size)]
+    return torch.cat(out)
+
+
+def pair_scorer(model: EdjeModel, captions: list[str], tokens: torch.Tensor, *, captions_are_queries: bool,
+                batch_size: int = 128, precision: str = "fp32", progress: bool = True):
+    """A ``score_pairs(query_idx, item_idx)`` callable over a caption list and stored tokens."""
+    def score(q_idx: np.ndarray, item_idx: np.ndarray) -> np.ndarray:
+        cap_idx, img_idx = (q_idx, item_idx) if captions_are_queries else (item_idx, q_idx)
+        out = []
+        for s in tqdm(range(0, len(cap_idx), batch_size), desc="reranking", disable=not progress, leave=False):
+            caps = [captions[i] for i in cap_idx[s:s + batch_size]]
+            with torch.inference_mode(), autocast(model.device, precision):
+                out.append(model.reranker.score(caps, projected_tokens=tokens[img_idx[s:s + batch_size]]).cpu())
+        return torch.cat(out).numpy()
+    return score
+
+
+def evaluate(models: Sequence[EdjeModel], data: CaptionSet, *, rerank_k: int = 10, precision: str = "fp32",
+             batch_size: int = 128, progress: bool = True) -> dict:
+    """Recall table for the first stage of ``models[0]`` and for each model's reranker.
+
+    All models must share the first stage (as a teacher and its student do).
+    """
+    base = models[0]
+    enc = encode_set(base, data, progress=progress)
+    sims = (enc.text_emb @ enc.image_emb.T).numpy()  # (C, N)
+    t2i_order = np.argsort(-sims, axis=1, kind="stable")
+    i2t_order = np.argsort(-sims.T, axis=1, kind="stable")
+    t2i_targets = [{i} for i in data.caption_image]
+    i2t_targets = [set(c) for c in data.image_captions]
+    results = {"n_images": len(data.images), "n_captions": len(data.captions), "rerank_k": rerank_k,
+               "rows": [{"name": "first stage", "variant": "embedding",
+                         "t2i": recall_at_k(first_correct_rank(t2i_order, t2i_targets)),
+                         "i2t": recall_at_k(first_correct_rank(i2t_order, i2t_targets))}]}
+    for model in models:
+        if model.first_stage.config != base.first_stage.config:
+            raise ValueError("evaluated rerankers must share the first stage")
+        tokens = project_tokens(model, enc.vision_tokens)
+        t2i = rerank_order(t2i_order, rerank_k, pair_scorer(model, data.captions, tokens, captions_are_queries=True,
+                                                              batch_size=batch_size, precision=precision,
+                                                              progress=progress))
+        i2t = rerank_order(i2t_order, rerank_k, pair_scorer(model, data.captions, tokens, captions_are_queries=False,
+                                                              batch_size=batch_size, precision=precision,
+                                                              progress=progress))
+        cfg = model.reranker.config
+        results["rows"].append({
+            "name": model.name, "variant": cfg.variant, "tokens_per_image": cfg.tokens_per_image,
+            "model": str(model.path) if model.path else None,
+            "t2i": recall_at_k(first_correct_rank(t2i, t2i_targets)),
+            "i2t": recall_at_k(first_correct_rank(i2t, i2t_targets)),
+        })
+    return results
+
+
+def format_table(results: dict) -> str:
+    head = f"{'model':<28} {'variant':<11} {'m':>4} | " + " ".join(f"t2i {k:>4}" for k in ("R@1", "R@5", "R@10")) \
+        + " | " + " ".join(f"i2t {k:>4}" for k in ("R@1", "R@5", "R@10"))
+    lines = [f"{results['n_images']} images, {results['n_captions']} captions, rerank_k={results['rerank_k']}",
+             head, "-" * len(head)]
+    for row in results["rows"]:
+        m = row.get("tokens_per_image", "")
+        lines.append(f"{row['name'][:28]:<28} {row['variant']:<11} {m!s:>4} | "
+                     + " ".join(f"{row['t2i'][k]:8.1f}" for k in ("R@1", "R@5", "R@10")) + " | "
+                     + " ".join(f"{row['i2t'][k]:8.1f}" for k in ("R@1", "R@5", "R@10")))
+    return "\n".join(lines)
+
+
+def load_eval_set(annotation_file: str | Path, image_root: str | Path | None = None) -> CaptionSet:
+    from .data.annotations import read_captions
+
+    data = read_captions(annotation_file, image_root)
+    if not data.images:
+        raise ValueError(f"{annotation_file}: no usable entries")
+    return data

@@ -1,0 +1,109 @@
+"""Shared training plumbing: devices, precision, schedules, resumable checkpoints, processes."""
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from transformers import get_cosine_schedule_with_warmup
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast on request (CPU with AVX-512 bf16 or CUDA); fp32 otherwise."""
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    if precision != "fp32":
+        raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+    return contextlib.nullcontext()
+
+
+def make_optimizer(params, lr: float, weight_decay: float, warmup_steps: int, total_steps: int,
+                   fast_params=(), fast_lr_scale: float = 1.0):
+    """AdamW with linear warmup then cosine decay; no weight decay on biases and norms.
+
+    ``fast_params`` (freshly initialised modules) train at ``lr * fast_lr_scale``.
+    """
+    fast_ids = {id(p) for p in fast_params}
+    params = [p for p in params if p.requires_grad]
+    groups = []
+    for fast in (False, True):
+        chosen = [p for p in params if (id(p) in fast_ids) == fast]
+        group_lr = lr * (fast_lr_scale if fast else 1.0)
+        groups += [{"params": [p for p in chosen if p.ndim >= 2], "weight_decay": weight_decay, "lr": group_lr},
+                   {"params": [p for p in chosen if p.ndim < 2], "weight_decay": 0.0, "lr": group_lr}]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
+    return opt, get_cosine_schedule_with_warmup(opt, warmup_steps, max(total_steps, 1))
+
+
+def save_checkpoint(path: Path, **state) -> None:
+    """Atomic torch checkpoint (tmp file, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def load_checkpoint(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+# ------------------------------------------------------------------------------- processes
+def init_distributed() -> tuple[int, int]:
+    """Join the torchrun process group when launched by torchrun; returns (rank, world_size)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend=backend)
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_gather_cat(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate a tensor from every process along dim 0 (identity in one process)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+def is_main_process() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def average_gradients(model: torch.nn.Module) -> None:
+    """All-reduce gradients across processes (mean)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    world = dist.get_world_size()
+    for p in model.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= world
+
+
+def broadcast_parameters(model: torch.nn.Module) -> None:
+    """Give every process rank 0's parameters (replicas must start identical)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    for t in list(model.parameters()) + list(model.buffers()):
+        dist.broadcast(t.data, src=0)

@@ -1,0 +1,146 @@
+"""Contrastive training of a small first-stage dual encoder (the offline default).
+
+Image tower: an open_clip ViT trained from scratch. Text tower: the bundled MiniLM-L6
+sentence model, locked (only its projection trains), so its pooled outputs are computed once
+per caption and cached.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from open_clip.loss import ClipLoss
+from tqdm.auto import tqdm
+from transformers import AutoModel
+
+from ..config import FirstStageConfig
+from ..data.annotations import CaptionSet
+from ..images import decode_image
+from ..models.first_stage import FirstStage
+from ..models.registry import bundled_minilm_dir
+from .common import autocast, load_checkpoint, make_optimizer, pick_device, save_checkpoint, seed_everything
+
+
+@dataclasses.dataclass(frozen=True)
+class FirstStageTrainConfig:
+    image_size: int = 48
+    patch_size: int = 8
+    width: int = 128
+    layers: int = 4
+    head_width: int = 32
+    embed_dim: int = 128
+    context_length: int = 16
+    epochs: float = 4.0
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_fraction: float = 0.05
+    precision: str = "fp32"
+    seed: int = 0
+
+
+def demo_first_stage(cfg: FirstStageTrainConfig, text_model_dir: Path | None = None) -> FirstStage:
+    """A ViT image tower + locked MiniLM text tower, MiniLM weights loaded from disk."""
+    text_dir = Path(text_model_dir) if text_model_dir else bundled_minilm_dir()
+    model_cfg = {
+        "embed_dim": cfg.embed_dim,
+        "vision_cfg": {"image_size": cfg.image_size, "patch_size": cfg.patch_size, "width": cfg.width,
+                       "layers": cfg.layers, "head_width": cfg.head_width, "mlp_ratio": 4.0},
+        "text_cfg": {"hf_model_name": "bundled-minilm", "hf_tokenizer_name": "bundled-minilm",
+                     "hf_proj_type": "linear", "hf_pooler_type": "mean_pooler",
+                     "context_length": cfg.context_length},
+    }
+    fs_cfg = FirstStageConfig(model_cfg=model_cfg, image_size=cfg.image_size, context_length=cfg.context_length,
+                              tokenizer="hf")
+    model = FirstStage(fs_cfg, tokenizer_dir=text_dir)
+    pretrained = AutoModel.from_pretrained(str(text_dir)).state_dict()
+    # the sentence model's BERT pooler is unused by mean pooling
+    model.clip.text.transformer.load_state_dict({k: v for k, v in pretrained.items() if not k.startswith("pooler.")})
+    return model
+
+
+def load_pixels(paths: list[Path], transform, progress: bool = True) -> torch.Tensor:
+    """Decode and preprocess every image once: (N, 3, H, W) float16, kept in memory."""
+    first = transform(decode_image(Path(paths[0]).read_bytes()))
+    out = torch.empty((len(paths), *first.shape), dtype=torch.float16)
+    for i, p in enumerate(tqdm(paths, desc="loading images", disable=not progress, unit="img")):
+        out[i] = transform(decode_image(Path(p).read_bytes())).half()
+    return out
+
+
+@torch.no_grad()
+def locked_text_features(model: FirstStage, captions: list[str], batch_size: int = 256,
+                         progress: bool = True) -> torch.Tensor:
+    """Pooled outputs of the locked text transformer, before the trainable projection (C, D_t)."""
+    text = model.clip.text
+    device = next(model.parameters()).device
+    feats = []
+    for s in tqdm(range(0, len(captions), batch_size), desc="text features", disable=not progress):
+        ids = model.tokenize(captions[s:s + batch_size]).to(device)
+        mask = (ids != text.config.pad_token_id).long()
+        out = text.transformer(input_ids=ids, attention_mask=mask)
+        feats.append(text.pooler(out, mask).float().cpu())
+    return torch.cat(feats)
+
+
+def train_first_stage(data: CaptionSet, out_dir: str | Path, cfg: FirstStageTrainConfig, *,
+                      device: str | None = None, progress: bool = True) -> FirstStage:
+    """Train on ``data`` and save a first-stage directory in ``out_dir`` (resumes from its checkpoint)."""
+    out_dir = Path(out_dir)
+    seed_everything(cfg.seed)
+    dev = pick_device(device)
+    model = demo_first_stage(cfg)
+    model.clip.lock_text_tower(unlocked_layers=0, freeze_layer_norm=True)
+    for p in model.clip.text.proj.parameters():
+        p.requires_grad = True
+    model.to(dev)
+    unique, caption_key = np.unique(np.asarray(data.captions), return_inverse=True)
+    text_feats = locked_text_features(model, unique.tolist(), progress=progress)[torch.from_numpy(caption_key)]
+    pixels = load_pixels(data.images, model.preprocess, progress=progress)
+    n_caps = len(data.captions)
+    steps_per_epoch = max(n_caps // cfg.batch_size, 1)
+    total = int(cfg.epochs * steps_per_epoch)
+    opt, sched = make_optimizer(model.parameters(), cfg.lr, cfg.weight_decay, int(cfg.warmup_fraction * total), total)
+    loss_fn = ClipLoss()
+    ckpt_path = out_dir / "train_state.pt"
+    step = 0
+    state = load_checkpoint(ckpt_path)
+    if state is not None:
+        model.clip.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        step = state["step"]
+    caption_image = torch.tensor(data.caption_image)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    order = torch.cat([torch.randperm(n_caps, generator=gen) for _ in range(int(np.ceil(cfg.epochs)) + 1)])
+    model.train()
+    bar = tqdm(total=total, initial=step, desc="first stage", disable=not progress, dynamic_ncols=True)
+    while step < total:
+        idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+        img_idx = caption_image[idx]
+        # one caption per image in a batch: duplicates would be false negatives for InfoNCE
+        _, keep = np.unique(img_idx.numpy(), return_index=True)
+        idx, img_idx = idx[keep], img_idx[keep]
+        with autocast(dev, cfg.precision):
+            img_emb, _ = model.encode_image(pixels[img_idx].to(dev, torch.float32))
+            txt_emb = F.normalize(model.clip.text.proj(text_feats[idx].to(dev)), dim=-1)
+            loss = loss_fn(img_emb.float(), txt_emb.float(), model.clip.logit_scale.exp())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            model.clip.logit_scale.clamp_(0, np.log(100))
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if step % 200 == 0 or step == total:
+            save_checkpoint(ckpt_path, model=model.clip.state_dict(), optimizer=opt.state_dict(),
+                            scheduler=sched.state_dict(), step=step)
+    bar.close()
+    model.eval()
+    return model

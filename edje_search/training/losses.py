@@ -1,0 +1,47 @@
+"""EDJE training objectives (DESIGN.md): ITM, MLM, text-embedding recovery, distillation."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def itm_loss(pos: torch.Tensor, neg_image: torch.Tensor, neg_caption: torch.Tensor) -> torch.Tensor:
+    """Two-way cross-entropy (positive vs its hard negative), averaged over both directions.
+
+    All inputs are (B,) logits: s(caption_i, image_i), s(caption_i, neg image), s(neg caption, image_i).
+    """
+    target = torch.zeros(pos.shape[0], dtype=torch.long, device=pos.device)
+    t2i = F.cross_entropy(torch.stack([pos, neg_image], dim=1), target)
+    i2t = F.cross_entropy(torch.stack([pos, neg_caption], dim=1), target)
+    return (t2i + i2t) / 2
+
+
+def mask_caption_tokens(input_ids: torch.Tensor, token_type_ids: torch.Tensor, special_mask: torch.Tensor,
+                        mask_token_id: int, probability: float,
+                        generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Replace caption tokens by [MASK] with ``probability``; never special or image tokens.
+
+    Returns (masked input_ids, labels) with labels = -100 where nothing was masked.
+    """
+    candidates = (token_type_ids == 0) & ~special_mask.bool()
+    draw = torch.rand(input_ids.shape, generator=generator, device="cpu").to(input_ids.device)
+    masked = candidates & (draw < probability)
+    labels = torch.where(masked, input_ids, torch.full_like(input_ids, -100))
+    return input_ids.masked_fill(masked, mask_token_id), labels
+
+
+def mlm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy over the masked positions only ((N, V) logits, (N,) labels)."""
+    if labels.numel() == 0:
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits.float(), labels)
+
+
+def recovery_loss(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """1 - cosine between the recovered and the first-stage text embeddings, averaged."""
+    return (1 - F.cosine_similarity(predicted.float(), target.float(), dim=-1)).mean()
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """BCE of the student's logits against the teacher's sigmoid probabilities."""
+    return F.binary_cross_entropy_with_logits(student_logits.float(), torch.sigmoid(teacher_logits.float()))

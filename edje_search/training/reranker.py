@@ -1,0 +1,230 @@
+"""Training the EDJE reranker (adapter + joint encoder) behind a frozen first stage.
+
+Each step: a batch of (caption, image) pairs, one hard negative image and one hard negative
+caption per pair mined by first-stage similarity over the global batch, then
+ITM + MLM + text-embedding recovery (+ distillation from a trained teacher).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
+
+from ..data.annotations import CaptionSet
+from ..models.bundle import EdjeModel
+from ..models.first_stage import FirstStage
+from ..models.registry import build_reranker, bundled_minilm_dir
+from ..models.reranker import Reranker
+from .common import (all_gather_cat, autocast, average_gradients, broadcast_parameters, init_distributed, is_main_process,
+                     load_checkpoint, make_optimizer, pick_device, save_checkpoint, seed_everything)
+from .features import compute_features
+from .losses import distillation_loss, itm_loss, mask_caption_tokens, mlm_loss, recovery_loss
+from .mining import mine_hard_negatives
+
+
+@dataclasses.dataclass(frozen=True)
+class RerankerTrainConfig:
+    variant: str = "compressed"
+    n_queries: int = 16
+    mlp_dim: int = 8192
+    lm_layers: int | None = None  # keep only the first N layers of the language model (None = all)
+    max_text_len: int = 64
+    steps: int = 1000
+    batch_size: int = 32  # pairs per process per micro-batch
+    grad_accum: int = 1
+    lr: float = 3e-4
+    weight_decay: float = 0.05
+    warmup_fraction: float = 0.05
+    new_module_lr_scale: float = 10.0  # adapter and heads start from scratch: larger steps
+    w_itm: float = 1.0
+    w_mlm: float = 1.0
+    w_recovery: float = 1.0
+    w_distill: float = 1.0
+    mlm_probability: float = 0.5
+    precision: str = "fp32"
+    checkpoint_every: int = 100
+    seed: int = 0
+
+
+def new_reranker(first_stage: FirstStage, cfg: RerankerTrainConfig, lm_dir: Path | None = None) -> Reranker:
+    """A reranker whose joint encoder starts from the BERT weights in ``lm_dir`` (default: bundled MiniLM-L6)."""
+    lm_dir = Path(lm_dir) if lm_dir else bundled_minilm_dir()
+    tokenizer = AutoTokenizer.from_pretrained(str(lm_dir))
+    bert_config = BertConfig.from_pretrained(str(lm_dir))
+    if cfg.lm_layers:
+        bert_config.num_hidden_layers = cfg.lm_layers
+    reranker = build_reranker(first_stage, bert_config, tokenizer, variant=cfg.variant, n_queries=cfg.n_queries,
+                              mlp_dim=cfg.mlp_dim, max_text_len=cfg.max_text_len)
+    overrides = {"num_hidden_layers": cfg.lm_layers} if cfg.lm_layers else {}
+    pretrained = BertForMaskedLM.from_pretrained(str(lm_dir), **overrides)
+    pretrained.resize_token_embeddings(len(tokenizer))  # one new row for <image>
+    missing, unexpected = reranker.language_model.load_state_dict(pretrained.state_dict(), strict=False)
+    if unexpected:
+        raise ValueError(f"language model weights do not fit: unexpected {unexpected[:5]}")
+    return reranker
+
+
+class _Batches:
+    """Caption indices per step, one caption per image, identical on every process (seeded)."""
+
+    def __init__(self, caption_image: np.ndarray, size: int, seed: int):
+        self.caption_image = caption_image
+        self.size = size
+        self.rng = np.random.default_rng(seed)
+        self.queue: list[int] = []
+
+    def next(self) -> np.ndarray:
+        out, seen = [], set()
+        while len(out) < self.size:
+            if not self.queue:
+                self.queue = self.rng.permutation(len(self.caption_image)).tolist()
+            c = self.queue.pop()
+            if self.caption_image[c] not in seen:
+                seen.add(self.caption_image[c])
+                out.append(c)
+        return np.array(out)
+
+
+def _special_mask(tokenizer, ids: torch.Tensor) -> torch.Tensor:
+    return torch.isin(ids, torch.tensor(tokenizer.all_special_ids, device=ids.device))
+
+
+def train_reranker(first_stage_dir: str | Path, data: CaptionSet, out_dir: str | Path, cfg: RerankerTrainConfig,
+                   *, teacher_dir: str | Path | None = None, init_from: str | Path | None = None,
+                   lm_dir: str | Path | None = None, name: str = "edje", device: str | None = None,
+                   progress: bool = True) -> EdjeModel:
+    """Train and save an EDJE model directory at ``out_dir/model``; resumes from ``out_dir/train_state.pt``."""
+    out_dir = Path(out_dir)
+    rank, world = init_distributed()
+    seed_everything(cfg.seed)
+    dev = pick_device(device)
+    first_stage = FirstStage.from_pretrained(first_stage_dir).to(dev).eval()
+    for p in first_stage.parameters():
+        p.requires_grad = False
+    cache = out_dir / "features.pt"
+    if is_main_process():
+        feats = compute_features(first_stage, data, cache=cache, progress=progress)
+    if world > 1:
+        dist.barrier()
+    if not is_main_process():
+        feats = compute_features(first_stage, data, cache=cache, progress=False)
+
+    reranker = (EdjeModel.from_pretrained(init_from).reranker if init_from else new_reranker(first_stage, cfg, lm_dir))
+    reranker.to(dev).train()
+    broadcast_parameters(reranker)
+    seed_everything(cfg.seed + rank)  # identical replicas, different dropout and MLM masks
+    teacher = None
+    if teacher_dir is not None and cfg.w_distill > 0:
+        teacher = EdjeModel.from_pretrained(teacher_dir).reranker.to(dev).eval()
+        for p in teacher.parameters():
+            p.requires_grad = False
+    fresh = [p for n, p in reranker.named_parameters() if not n.startswith("language_model.")]
+    opt, sched = make_optimizer(reranker.parameters(), cfg.lr, cfg.weight_decay,
+                                int(cfg.warmup_fraction * cfg.steps), cfg.steps,
+                                fast_params=[] if init_from else fresh, fast_lr_scale=cfg.new_module_lr_scale)
+    state_path = out_dir / "train_state.pt"
+    step = 0
+    state = load_checkpoint(state_path)
+    batches = _Batches(np.asarray(data.caption_image), cfg.batch_size * world, cfg.seed)
+    if state is not None:
+        reranker.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        step = state["step"]
+        batches.rng.bit_generator.state = state["batch_rng"]
+        batches.queue = state["batch_queue"]
+    image_ids = torch.tensor(np.unique(np.asarray(data.image_ids), return_inverse=True)[1])
+    caption_keys = torch.tensor(np.unique(np.asarray(data.captions), return_inverse=True)[1])
+    caption_image = torch.tensor(data.caption_image)
+    tok = reranker.tokenizer
+    log_path = out_dir / "train_log.jsonl"
+    bar = tqdm(total=cfg.steps, initial=step, desc=f"reranker ({cfg.variant})", dynamic_ncols=True,
+               disable=not (progress and is_main_process()))
+    t0 = time.time()
+    while step < cfg.steps:
+        opt.zero_grad(set_to_none=True)
+        logs: dict[str, float] = {}
+        for _ in range(cfg.grad_accum):
+            global_caps = torch.from_numpy(batches.next())
+            local = global_caps[rank * cfg.batch_size:(rank + 1) * cfg.batch_size]
+            # every process contributes its pairs to the gathered global batch used for mining
+            global_caps = all_gather_cat(local)
+            losses = _step_losses(reranker, teacher, feats, data.captions, global_caps, rank * cfg.batch_size,
+                                  cfg.batch_size, caption_image, image_ids, caption_keys, tok, cfg, dev)
+            total = sum(losses.values())
+            (total / cfg.grad_accum).backward()
+            for k, v in losses.items():
+                logs[k] = logs.get(k, 0.0) + v.item() / cfg.grad_accum
+        average_gradients(reranker)
+        torch.nn.utils.clip_grad_norm_(reranker.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        step += 1
+        bar.update(1)
+        bar.set_postfix({k: f"{v:.3f}" for k, v in logs.items()})
+        if is_main_process():
+            with open(log_path, "a") as f:
+                f.write(json.dumps({"step": step, "time": round(time.time() - t0, 2), **logs}) + "\n")
+        if is_main_process() and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
+            save_checkpoint(state_path, model=reranker.state_dict(), optimizer=opt.state_dict(),
+                            scheduler=sched.state_dict(), step=step, batch_rng=batches.rng.bit_generator.state,
+                            batch_queue=batches.queue)
+    bar.close()
+    reranker.eval()
+    model = EdjeModel(first_stage.cpu(), reranker.cpu(), name=name)
+    if is_main_process():
+        model.save_pretrained(out_dir / "model")
+    if world > 1:
+        dist.barrier()
+    return model
+
+
+def _step_losses(reranker: Reranker, teacher: Reranker | None, feats, captions: list[str],
+                 global_caps: torch.Tensor, offset: int, size: int, caption_image: torch.Tensor,
+                 image_ids: torch.Tensor, caption_keys: torch.Tensor, tok, cfg: RerankerTrainConfig,
+                 dev: torch.device) -> dict[str, torch.Tensor]:
+    g_img = caption_image[global_caps]
+    neg_img, neg_cap = mine_hard_negatives(feats.text_emb[global_caps], feats.image_emb[g_img],
+                                           image_ids[g_img], caption_keys[global_caps])
+    mine = slice(offset, offset + size)
+    caps = global_caps[mine]
+    imgs = g_img[mine]
+    neg_imgs = g_img[neg_img[mine]]
+    neg_caps = global_caps[neg_cap[mine]]
+    b = len(caps)
+    pair_caps = [captions[i] for i in torch.cat([caps, caps, neg_caps]).tolist()]
+    pair_imgs = torch.cat([imgs, neg_imgs, imgs])
+    vision = feats.vision_tokens[pair_imgs].to(dev).float()  # (3B, n, D_v)
+    losses: dict[str, torch.Tensor] = {}
+    with autocast(dev, cfg.precision):
+        projected = reranker.project(vision)  # (3B, m, H)
+        hidden, _ = reranker.pair_hidden(pair_caps, projected)
+        logits = reranker.joint.score_hidden(hidden).float()  # (3B,)
+        pos, n_img, n_cap = logits[:b], logits[b:2 * b], logits[2 * b:]
+        if cfg.w_itm:
+            losses["itm"] = cfg.w_itm * itm_loss(pos, n_img, n_cap)
+        if cfg.w_mlm:
+            batch = reranker.encode_text(pair_caps[:b], projected.shape[1]).to(dev)
+            ids, labels = mask_caption_tokens(batch["input_ids"], batch["token_type_ids"],
+                                              _special_mask(tok, batch["input_ids"]), tok.mask_token_id,
+                                              cfg.mlm_probability)
+            h = reranker.joint(ids, batch["attention_mask"], batch["token_type_ids"], projected[:b])
+            picked = labels != -100
+            losses["mlm"] = cfg.w_mlm * mlm_loss(reranker.joint.mlm_logits(h[picked]), labels[picked])
+        if cfg.w_recovery and reranker.text_projection is not None:
+            enc = tok(pair_caps[:b], truncation=True, max_length=cfg.max_text_len + 2, padding=True,
+                      return_tensors="pt").to(dev)
+            pred = reranker.joint.recover_text_embedding(enc["input_ids"], enc["attention_mask"])
+            losses["recovery"] = cfg.w_recovery * recovery_loss(pred, feats.text_emb[caps].to(dev))
+        if teacher is not None:
+            with torch.no_grad():
+                t_logits = teacher.score(pair_caps, vision_tokens=vision)
+            losses["distill"] = cfg.w_distill * distillation_loss(logits, t_logits)
+    return losses

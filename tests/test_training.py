@@ -1,0 +1,182 @@
+"""Losses, negative mining, reranker training end to end (one and two processes)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
+
+from edje_search.data.annotations import read_captions
+from edje_search.models.bundle import EdjeModel
+from edje_search.models.registry import build_tiny_model, bundled_minilm_dir
+from edje_search.training.losses import (distillation_loss, itm_loss, mask_caption_tokens, mlm_loss,
+                                         recovery_loss)
+from edje_search.training.mining import mine_hard_negatives
+from edje_search.training.reranker import RerankerTrainConfig, train_reranker
+
+
+# ------------------------------------------------------------------------------------ mining
+def test_mining_never_picks_the_positive_or_same_image_id():
+    torch.manual_seed(0)
+    emb = torch.nn.functional.normalize(torch.randn(8, 16), dim=-1)
+    ids = torch.tensor([0, 0, 1, 2, 3, 3, 4, 5])
+    neg_img, neg_cap = mine_hard_negatives(emb, emb, ids)  # identical embeddings: positive is the max
+    assert (ids[neg_img] != ids).all() and (ids[neg_cap] != ids).all()
+
+
+def test_mining_picks_the_most_similar_other_image():
+    text = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
+    image = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
+    neg_img, neg_cap = mine_hard_negatives(text, image, torch.arange(3))
+    assert neg_img.tolist() == [2, 2, 1]  # caption 2 is closer to image 1 (0.8) than to image 0 (0.6)
+    assert neg_cap.tolist() == [2, 2, 1]
+
+
+def test_mining_respects_identical_captions():
+    emb = torch.eye(3)
+    neg_img, _ = mine_hard_negatives(emb, emb, torch.arange(3), caption_keys=torch.tensor([7, 7, 8]))
+    assert neg_img.tolist()[:2] == [2, 2]
+
+
+def test_mining_needs_two_images():
+    with pytest.raises(ValueError):
+        mine_hard_negatives(torch.randn(2, 4), torch.randn(2, 4), torch.tensor([1, 1]))
+
+
+# ------------------------------------------------------------------------------------ losses
+def test_itm_loss_values():
+    zero = torch.zeros(4)
+    assert itm_loss(zero, zero, zero).item() == pytest.approx(np.log(2))
+    assert itm_loss(torch.full((4,), 10.0), zero, zero).item() < 1e-3
+
+
+def test_mask_caption_tokens_never_masks_special_or_image_tokens():
+    model = build_tiny_model()
+    r = model.reranker
+    batch = r.encode_text(["a small red circle left of a large blue square", "two cats"])
+    special = torch.isin(batch["input_ids"], torch.tensor(r.tokenizer.all_special_ids))
+    ids, labels = mask_caption_tokens(batch["input_ids"], batch["token_type_ids"], special,
+                                      r.tokenizer.mask_token_id, probability=1.0)
+    masked = labels != -100
+    assert masked.any()
+    assert not (masked & special).any() and not (masked & (batch["token_type_ids"] == 1)).any()
+    assert (ids[masked] == r.tokenizer.mask_token_id).all()
+    assert torch.equal(labels[masked], batch["input_ids"][masked])
+    _, none = mask_caption_tokens(batch["input_ids"], batch["token_type_ids"], special, 0, probability=0.0)
+    assert (none == -100).all()
+
+
+def test_recovery_and_distillation_losses():
+    x = torch.randn(5, 8)
+    assert recovery_loss(x, 3 * x).item() == pytest.approx(0.0, abs=1e-6)
+    assert recovery_loss(x, -x).item() == pytest.approx(2.0, abs=1e-6)
+    t = torch.randn(6)
+    better = distillation_loss(t, t)
+    assert better.item() < distillation_loss(-t, t).item()
+    assert mlm_loss(torch.zeros(0, 5), torch.zeros(0, dtype=torch.long)).item() == 0.0
+
+
+def test_each_loss_decreases_on_a_toy_batch():
+    """A few optimizer steps on a fixed batch lower every objective."""
+    from edje_search.training.features import TrainFeatures
+    from edje_search.training.reranker import _step_losses
+
+    torch.manual_seed(0)
+    teacher = build_tiny_model(seed=2, variant="local").reranker.eval()
+    caps = ["a small red circle left of a large blue square", "two small green triangles and a cat",
+            "a large white diamond above a small cyan circle", "three small yellow squares and a dog"]
+    feats = TrainFeatures(torch.nn.functional.normalize(torch.randn(4, 32), dim=-1), torch.randn(4, 16, 32).half(),
+                          torch.nn.functional.normalize(torch.randn(4, 32), dim=-1))
+    cfg = RerankerTrainConfig(n_queries=4, mlp_dim=64, mlm_probability=0.5)
+    for name in ("itm", "mlm", "recovery", "distill"):
+        r = build_tiny_model(seed=1).reranker.train()
+        opt = torch.optim.AdamW(r.parameters(), lr=3e-3)
+        args = (feats, caps, torch.arange(4), 0, 4, torch.arange(4), torch.arange(4), torch.arange(4), r.tokenizer,
+                cfg, torch.device("cpu"))
+        history = []
+        for _ in range(10):
+            torch.manual_seed(0)  # same MLM mask every step
+            losses = _step_losses(r, teacher, *args)
+            assert set(losses) == {"itm", "mlm", "recovery", "distill"}
+            history.append(losses[name].item())
+            opt.zero_grad()
+            losses[name].backward()
+            opt.step()
+        assert all(np.isfinite(history)) and history[-1] < history[0], (name, history)
+
+
+# --------------------------------------------------------------------------- training runs
+@pytest.fixture(scope="module")
+def tiny_lm_dir(tmp_path_factory) -> Path:
+    """A tiny BERT with the real uncased vocabulary, saved like a hub model directory."""
+    d = tmp_path_factory.mktemp("tiny_lm")
+    tok = AutoTokenizer.from_pretrained(str(bundled_minilm_dir()))
+    cfg = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=128)
+    torch.manual_seed(0)
+    BertForMaskedLM(cfg).save_pretrained(str(d))
+    tok.save_pretrained(str(d))
+    return d
+
+
+@pytest.fixture(scope="module")
+def tiny_first_stage_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("tiny_fs")
+    build_tiny_model(seed=0).first_stage.save_pretrained(d)
+    return d
+
+
+def test_train_reranker_saves_a_usable_model_and_resumes(tmp_path, shapes_dir, tiny_lm_dir, tiny_first_stage_dir):
+    data = read_captions(shapes_dir / "train.json")
+    cfg = RerankerTrainConfig(n_queries=4, mlp_dim=64, steps=4, batch_size=8, checkpoint_every=2, lr=1e-3)
+    model = train_reranker(tiny_first_stage_dir, data, tmp_path / "run", cfg, lm_dir=tiny_lm_dir, progress=False)
+    log = [json.loads(x) for x in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in log] == [1, 2, 3, 4]
+    assert all(np.isfinite(x["itm"]) and np.isfinite(x["mlm"]) for x in log)
+    loaded = EdjeModel.from_pretrained(tmp_path / "run" / "model")
+    assert loaded.reranker.config.n_queries == 4
+    # continuing to more steps resumes from the saved state instead of starting over
+    cfg6 = RerankerTrainConfig(n_queries=4, mlp_dim=64, steps=6, batch_size=8, checkpoint_every=2, lr=1e-3)
+    train_reranker(tiny_first_stage_dir, data, tmp_path / "run", cfg6, lm_dir=tiny_lm_dir, progress=False)
+    log = [json.loads(x) for x in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in log] == [1, 2, 3, 4, 5, 6]
+    # a student distilled from the teacher trains too
+    cfg_s = RerankerTrainConfig(n_queries=2, mlp_dim=64, steps=2, batch_size=8, lr=1e-3)
+    train_reranker(tiny_first_stage_dir, data, tmp_path / "student", cfg_s, lm_dir=tiny_lm_dir,
+                   teacher_dir=tmp_path / "run" / "model", progress=False)
+    log = [json.loads(x) for x in (tmp_path / "student" / "train_log.jsonl").read_text().splitlines()]
+    assert "distill" in log[0] and model is not None
+
+
+def test_two_process_training_with_gloo(tmp_path, shapes_dir, tiny_lm_dir, tiny_first_stage_dir):
+    script = tmp_path / "job.py"
+    script.write_text(f"""
+import torch.distributed as dist
+from edje_search.data.annotations import read_captions
+from edje_search.training.reranker import RerankerTrainConfig, train_reranker
+data = read_captions({str(shapes_dir / 'train.json')!r})
+cfg = RerankerTrainConfig(n_queries=4, mlp_dim=64, steps=3, batch_size=4, lr=1e-3)
+model = train_reranker({str(tiny_first_stage_dir)!r}, data, {str(tmp_path / 'run')!r}, cfg,
+                       lm_dir={str(tiny_lm_dir)!r}, progress=False)
+# parameters stay identical across processes: gradients were averaged
+import torch
+flat = torch.cat([p.detach().flatten() for p in model.reranker.parameters()])
+parts = [torch.empty_like(flat) for _ in range(2)]
+dist.all_gather(parts, flat)
+assert torch.equal(parts[0], parts[1]), "replicas diverged"
+print("RANK_OK", dist.get_rank(), dist.get_world_size())
+dist.destroy_process_group()
+""")
+    torchrun = Path(sys.executable).parent / "torchrun"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", "29517", str(script)],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "RANK_OK 0 2" in out.stdout and "RANK_OK 1 2" in out.stdout
+    assert (tmp_path / "run" / "model" / "edje.json").is_file()

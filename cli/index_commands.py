@@ -160,3 +160,23 @@ def info(index_dir, as_json):
     else:
         for key, value in data.items():
             click.echo(f"{key:>18}: {value}")
+
+
+@cli.command("verify")
+@index_option
+@json_option
+def verify(index_dir, as_json):
+    """Check that an index's manifest, FAISS ids and token/vector stores agree (exit 1 if not)."""
+    from edje_search.storage.index_store import IndexStore
+
+    store = IndexStore.open(index_dir)
+    problems = store.verify()
+    if as_json:
+        emit_json({"index": str(index_dir), "images": len(store), "ok": not problems, "problems": problems})
+    elif problems:
+        for p in problems:
+            click.echo(f"problem: {p}", err=True)
+    else:
+        click.echo(f"ok: {len(store)} images, generation {store.generation}")
+    if problems:
+        raise SystemExit(1)

@@ -18,3 +18,22 @@ def models(as_json):
         return
     for r in recipes:
         click.echo(f"{r.name:<18} {r.description}")
+
+
+@cli.command("convert-official")
+@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
+@click.option("--vision-model", required=True, type=click.Path(exists=True, file_okay=False),
+              help="transformers SiglipModel directory (config, weights, tokenizer) the checkpoint was trained with.")
+@click.option("--language-model", required=True, type=click.Path(exists=True, file_okay=False),
+              help="BERT directory (config and tokenizer) of the joint encoder, e.g. MiniLM-L12-H384-uncased.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Model directory to write (usable with --model).")
+@click.option("--name", default="edje-official", show_default=True, help="Name recorded in the model directory.")
+def convert_official_cmd(checkpoint, vision_model, language_model, out_dir, name):
+    """Import a checkpoint of the official EDJE code ({"model": state_dict}; compressed or local variant)."""
+    from edje_search.convert import convert_official
+
+    model = convert_official(checkpoint, vision_model, language_model, out_dir, name=name)
+    cfg = model.reranker.config
+    click.echo(f"{cfg.variant} model ({cfg.tokens_per_image} tokens x {model.reranker.token_width} per image) "
+               f"written to {out_dir}")

@@ -45,8 +45,11 @@ class FirstStageConfig:
     context_length: int = 64
     tokenizer: str = "openai"
     tokenizer_kwargs: dict = dataclasses.field(default_factory=dict)
+    backend: str = "open_clip"  # "open_clip" or "hf-siglip" (transformers SiglipModel)
 
     def __post_init__(self) -> None:
+        if self.backend not in ("open_clip", "hf-siglip"):
+            raise ValueError(f"unknown first-stage backend {self.backend!r}")
         object.__setattr__(self, "mean", tuple(self.mean))
         object.__setattr__(self, "std", tuple(self.std))
 

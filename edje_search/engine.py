@@ -6,7 +6,6 @@ Query flow: embed text -> FAISS top rerank_k -> gather stored tokens -> joint-en
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from pathlib import Path
 from typing import Iterable, Sequence

@@ -10,9 +10,10 @@ DATA="$RUN/data"
 : "${EDJE_HOME:=$PWD/runs/home}"; export EDJE_HOME
 # Sizes of the demo recipe (override from the environment for a longer or shorter run).
 TRAIN_IMAGES="${TRAIN_IMAGES:-10000}"
-FS_EPOCHS="${FS_EPOCHS:-3}"
-TEACHER_STEPS="${TEACHER_STEPS:-300}"
-STUDENT_STEPS="${STUDENT_STEPS:-300}"
+FS_EPOCHS="${FS_EPOCHS:-2}"
+TEACHER_STEPS="${TEACHER_STEPS:-80}"
+STUDENT_STEPS="${STUDENT_STEPS:-80}"
+EVAL_SPLIT="${EVAL_SPLIT:-val}"
 LM_LAYERS="${LM_LAYERS:-6}"
 COMMON=(--batch-size 24 --lr 1e-4 --mlp-dim 512 --lm-layers "$LM_LAYERS")
 start=$(date +%s)
@@ -20,7 +21,7 @@ stamp() { echo "[demo $(( $(date +%s) - start ))s] $*"; }
 
 if [ ! -f "$DATA/test.json" ]; then
   stamp "rendering the shapes data set"
-  $ES make-dataset "$DATA" --train "$TRAIN_IMAGES" --val 200 --test 1000 --image-size 48
+  $ES make-dataset "$DATA" --train "$TRAIN_IMAGES" --val 300 --test 1000 --image-size 48
 fi
 if [ ! -f "$RUN/first/first_stage/first_stage.json" ]; then
   stamp "training the first stage (ViT vs locked MiniLM-L6)"
@@ -49,7 +50,7 @@ $ES query --index indexes/demo -k 5 --rerank-k 20 --compare \
   "a small red circle left of a large blue square" \
   "a large yellow triangle above a small green diamond" \
   "three small white circles and a small purple square"
-stamp "evaluating on the test split"
-$ES eval --data "$DATA/test.json" --model "$EDJE_HOME/models/edje-demo" --model "$RUN/teacher/model" \
-  --rerank-k 10 --out benchmarks/results/eval_demo.json
+stamp "evaluating on the $EVAL_SPLIT split"
+$ES eval --data "$DATA/$EVAL_SPLIT.json" --model "$EDJE_HOME/models/edje-demo" --model "$RUN/teacher/model" \
+  --rerank-k 10 --out "$RUN/eval_$EVAL_SPLIT.json"
 stamp "done"

@@ -35,6 +35,7 @@ def test_build_query_info(tmp_path, tiny_model_dir, shapes_dir):
     assert "rerank" in human and human.count(".png") == 3
     info = json.loads(run("info", "--index", index, "--json").stdout)
     assert info["images"] == 40 and info["factory"] == "Flat" and info["tokens_per_image"] == 4
+    assert json.loads(run("verify", "--index", index, "--json").stdout)["ok"] is True
     again = json.loads(run("build-index", shapes_dir / "test", "--index", index, "--no-progress",
                            "--workers", "0", "--json").stdout)
     assert again["added"] == 0 and again["unchanged"] == 40

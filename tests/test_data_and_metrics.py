@@ -32,7 +32,8 @@ def test_training_and_eval_formats(tmp_path):
     (tmp_path / "test.json").write_text(json.dumps(evalset))
     data = read_captions(tmp_path / "test.json")
     assert data.image_captions == [[0, 1], [2]]
-    (tmp_path / "x.jsonl").write_text('{"image": "img/a.png", "caption": "one"}\n\n{"image": "img/b.png", "caption": ["two"]}\n')
+    lines = ['{"image": "img/a.png", "caption": "one"}', "", '{"image": "img/b.png", "caption": ["two"]}']
+    (tmp_path / "x.jsonl").write_text("\n".join(lines) + "\n")
     assert read_captions(tmp_path / "x.jsonl").captions == ["one", "two"]
 
 

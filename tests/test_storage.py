@@ -98,3 +98,14 @@ def test_open_errors_are_clear(tmp_path):
     (tmp_path / "c" / "state.json").write_text("{garbage")
     with pytest.raises(IndexError_, match="corrupt"):
         IndexStore.open(tmp_path / "c")
+
+
+def test_verify_reports_agreement_and_disagreement(tmp_path):
+    rng = np.random.default_rng(3)
+    store = IndexStore.create(tmp_path / "i", _config())
+    v = rng.standard_normal((5, 8)).astype(np.float32)
+    store.commit([f"/p{i}" for i in range(5)], ["h"] * 5, v, rng.standard_normal((5, 2, 4)).astype(np.float16))
+    assert IndexStore.open(tmp_path / "i").verify() == []
+    broken = IndexStore.open(tmp_path / "i")
+    broken.faiss.remove_ids(np.array([2], dtype=np.int64))
+    assert any("FAISS holds 4" in p for p in broken.verify())

@@ -25,6 +25,30 @@ WEIGHTS_NAME = "first_stage.safetensors"
 TOKENIZER_DIR = "tokenizer"
 
 
+def encode_visual(visual: nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pass of an open_clip vision tower -> (normalised pooled embedding, vision tokens).
+
+    The tokens are the encoder's last hidden state after its final norm, without prefix
+    (class) tokens: (B, n, D_v). Works for timm towers (SigLIP/SigLIP2) and open_clip ViTs.
+    """
+    if isinstance(visual, TimmModel):
+        feats = visual.trunk.forward_features(pixels)  # (B, P + n, D_v), final norm applied
+        pooled = visual.head(visual.trunk.forward_head(feats))  # (B, E)
+        tokens = feats[:, getattr(visual.trunk, "num_prefix_tokens", 0):]
+    elif isinstance(visual, VisionTransformer):
+        if visual.attn_pool is not None:
+            raise ValueError("open_clip vision towers with attentional pooling are not supported")
+        if visual.pool_type not in ("tok", "avg"):
+            raise ValueError(f"unsupported pool_type {visual.pool_type!r} for vision tokens")
+        x = visual.transformer(visual._embeds(pixels))  # (B, 1 + n, D_v)
+        pooled, tokens = visual._pool(x)  # ln_post applied to both
+        if visual.proj is not None:
+            pooled = pooled @ visual.proj
+    else:
+        raise TypeError(f"vision tower {type(visual).__name__} does not expose tokens")
+    return F.normalize(pooled, dim=-1), tokens
+
+
 class FirstStage(nn.Module):
     """Wraps an open_clip CLIP/CustomTextCLIP; see :meth:`encode_image` and :meth:`encode_text`."""
 
@@ -91,28 +115,8 @@ class FirstStage(nn.Module):
         raise ValueError(f"unknown tokenizer kind {self.config.tokenizer!r} (expected 'openai' or 'hf')")
 
     def encode_image(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, 3, H, W) -> (normalised embedding (B, E), vision tokens (B, n, D_v)).
-
-        The tokens are the vision encoder's last hidden state after its final norm and
-        without prefix (class) tokens.
-        """
-        visual = self.clip.visual
-        if isinstance(visual, TimmModel):
-            feats = visual.trunk.forward_features(pixels)  # (B, P + n, D_v), final norm applied
-            pooled = visual.head(visual.trunk.forward_head(feats))  # (B, E)
-            tokens = feats[:, getattr(visual.trunk, "num_prefix_tokens", 0):]
-        elif isinstance(visual, VisionTransformer):
-            if visual.attn_pool is not None:
-                raise ValueError("open_clip vision towers with attentional pooling are not supported")
-            x = visual.transformer(visual._embeds(pixels))  # (B, 1 + n, D_v)
-            pooled, tokens = visual._pool(x)  # ln_post applied to both
-            if visual.proj is not None:
-                pooled = pooled @ visual.proj
-            if visual.pool_type not in ("tok", "avg"):
-                raise ValueError(f"unsupported pool_type {visual.pool_type!r} for vision tokens")
-        else:
-            raise TypeError(f"vision tower {type(visual).__name__} does not expose tokens")
-        return F.normalize(pooled, dim=-1), tokens
+        """(B, 3, H, W) -> (normalised embedding (B, E), vision tokens (B, n, D_v))."""
+        return encode_visual(self.clip.visual, pixels)
 
     def tokenize(self, texts: list[str]) -> torch.Tensor:
         return self.tokenizer([str(t) for t in texts])
@@ -136,9 +140,14 @@ class FirstStage(nn.Module):
                                                           "README.md", ".gitattributes"))
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, *, load_weights: bool = True) -> "FirstStage":
+    def from_pretrained(cls, directory: str | Path, *, load_weights: bool = True):
+        """Load a first-stage directory of either backend (open_clip or transformers SigLIP)."""
         directory = Path(directory)
         config = load_config(FirstStageConfig, directory / CONFIG_NAME)
+        if config.backend == "hf-siglip":
+            from .siglip_backend import SiglipFirstStage
+
+            return SiglipFirstStage.from_pretrained(directory, config)
         tok = directory / TOKENIZER_DIR
         model = cls(config, tokenizer_dir=tok if tok.is_dir() else None)
         if load_weights:

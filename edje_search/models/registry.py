@@ -103,10 +103,51 @@ def register(recipe: Recipe) -> None:
     _RECIPES[recipe.name] = recipe
 
 
+@dataclasses.dataclass(frozen=True)
+class PaperArchitecture:
+    """Shapes of a paper configuration (DESIGN.md); weights come from a hub or a conversion."""
+
+    open_clip_arch: str  # first stage and vision tokens
+    open_clip_pretrained: str
+    timm_vision: str  # the same vision tower as a timm model name
+    language_model: str  # hub id of the joint encoder's starting point
+    lm_layers: int
+    n_queries: int = 64
+    mlp_dim: int = 8192
+    lm_width: int = 384
+
+
+PAPER_ARCHITECTURES = {
+    "edje-siglip2-l16-384": PaperArchitecture("ViT-L-16-SigLIP2-384", "webli", "vit_large_patch16_siglip_384",
+                                              "microsoft/MiniLM-L12-H384-uncased", 12),
+    "edje-siglip2-b16-256": PaperArchitecture("ViT-B-16-SigLIP2-256", "webli", "vit_base_patch16_siglip_256",
+                                              "microsoft/MiniLM-L12-H384-uncased", 12),
+}
+
+
+def _paper(name: str) -> Callable[[], EdjeModel]:
+    arch = PAPER_ARCHITECTURES[name]
+
+    def load() -> EdjeModel:
+        path = model_home() / name
+        if is_model_dir(path):
+            return EdjeModel.from_pretrained(path)
+        raise ModelNotAvailable(
+            f"model '{name}' is not on this machine (looked in {path}). With network access, convert the "
+            f"released EDJE checkpoint: `edje-search convert-official CKPT --vision-model SIGLIP_DIR "
+            f"--language-model MINILM_DIR --out {path}` (SIGLIP_DIR/MINILM_DIR: local copies of the hub models "
+            f"of the checkpoint, e.g. {arch.language_model}), or pass --model DIR")
+    return load
+
+
 register(Recipe("tiny-random", "tiny random model of the full architecture (tests; no training)",
                 lambda: build_tiny_model(0)))
 register(Recipe("edje-demo", "small model trained offline by `make demo` on generated scenes",
                 _trained("edje-demo")))
+register(Recipe("edje-siglip2-l16-384", "paper: SigLIP2 ViT-L/16-384 + MiniLM-L12, 64 tokens x 384 (49,152 B/image)",
+                _paper("edje-siglip2-l16-384")))
+register(Recipe("edje-siglip2-b16-256", "CPU-friendlier: SigLIP2 ViT-B/16-256 + MiniLM-L12, 64 tokens x 384",
+                _paper("edje-siglip2-b16-256")))
 
 
 def list_recipes() -> list[Recipe]:

@@ -98,12 +98,18 @@ class IndexStore:
             raise IndexError_(f"no index at {directory} (build one with `edje-search build-index`)")
         if not (directory / CONFIG_FILE).is_file():
             raise IndexError_(f"{directory} is not an edje-search index (no {CONFIG_FILE})")
-        try:
-            config = load_config(IndexConfig, directory / CONFIG_FILE)
-            state = json.loads((directory / STATE_FILE).read_text())
-            store = cls(directory, config, int(state["generation"]), int(state["n_rows"]), mode=mode)
-        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
-            raise IndexError_(f"index at {directory} is corrupt: {e}") from e
+        for attempt in range(5):
+            try:
+                config = load_config(IndexConfig, directory / CONFIG_FILE)
+                state = json.loads((directory / STATE_FILE).read_text())
+                store = cls(directory, config, int(state["generation"]), int(state["n_rows"]), mode=mode)
+                break
+            except FileNotFoundError as e:
+                # a writer committed between our reading state.json and opening its files: retry
+                if attempt == 4:
+                    raise IndexError_(f"index at {directory} is incomplete: {e}") from e
+            except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+                raise IndexError_(f"index at {directory} is corrupt: {e}") from e
         if mode != "r":
             store.tokens.truncate(store.n_rows)  # drop rows of an interrupted commit
             store._vectors.truncate(store.n_rows)
@@ -129,6 +135,37 @@ class IndexStore:
     def vectors(self, rows) -> np.ndarray:
         """First-stage embeddings (k, E) of the given rows."""
         return self._vectors.get(rows)[:, 0]
+
+    def verify(self) -> list[str]:
+        """Check that manifest, FAISS ids and arrays agree; returns the problems found (empty = healthy)."""
+        problems = []
+        rows = [e.row for e in self.entries]
+        if len(set(rows)) != len(rows):
+            problems.append("manifest lists a row more than once")
+        paths = [e.path for e in self.entries]
+        if len(set(paths)) != len(paths):
+            problems.append("manifest lists a path more than once")
+        if rows and (min(rows) < 0 or max(rows) >= self.n_rows):
+            problems.append(f"manifest rows outside the committed range [0, {self.n_rows})")
+        if len(self.tokens) < self.n_rows:
+            problems.append(f"token store has {len(self.tokens)} rows, {self.n_rows} committed")
+        if len(self._vectors) < self.n_rows:
+            problems.append(f"vector store has {len(self._vectors)} rows, {self.n_rows} committed")
+        if self.faiss.ntotal != len(self.entries):
+            problems.append(f"FAISS holds {self.faiss.ntotal} vectors, manifest {len(self.entries)} images")
+        elif self.entries:
+            import faiss
+
+            ids = faiss.vector_to_array(self.faiss.id_map)
+            if set(ids.tolist()) != set(rows):
+                problems.append("FAISS ids differ from manifest rows")
+            else:
+                live = np.array(rows[: min(len(rows), 256)])
+                stored = self.vectors(live)
+                indexed = np.stack([self.faiss.reconstruct(int(r)) for r in live])
+                if not np.allclose(stored, indexed, atol=1e-4):
+                    problems.append("FAISS vectors differ from the stored embeddings")
+        return problems
 
     # ------------------------------------------------------------------------------ committing
     def commit(self, new_paths: list[str], new_hashes: list[str], vectors: np.ndarray,

@@ -65,5 +65,7 @@ def main() -> None:
     cli(prog_name="edje-search")
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # `python -m edje_search_cli.main`: use the package's module, not __main__
+    from edje_search_cli.main import main as _main
+
+    _main()

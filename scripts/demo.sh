@@ -21,7 +21,7 @@ stamp() { echo "[demo $(( $(date +%s) - start ))s] $*"; }
 
 if [ ! -f "$DATA/test.json" ]; then
   stamp "rendering the shapes data set"
-  $ES make-dataset "$DATA" --train "$TRAIN_IMAGES" --val 300 --test 1000 --image-size 48
+  $ES make-dataset "$DATA" --train "$TRAIN_IMAGES" --val 200 --test 1000 --image-size 48
 fi
 if [ ! -f "$RUN/first/first_stage/first_stage.json" ]; then
   stamp "training the first stage (ViT vs locked MiniLM-L6)"

@@ -111,9 +111,18 @@ class IndexStore:
             except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
                 raise IndexError_(f"index at {directory} is corrupt: {e}") from e
         if mode != "r":
-            store.tokens.truncate(store.n_rows)  # drop rows of an interrupted commit
-            store._vectors.truncate(store.n_rows)
+            store._recover()
         return store
+
+    def _recover(self) -> None:
+        """Undo what an interrupted commit left behind: rows past the commit, orphan generations."""
+        self.tokens.truncate(self.n_rows)
+        self._vectors.truncate(self.n_rows)
+        keep = {self._faiss_path(self.generation).name, self._manifest_path(self.generation).name}
+        for pattern in ("faiss-*.index*", "manifest-*.jsonl*", "*.tmp"):
+            for p in self.directory.glob(pattern):
+                if p.name not in keep:
+                    p.unlink(missing_ok=True)
 
     # -------------------------------------------------------------------------------- reading
     def _faiss_path(self, generation: int) -> Path:

@@ -15,7 +15,7 @@ def _write_skipped(index_dir: Path, skipped: list[tuple[str, str]]) -> Path:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         for p, reason in skipped:
-            f.write(json.dumps({"path": p, "reason": reason}, ensure_ascii=False) + "\n")
+            f.write(json.dumps({"path": p, "reason": reason}) + "\n")
     tmp.replace(path)
     return path
 

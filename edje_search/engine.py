@@ -51,6 +51,14 @@ class BuildReport:
                 f"{len(self.skipped)} skipped")
 
 
+def _file_stat(path: str) -> tuple[int, int]:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return (-1, -1)
+    return (st.st_size, st.st_mtime_ns)
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -138,12 +146,13 @@ class Engine:
         if not batches and not removed_rows:
             return 0
         paths = [p for b in batches for p in b.paths]
+        stats = [_file_stat(p) for p in paths]
         hashes = [h for b in batches for h in b.hashes]
         dim = self.store.config.dim
         vectors = np.concatenate([b.vectors for b in batches]) if batches else np.zeros((0, dim), np.float32)
         tokens = np.concatenate([b.tokens for b in batches]) if batches else np.zeros(
             (0, self.store.config.tokens_per_image, self.store.config.token_width), self.store.config.token_dtype)
-        self.store.commit(paths, hashes, vectors, tokens, removed_rows=removed_rows)
+        self.store.commit(paths, hashes, vectors, tokens, removed_rows=removed_rows, new_stats=stats)
         return len(paths)
 
     def remove(self, paths: Iterable[str | Path]) -> int:
@@ -155,15 +164,17 @@ class Engine:
         return len(rows)
 
     def sync(self, root: str | Path, **kwargs) -> BuildReport:
-        """Make the index mirror the images under ``root``: add new files, drop deleted ones."""
+        """Make the index mirror the images under ``root``: add new files, re-embed changed ones
+        (size or modification time differ), drop deleted ones."""
         root_abs = os.path.abspath(root)
         found = [os.path.abspath(p) for p in iter_image_files(root)]
         found_set = set(found)
         prefix = root_abs.rstrip(os.sep) + os.sep
-        gone = [e.path for e in self.store.entries
-                if (e.path.startswith(prefix) or e.path == root_abs) and e.path not in found_set]
+        indexed = {e.path: e for e in self.store.entries}
+        gone = [p for p in indexed if (p.startswith(prefix) or p == root_abs) and p not in found_set]
+        changed = [p for p in found if p in indexed and _file_stat(p) != (indexed[p].size, indexed[p].mtime_ns)]
         report = BuildReport()
-        report.removed = self.remove(gone)
+        report.removed = self.remove(gone + changed) - len(changed)
         return self.add(found, report=report, **kwargs)
 
     # -------------------------------------------------------------------------------- search

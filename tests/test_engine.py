@@ -108,3 +108,18 @@ def test_unreadable_files_are_skipped_with_reason(built_index, tmp_path):
     reasons = dict(report.skipped)
     assert report.added == 0 and set(reasons) == {str(folder / "empty.png"), str(folder / "text.jpg")}
     assert "empty" in reasons[str(folder / "empty.png")]
+
+
+def test_sync_re_embeds_changed_files(built_index, shapes_dir, tmp_path):
+    folder = tmp_path / "photos"
+    shutil.copytree(shapes_dir / "val", folder)
+    engine = Engine.from_pretrained(built_index, writable=True)
+    engine.sync(folder, num_workers=0, progress=False)
+    target = folder / "000001.png"
+    old = {e.path: e for e in engine.store.entries}[str(target)]
+    shutil.copyfile(shapes_dir / "test" / "000005.png", target)  # new content under the same name
+    report = engine.sync(folder, num_workers=0, progress=False)
+    assert (report.added, report.removed, report.unchanged) == (1, 0, 7)
+    new = {e.path: e for e in engine.store.entries}[str(target)]
+    assert new.sha256 != old.sha256 and new.row != old.row
+    assert engine.store.verify() == []

@@ -41,6 +41,8 @@ class ManifestEntry:
     row: int
     path: str
     sha256: str
+    size: int = -1  # file size and mtime when indexed: a cheap "has it changed?" check
+    mtime_ns: int = -1
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -178,8 +180,12 @@ class IndexStore:
 
     # ------------------------------------------------------------------------------ committing
     def commit(self, new_paths: list[str], new_hashes: list[str], vectors: np.ndarray,
-               tokens: np.ndarray, removed_rows: Iterable[int] = ()) -> None:
-        """Append rows for ``new_paths`` and drop ``removed_rows``, atomically."""
+               tokens: np.ndarray, removed_rows: Iterable[int] = (),
+               new_stats: list[tuple[int, int]] | None = None) -> None:
+        """Append rows for ``new_paths`` and drop ``removed_rows``, atomically.
+
+        ``new_stats`` gives (size, mtime_ns) per new path, used to notice changed files later.
+        """
         if self.mode == "r":
             raise IndexError_("index opened read-only")
         removed = set(int(r) for r in removed_rows)
@@ -199,11 +205,13 @@ class IndexStore:
                                      all_vectors=None if self.faiss.is_trained else
                                      np.concatenate([self.vectors(live), vectors]) if live else vectors)
         entries = [e for e in self.entries if e.row not in removed]
-        entries += [ManifestEntry(int(r), p, h) for r, p, h in zip(rows, new_paths, new_hashes)]
+        stats = new_stats or [(-1, -1)] * b
+        entries += [ManifestEntry(int(r), p, h, int(st[0]), int(st[1]))
+                    for r, p, h, st in zip(rows, new_paths, new_hashes, stats)]
         gen = self.generation + 1
         vector_index.write_index(self.faiss, self._faiss_path(gen))
         _atomic_write_text(self._manifest_path(gen),
-                           "".join(json.dumps(dataclasses.asdict(e), ensure_ascii=False) + "\n" for e in entries))
+                           "".join(json.dumps(dataclasses.asdict(e)) + "\n" for e in entries))
         _atomic_write_text(self.directory / STATE_FILE,
                            json.dumps({"generation": gen, "n_rows": start + b}) + "\n")
         _fsync_dir(self.directory)

@@ -66,6 +66,10 @@ def default_device() -> torch.device:
 def _check_query(text: str) -> str:
     if not isinstance(text, str) or not text.strip():
         raise ValueError("empty query: give some text to search for")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError("query is not valid UTF-8 text") from e
     if len(text) > MAX_QUERY_CHARS:
         raise ValueError(f"query too long ({len(text)} characters; the limit is {MAX_QUERY_CHARS})")
     return text
@@ -114,6 +118,18 @@ class Engine:
                 f"use that model or rebuild the index")
         model.to(device or default_device()).eval()
         return cls(store, model)
+
+    def refresh(self) -> bool:
+        """Pick up commits made by another writer since this engine opened; True if it changed.
+
+        A reader switches generations as a whole (manifest, FAISS file and row count together),
+        so a search sees the old state or the new one, never a mix.
+        """
+        state = IndexStore.read_state(self.store.directory)
+        if state["generation"] == self.store.generation:
+            return False
+        self.store = IndexStore.open(self.store.directory, mode=self.store.mode)
+        return True
 
     # ------------------------------------------------------------------------------- indexing
     def add(self, paths: Iterable[str | Path], *, batch_size: int = 32, num_workers: int = 2,

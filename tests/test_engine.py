@@ -123,3 +123,45 @@ def test_sync_re_embeds_changed_files(built_index, shapes_dir, tmp_path):
     new = {e.path: e for e in engine.store.entries}[str(target)]
     assert new.sha256 != old.sha256 and new.row != old.row
     assert engine.store.verify() == []
+
+
+def test_reader_during_writes_sees_whole_generations(built_index, shapes_dir, tmp_path):
+    import threading
+
+    folder = tmp_path / "more"
+    shutil.copytree(shapes_dir / "train", folder)
+    reader = Engine.from_pretrained(built_index)
+    writer = Engine.from_pretrained(built_index, writable=True)
+    sizes_seen, errors = set(), []
+    stop = threading.Event()
+
+    def read_loop():
+        while not stop.is_set():
+            try:
+                reader.refresh()
+                store = reader.store
+                live = {e.path for e in store.entries}
+                hits = reader.search("a small red circle", k=5, rerank_k=5)
+                assert {h.path for h in hits} <= live
+                assert store.faiss.ntotal == len(store.entries)
+                sizes_seen.add(len(store.entries))
+            except Exception as e:  # noqa: BLE001 - collected and re-raised in the test thread
+                errors.append(e)
+                return
+
+    t = threading.Thread(target=read_loop)
+    t.start()
+    writer.add(sorted(str(p) for p in folder.glob("*.png")), num_workers=0, progress=False, commit_every=8,
+               batch_size=8)
+    stop.set()
+    t.join()
+    assert not errors, errors[0]
+    reader.refresh()
+    assert len(reader.store) == 40 + 48
+    assert sizes_seen <= {40 + 8 * i for i in range(7)}  # only ever whole commits
+
+
+def test_non_utf8_query_is_rejected(built_index):
+    engine = Engine.from_pretrained(built_index)
+    with pytest.raises(ValueError, match="UTF-8"):
+        engine.search("caf\udce9")

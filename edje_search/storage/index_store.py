@@ -126,6 +126,10 @@ class IndexStore:
                 if p.name not in keep:
                     p.unlink(missing_ok=True)
 
+    @staticmethod
+    def read_state(directory: str | Path) -> dict:
+        return json.loads((Path(directory) / STATE_FILE).read_text())
+
     # -------------------------------------------------------------------------------- reading
     def _faiss_path(self, generation: int) -> Path:
         return self.directory / f"faiss-{generation}.index"

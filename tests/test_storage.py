@@ -109,3 +109,19 @@ def test_verify_reports_agreement_and_disagreement(tmp_path):
     broken = IndexStore.open(tmp_path / "i")
     broken.faiss.remove_ids(np.array([2], dtype=np.int64))
     assert any("FAISS holds 4" in p for p in broken.verify())
+
+
+@pytest.mark.parametrize("factory", ["Flat", "HNSW16,Flat", "IVF4,Flat"])
+def test_removal_works_for_every_recipe(tmp_path, factory):
+    rng = np.random.default_rng(4)
+    store = IndexStore.create(tmp_path / "i", _config(factory=factory))
+    v = rng.standard_normal((40, 8)).astype(np.float32)
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    t = rng.standard_normal((40, 2, 4)).astype(np.float16)
+    store.commit([f"/p{i}" for i in range(40)], ["h"] * 40, v, t)
+    store.commit([], [], v[:0], t[:0], removed_rows=[0, 5, 7])
+    again = IndexStore.open(tmp_path / "i")
+    assert again.faiss.ntotal == 37 and len(again) == 37
+    assert again.verify() == []
+    _, rows = vector_index.search(again.faiss, v[5:6], 37)
+    assert 5 not in rows[0].tolist() and 0 not in rows[0].tolist()

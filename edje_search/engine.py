@@ -44,11 +44,12 @@ class BuildReport:
     added: int = 0
     unchanged: int = 0
     removed: int = 0
+    duplicates: int = 0  # added by copying the rows of identical content, without a model pass
     skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)
 
     def summary(self) -> str:
-        return (f"{self.added} added, {self.unchanged} unchanged, {self.removed} removed, "
-                f"{len(self.skipped)} skipped")
+        return (f"{self.added} added ({self.duplicates} duplicates of indexed content), {self.unchanged} unchanged, "
+                f"{self.removed} removed, {len(self.skipped)} skipped")
 
 
 def _file_stat(path: str) -> tuple[int, int]:
@@ -146,9 +147,18 @@ class Engine:
                 todo.append(p)
         pending: list = []
         n_pending = 0
+        row_of_hash = {e.sha256: e.row for e in self.store.entries}
         for batch in embed_files(self.model, todo, batch_size=batch_size, num_workers=num_workers,
-                                 token_dtype=self.store.config.token_dtype, progress=progress):
+                                 token_dtype=self.store.config.token_dtype, progress=progress,
+                                 known_hashes=frozenset(row_of_hash)):
             report.skipped.extend(batch.failed)
+            if batch.duplicates:  # same content as an indexed file: copy its rows, no model pass
+                report.duplicates += len(batch.duplicates)
+                rows = [row_of_hash[h] for _, h in batch.duplicates]
+                batch.paths += [p for p, _ in batch.duplicates]
+                batch.hashes += [h for _, h in batch.duplicates]
+                batch.vectors = np.concatenate([batch.vectors, self.store.vectors(rows)])
+                batch.tokens = np.concatenate([batch.tokens, self.store.tokens.get(rows)])
             if batch.paths:
                 pending.append(batch)
                 n_pending += len(batch.paths)

@@ -93,9 +93,11 @@ def decode_image(data: bytes) -> Image.Image:
 class ImageFileDataset(torch.utils.data.Dataset):
     """Paths -> dicts with index, sha256 and a preprocessed tensor, or a skip reason."""
 
-    def __init__(self, paths: list[str], transform: Callable[[Image.Image], torch.Tensor]):
+    def __init__(self, paths: list[str], transform: Callable[[Image.Image], torch.Tensor],
+                 known_hashes: frozenset[str] = frozenset()):
         self.paths = paths
         self.transform = transform
+        self.known_hashes = known_hashes  # content already embedded: hash only, no decoding
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -106,16 +108,20 @@ class ImageFileDataset(torch.utils.data.Dataset):
             with open(path, "rb") as f:
                 data = f.read()
             sha = file_sha256(data)
+            if sha in self.known_hashes:
+                return {"index": i, "sha256": sha, "pixels": None, "error": None, "duplicate": True}
             pixels = self.transform(decode_image(data))
-            return {"index": i, "sha256": sha, "pixels": pixels, "error": None}
+            return {"index": i, "sha256": sha, "pixels": pixels, "error": None, "duplicate": False}
         except (OSError, ValueError) as e:
-            return {"index": i, "sha256": None, "pixels": None, "error": str(e) or type(e).__name__}
+            return {"index": i, "sha256": None, "pixels": None, "error": str(e) or type(e).__name__,
+                    "duplicate": False}
 
 
 def collate_images(items: list[dict]) -> dict:
     """Stack the good images; keep the failures aside with their reasons."""
-    good = [it for it in items if it["error"] is None]
+    good = [it for it in items if it["error"] is None and not it["duplicate"]]
     return {
+        "duplicates": [(it["index"], it["sha256"]) for it in items if it["duplicate"]],
         "index": [it["index"] for it in good],
         "sha256": [it["sha256"] for it in good],
         "pixels": torch.stack([it["pixels"] for it in good]) if good else None,
@@ -123,9 +129,10 @@ def collate_images(items: list[dict]) -> dict:
     }
 
 
-def image_loader(paths: list[str], transform, batch_size: int, num_workers: int) -> torch.utils.data.DataLoader:
+def image_loader(paths: list[str], transform, batch_size: int, num_workers: int,
+                 known_hashes: frozenset[str] = frozenset()) -> torch.utils.data.DataLoader:
     return torch.utils.data.DataLoader(
-        ImageFileDataset(paths, transform), batch_size=batch_size, num_workers=num_workers,
+        ImageFileDataset(paths, transform, known_hashes), batch_size=batch_size, num_workers=num_workers,
         collate_fn=collate_images, shuffle=False,
         persistent_workers=False, prefetch_factor=4 if num_workers > 0 else None,
     )

@@ -23,26 +23,30 @@ class EmbeddedBatch:
     vectors: np.ndarray  # (b, E) float32, L2-normalised
     tokens: np.ndarray  # (b, m, d) in the store's dtype
     failed: list[tuple[str, str]]  # (path, reason)
+    duplicates: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (path, sha256) already embedded
 
 
 def embed_files(model: EdjeModel, paths: list[str], *, batch_size: int = 32, num_workers: int = 2,
-                token_dtype: str = "float16", progress: bool = True) -> Iterator[EmbeddedBatch]:
-    """Decode and embed ``paths`` in order; unreadable files come back in ``failed``."""
-    loader = image_loader(paths, model.first_stage.preprocess, batch_size, num_workers)
+                token_dtype: str = "float16", progress: bool = True,
+                known_hashes: frozenset[str] = frozenset()) -> Iterator[EmbeddedBatch]:
+    """Decode and embed ``paths`` in order; unreadable files come back in ``failed``, files whose
+    content hash is in ``known_hashes`` come back in ``duplicates`` without running the model."""
+    loader = image_loader(paths, model.first_stage.preprocess, batch_size, num_workers, known_hashes)
     bar = tqdm(total=len(paths), unit="img", desc="indexing", disable=not progress, dynamic_ncols=True)
     try:
         for batch in loader:
             failed = [(paths[i], reason) for i, reason in batch["failed"]]
+            dups = [(paths[i], sha) for i, sha in batch["duplicates"]]
             if batch["pixels"] is None:
                 yield EmbeddedBatch([], [], np.zeros((0, model.first_stage.embed_dim), np.float32),
                                     np.zeros((0, model.reranker.config.tokens_per_image, model.reranker.token_width),
-                                             token_dtype), failed)
+                                             token_dtype), failed, dups)
             else:
                 with torch.inference_mode():
                     vectors, tokens = model.embed_images(batch["pixels"])
                 yield EmbeddedBatch([paths[i] for i in batch["index"]], batch["sha256"],
                                     vectors.cpu().numpy().astype(np.float32),
-                                    tokens.cpu().numpy().astype(token_dtype), failed)
-            bar.update(len(batch["index"]) + len(failed))
+                                    tokens.cpu().numpy().astype(token_dtype), failed, dups)
+            bar.update(len(batch["index"]) + len(failed) + len(dups))
     finally:
         bar.close()

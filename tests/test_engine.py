@@ -165,3 +165,17 @@ def test_non_utf8_query_is_rejected(built_index):
     engine = Engine.from_pretrained(built_index)
     with pytest.raises(ValueError, match="UTF-8"):
         engine.search("caf\udce9")
+
+
+def test_duplicate_content_is_not_embedded_again(built_index, shapes_dir, tmp_path):
+    folder = tmp_path / "copies"
+    folder.mkdir()
+    for name in ("000000.png", "000001.png"):
+        shutil.copyfile(shapes_dir / "test" / name, folder / f"copy-{name}")
+    engine = Engine.from_pretrained(built_index, writable=True)
+    report = engine.add(sorted(str(p) for p in folder.iterdir()), num_workers=0, progress=False)
+    assert (report.added, report.duplicates) == (2, 2)
+    by_path = {e.path: e.row for e in engine.store.entries}
+    src, dup = by_path[str(shapes_dir / "test" / "000001.png")], by_path[str(folder / "copy-000001.png")]
+    assert np.array_equal(engine.store.tokens.get([src]), engine.store.tokens.get([dup]))
+    assert engine.store.verify() == []

@@ -125,3 +125,16 @@ def test_removal_works_for_every_recipe(tmp_path, factory):
     assert again.verify() == []
     _, rows = vector_index.search(again.faiss, v[5:6], 37)
     assert 5 not in rows[0].tolist() and 0 not in rows[0].tolist()
+
+
+def test_raw_gather_equals_zarr_gather(tmp_path):
+    rng = np.random.default_rng(5)
+    data = rng.standard_normal((50, 3, 5)).astype(np.float16)
+    store = ZarrTokenStore.create(tmp_path / "t.zarr", 3, 5, chunk_rows=7)
+    store.write(0, data)
+    store = ZarrTokenStore.open(tmp_path / "t.zarr")
+    assert store._raw_layout
+    rows = rng.integers(0, 50, 30)
+    assert np.array_equal(store._gather_raw(rows), data[rows])
+    store._raw_layout = False
+    assert np.array_equal(store.get(rows), data[rows])

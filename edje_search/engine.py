@@ -189,19 +189,38 @@ class Engine:
             self._commit([], removed_rows=rows)
         return len(rows)
 
-    def sync(self, root: str | Path, **kwargs) -> BuildReport:
+    def sync(self, root: str | Path, *, chunk_files: int = 4096, **kwargs) -> BuildReport:
         """Make the index mirror the images under ``root``: add new files, re-embed changed ones
-        (size or modification time differ), drop deleted ones."""
+        (size or modification time differ), drop deleted ones.
+
+        The folder is walked as a stream and processed ``chunk_files`` paths at a time, so work
+        starts at once on very large folders; deletions are applied once the walk has ended.
+        """
         root_abs = os.path.abspath(root)
-        found = [os.path.abspath(p) for p in iter_image_files(root)]
-        found_set = set(found)
         prefix = root_abs.rstrip(os.sep) + os.sep
-        indexed = {e.path: e for e in self.store.entries}
-        gone = [p for p in indexed if (p.startswith(prefix) or p == root_abs) and p not in found_set]
-        changed = [p for p in found if p in indexed and _file_stat(p) != (indexed[p].size, indexed[p].mtime_ns)]
         report = BuildReport()
-        report.removed = self.remove(gone + changed) - len(changed)
-        return self.add(found, report=report, **kwargs)
+        seen: set[str] = set()
+        chunk: list[str] = []
+
+        def flush() -> None:
+            indexed = {e.path: e for e in self.store.entries}
+            changed = [p for p in chunk if p in indexed and _file_stat(p) != (indexed[p].size, indexed[p].mtime_ns)]
+            if changed:
+                self.remove(changed)
+            self.add(chunk, report=report, **kwargs)
+            chunk.clear()
+
+        for path in iter_image_files(root):
+            p = os.path.abspath(path)
+            seen.add(p)
+            chunk.append(p)
+            if len(chunk) >= chunk_files:
+                flush()
+        flush()
+        gone = [e.path for e in self.store.entries
+                if (e.path.startswith(prefix) or e.path == root_abs) and e.path not in seen]
+        report.removed = self.remove(gone)
+        return report
 
     # -------------------------------------------------------------------------------- search
     def search(self, query: str, *, k: int = 10, rerank_k: int = 50, batch_size: int = 64) -> list[Hit]:

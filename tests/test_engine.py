@@ -179,3 +179,15 @@ def test_duplicate_content_is_not_embedded_again(built_index, shapes_dir, tmp_pa
     src, dup = by_path[str(shapes_dir / "test" / "000001.png")], by_path[str(folder / "copy-000001.png")]
     assert np.array_equal(engine.store.tokens.get([src]), engine.store.tokens.get([dup]))
     assert engine.store.verify() == []
+
+
+def test_sync_streams_in_chunks(built_index, shapes_dir, tmp_path):
+    folder = tmp_path / "stream"
+    shutil.copytree(shapes_dir / "val", folder)
+    engine = Engine.from_pretrained(built_index, writable=True)
+    report = engine.sync(folder, chunk_files=3, num_workers=0, progress=False)
+    assert report.added == 8
+    (folder / "000000.png").unlink()
+    report = engine.sync(folder, chunk_files=3, num_workers=0, progress=False)
+    assert (report.added, report.removed, report.unchanged) == (0, 1, 7)
+    assert engine.store.verify() == []

@@ -15,8 +15,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .data.annotations import CaptionSet
-from .images import image_loader
 from .models.bundle import EdjeModel
+from .pipeline import encode_image_files
 from .training.common import autocast
 
 KS = (1, 5, 10)
@@ -58,17 +58,10 @@ class EncodedSet:
 @torch.no_grad()
 def encode_set(model: EdjeModel, data: CaptionSet, batch_size: int = 64, num_workers: int = 1,
                progress: bool = True) -> EncodedSet:
-    fs = model.first_stage
-    embs, toks = [], []
-    loader = image_loader([str(p) for p in data.images], fs.preprocess, batch_size, num_workers)
-    for batch in tqdm(loader, desc="encoding images", disable=not progress):
-        if batch["failed"]:
-            raise ValueError(f"unreadable evaluation image: {data.images[batch['failed'][0][0]]}")
-        e, t = fs.encode_image(batch["pixels"].to(model.device))
-        embs.append(e.float().cpu())
-        toks.append(t.half().cpu())
+    image_emb, vision_tokens = encode_image_files(model.first_stage, data.images, batch_size=batch_size,
+                                                  num_workers=num_workers, progress=progress)
     texts = [model.embed_texts(data.captions[s:s + 256]).cpu() for s in range(0, len(data.captions), 256)]
-    return EncodedSet(torch.cat(embs), torch.cat(toks), torch.cat(texts))
+    return EncodedSet(image_emb, vision_tokens, torch.cat(texts))
 
 
 @torch.no_grad()

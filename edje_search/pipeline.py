@@ -16,6 +16,26 @@ from .images import image_loader
 from .models.bundle import EdjeModel
 
 
+@torch.no_grad()
+def encode_image_files(first_stage, paths: list, *, batch_size: int = 64, num_workers: int = 1,
+                       progress: bool = True, desc: str = "encoding images") -> tuple[torch.Tensor, torch.Tensor]:
+    """First-stage pass over image files that must all be readable (training and evaluation sets).
+
+    Returns (normalised embeddings (N, E) float32, vision tokens (N, n, D_v) float16), on CPU.
+    """
+    device = next(first_stage.parameters()).device
+    embs, toks = [], []
+    loader = image_loader([str(p) for p in paths], first_stage.preprocess, batch_size, num_workers)
+    for batch in tqdm(loader, desc=desc, disable=not progress, unit="batch"):
+        if batch["failed"]:
+            index, reason = batch["failed"][0]
+            raise ValueError(f"unreadable image: {paths[index]}: {reason}")
+        e, t = first_stage.encode_image(batch["pixels"].to(device))
+        embs.append(e.float().cpu())
+        toks.append(t.half().cpu())
+    return torch.cat(embs), torch.cat(toks)
+
+
 @dataclasses.dataclass
 class EmbeddedBatch:
     paths: list[str]

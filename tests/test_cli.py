@@ -60,3 +60,17 @@ def test_errors_are_one_line_with_nonzero_exit(built_index, tmp_path, args, need
 def test_models_lists_recipes():
     out = json.loads(run("models", "--json").stdout)
     assert {"tiny-random", "edje-demo"} <= {m["name"] for m in out}
+
+
+def test_eval_end_to_end(tiny_model_dir, shapes_dir, tmp_path):
+    out = tmp_path / "res.json"
+    res = json.loads(run("eval", "--data", shapes_dir / "test.json", "--model", tiny_model_dir, "--rerank-k", "10",
+                         "--out", out, "--json").stdout)
+    assert json.loads(out.read_text())["rows"] == res["rows"]
+    assert (res["n_images"], res["n_captions"]) == (40, 80)
+    first, reranked = res["rows"]
+    assert first["name"] == "first stage" and reranked["variant"] == "compressed"
+    for direction in ("t2i", "i2t"):
+        # reordering inside the top 10 cannot change whether the target is in the top 10
+        assert reranked[direction]["R@10"] == first[direction]["R@10"]
+        assert all(0 <= v <= 100 for v in reranked[direction].values())

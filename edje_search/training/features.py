@@ -8,8 +8,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data.annotations import CaptionSet
-from ..images import image_loader
 from ..models.first_stage import FirstStage
+from ..pipeline import encode_image_files
 from .common import save_checkpoint
 
 
@@ -30,21 +30,14 @@ def compute_features(first_stage: FirstStage, data: CaptionSet, *, cache: Path |
         saved = torch.load(cache, map_location="cpu", weights_only=False)
         if saved.get("key") == key:
             return TrainFeatures(saved["image_emb"], saved["vision_tokens"], saved["text_emb"])
-    device = next(first_stage.parameters()).device
-    embs, toks = [], []
-    loader = image_loader([str(p) for p in data.images], first_stage.preprocess, batch_size, num_workers)
-    for batch in tqdm(loader, desc="first-stage features", disable=not progress, unit="batch"):
-        if batch["failed"]:
-            path, reason = data.images[batch["failed"][0][0]], batch["failed"][0][1]
-            raise ValueError(f"training image unreadable: {path}: {reason}")
-        e, t = first_stage.encode_image(batch["pixels"].to(device))
-        embs.append(e.float().cpu())
-        toks.append(t.half().cpu())
+    image_emb, vision_tokens = encode_image_files(first_stage, data.images, batch_size=batch_size,
+                                                  num_workers=num_workers, progress=progress,
+                                                  desc="first-stage features")
     unique = sorted(set(data.captions))
     where = {c: i for i, c in enumerate(unique)}
     text = torch.cat([first_stage.encode_text(unique[s:s + 512]).float().cpu()
                       for s in tqdm(range(0, len(unique), 512), desc="caption features", disable=not progress)])
-    feats = TrainFeatures(torch.cat(embs), torch.cat(toks), text[torch.tensor([where[c] for c in data.captions])])
+    feats = TrainFeatures(image_emb, vision_tokens, text[torch.tensor([where[c] for c in data.captions])])
     if cache is not None:
         save_checkpoint(cache, key=key, **dataclasses.asdict(feats))
     return feats

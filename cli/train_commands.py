@@ -140,7 +140,7 @@ def eval_cmd(annotations, image_root, models, rerank_k, precision, batch_size, o
     """Recall@1/5/10, text-to-image and image-to-text, first stage vs reranked."""
     from edje_search import load_model
     from edje_search.evaluation import evaluate, format_table, load_eval_set
-    from edje_search.training.common import pick_device
+    from edje_search.devices import pick_device
 
     data = load_eval_set(annotations, image_root)
     loaded = [load_model(m).to(pick_device()).eval() for m in models]

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from .config import IndexConfig
+from .devices import pick_device
 from .images import iter_image_files
 from .models.bundle import EdjeModel
 from .models.registry import load_model
@@ -58,10 +59,6 @@ def _file_stat(path: str) -> tuple[int, int]:
     except OSError:
         return (-1, -1)
     return (st.st_size, st.st_mtime_ns)
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _check_query(text: str) -> str:
@@ -117,7 +114,7 @@ class Engine:
                 f"index {index_dir} was built with model {store.config.model_fingerprint} "
                 f"({store.config.model_path}) but the model given is {model.fingerprint()} ({model.path}); "
                 f"use that model or rebuild the index")
-        model.to(device or default_device()).eval()
+        model.to(pick_device(device)).eval()
         return cls(store, model)
 
     def refresh(self) -> bool:

@@ -18,12 +18,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def pick_device(device: str | None = None) -> torch.device:
-    if device:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def autocast(device: torch.device, precision: str):
     """bf16 autocast on request (CPU with AVX-512 bf16 or CUDA); fp32 otherwise."""
     if precision == "bf16":

@@ -18,10 +18,11 @@ from transformers import AutoModel
 
 from ..config import FirstStageConfig
 from ..data.annotations import CaptionSet
+from ..devices import pick_device
 from ..images import decode_image
 from ..models.first_stage import FirstStage
 from ..models.registry import bundled_minilm_dir
-from .common import autocast, load_checkpoint, make_optimizer, pick_device, save_checkpoint, seed_everything
+from .common import autocast, load_checkpoint, make_optimizer, save_checkpoint, seed_everything
 
 
 @dataclasses.dataclass(frozen=True)

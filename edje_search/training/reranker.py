@@ -18,13 +18,14 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
 
 from ..data.annotations import CaptionSet
+from ..devices import pick_device
 from ..models.bundle import EdjeModel
 from ..models.first_stage import FirstStage
 from ..models.registry import build_reranker, bundled_minilm_dir
 from ..models.reranker import Reranker
 from .common import (all_gather_cat, autocast, average_gradients, broadcast_parameters, init_distributed,
                      is_main_process,
-                     load_checkpoint, make_optimizer, pick_device, save_checkpoint, seed_everything)
+                     load_checkpoint, make_optimizer, save_checkpoint, seed_everything)
 from .features import compute_features
 from .losses import distillation_loss, itm_loss, mask_caption_tokens, mlm_loss, recovery_loss
 from .mining import mine_hard_negatives

@@ -131,10 +131,18 @@ class Engine:
 
     # ------------------------------------------------------------------------------- indexing
     def add(self, paths: Iterable[str | Path], *, batch_size: int = 32, num_workers: int = 2,
-            commit_every: int = 512, progress: bool = True, report: BuildReport | None = None) -> BuildReport:
-        """Embed and commit image files (commits every ``commit_every`` images)."""
+            commit_every: int = 512, progress: bool = True, report: BuildReport | None = None,
+            removed_rows: Sequence[int] = ()) -> BuildReport:
+        """Embed and commit image files (commits every ``commit_every`` images).
+
+        ``removed_rows`` are dropped in the first commit (how changed files are replaced
+        without a commit of their own); their paths count as new.
+        """
         report = report or BuildReport()
-        known = {e.path for e in self.store.entries}
+        to_remove = list(removed_rows)
+        dropped = set(to_remove)
+        live = [e for e in self.store.entries if e.row not in dropped]
+        known = {e.path for e in live}
         todo = []
         for p in paths:
             p = os.path.abspath(p)
@@ -144,32 +152,33 @@ class Engine:
                 todo.append(p)
         pending: list = []
         n_pending = 0
-        row_of_hash = {e.sha256: e.row for e in self.store.entries}
+        row_of_hash = {e.sha256: e.row for e in live}
         for batch in embed_files(self.model, todo, batch_size=batch_size, num_workers=num_workers,
                                  token_dtype=self.store.config.token_dtype, progress=progress,
                                  known_hashes=frozenset(row_of_hash)):
             report.skipped.extend(batch.failed)
             if batch.duplicates:  # same content as an indexed file: copy its rows, no model pass
                 report.duplicates += len(batch.duplicates)
-                rows = [row_of_hash[h] for _, h in batch.duplicates]
-                batch.paths += [p for p, _ in batch.duplicates]
-                batch.hashes += [h for _, h in batch.duplicates]
+                rows = [row_of_hash[h] for _, h, _ in batch.duplicates]
+                batch.paths += [p for p, _, _ in batch.duplicates]
+                batch.hashes += [h for _, h, _ in batch.duplicates]
+                batch.stats += [st for _, _, st in batch.duplicates]
                 batch.vectors = np.concatenate([batch.vectors, self.store.vectors(rows)])
                 batch.tokens = np.concatenate([batch.tokens, self.store.tokens.get(rows)])
             if batch.paths:
                 pending.append(batch)
                 n_pending += len(batch.paths)
             if n_pending >= commit_every:
-                report.added += self._commit(pending)
-                pending, n_pending = [], 0
-        report.added += self._commit(pending)
+                report.added += self._commit(pending, to_remove)
+                pending, n_pending, to_remove = [], 0, []
+        report.added += self._commit(pending, to_remove)
         return report
 
     def _commit(self, batches: list, removed_rows: Sequence[int] = ()) -> int:
         if not batches and not removed_rows:
             return 0
         paths = [p for b in batches for p in b.paths]
-        stats = [_file_stat(p) for p in paths]
+        stats = [st for b in batches for st in b.stats]
         hashes = [h for b in batches for h in b.hashes]
         dim = self.store.config.dim
         vectors = np.concatenate([b.vectors for b in batches]) if batches else np.zeros((0, dim), np.float32)
@@ -201,10 +210,9 @@ class Engine:
 
         def flush() -> None:
             indexed = {e.path: e for e in self.store.entries}
-            changed = [p for p in chunk if p in indexed and _file_stat(p) != (indexed[p].size, indexed[p].mtime_ns)]
-            if changed:
-                self.remove(changed)
-            self.add(chunk, report=report, **kwargs)
+            changed = [indexed[p].row for p in chunk
+                       if p in indexed and _file_stat(p) != (indexed[p].size, indexed[p].mtime_ns)]
+            self.add(chunk, report=report, removed_rows=changed, **kwargs)
             chunk.clear()
 
         for path in iter_image_files(root):

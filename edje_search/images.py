@@ -106,12 +106,14 @@ class ImageFileDataset(torch.utils.data.Dataset):
         path = self.paths[i]
         try:
             with open(path, "rb") as f:
+                st = os.fstat(f.fileno())  # size and mtime of exactly the bytes we read
                 data = f.read()
             sha = file_sha256(data)
+            stat = (st.st_size, st.st_mtime_ns)
             if sha in self.known_hashes:
-                return {"index": i, "sha256": sha, "pixels": None, "error": None, "duplicate": True}
+                return {"index": i, "sha256": sha, "stat": stat, "pixels": None, "error": None, "duplicate": True}
             pixels = self.transform(decode_image(data))
-            return {"index": i, "sha256": sha, "pixels": pixels, "error": None, "duplicate": False}
+            return {"index": i, "sha256": sha, "stat": stat, "pixels": pixels, "error": None, "duplicate": False}
         except (OSError, ValueError) as e:
             return {"index": i, "sha256": None, "pixels": None, "error": str(e) or type(e).__name__,
                     "duplicate": False}
@@ -121,9 +123,10 @@ def collate_images(items: list[dict]) -> dict:
     """Stack the good images; keep the failures aside with their reasons."""
     good = [it for it in items if it["error"] is None and not it["duplicate"]]
     return {
-        "duplicates": [(it["index"], it["sha256"]) for it in items if it["duplicate"]],
+        "duplicates": [(it["index"], it["sha256"], it["stat"]) for it in items if it["duplicate"]],
         "index": [it["index"] for it in good],
         "sha256": [it["sha256"] for it in good],
+        "stat": [it["stat"] for it in good],
         "pixels": torch.stack([it["pixels"] for it in good]) if good else None,
         "failed": [(it["index"], it["error"]) for it in items if it["error"] is not None],
     }

@@ -43,7 +43,9 @@ class EmbeddedBatch:
     vectors: np.ndarray  # (b, E) float32, L2-normalised
     tokens: np.ndarray  # (b, m, d) in the store's dtype
     failed: list[tuple[str, str]]  # (path, reason)
-    duplicates: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (path, sha256) already embedded
+    # (path, sha256, (size, mtime_ns)) of files whose content is already embedded
+    duplicates: list[tuple[str, str, tuple[int, int]]] = dataclasses.field(default_factory=list)
+    stats: list[tuple[int, int]] = dataclasses.field(default_factory=list)  # (size, mtime_ns) as read, per path
 
 
 def embed_files(model: EdjeModel, paths: list[str], *, batch_size: int = 32, num_workers: int = 2,
@@ -56,7 +58,7 @@ def embed_files(model: EdjeModel, paths: list[str], *, batch_size: int = 32, num
     try:
         for batch in loader:
             failed = [(paths[i], reason) for i, reason in batch["failed"]]
-            dups = [(paths[i], sha) for i, sha in batch["duplicates"]]
+            dups = [(paths[i], sha, stat) for i, sha, stat in batch["duplicates"]]
             if batch["pixels"] is None:
                 yield EmbeddedBatch([], [], np.zeros((0, model.first_stage.embed_dim), np.float32),
                                     np.zeros((0, model.reranker.config.tokens_per_image, model.reranker.token_width),
@@ -66,7 +68,7 @@ def embed_files(model: EdjeModel, paths: list[str], *, batch_size: int = 32, num
                     vectors, tokens = model.embed_images(batch["pixels"])
                 yield EmbeddedBatch([paths[i] for i in batch["index"]], batch["sha256"],
                                     vectors.cpu().numpy().astype(np.float32),
-                                    tokens.cpu().numpy().astype(token_dtype), failed, dups)
+                                    tokens.cpu().numpy().astype(token_dtype), failed, dups, batch["stat"])
             bar.update(len(batch["index"]) + len(failed) + len(dups))
     finally:
         bar.close()

@@ -103,7 +103,7 @@ class IndexStore:
         for attempt in range(5):
             try:
                 config = load_config(IndexConfig, directory / CONFIG_FILE)
-                state = json.loads((directory / STATE_FILE).read_text())
+                state = cls.read_state(directory)
                 store = cls(directory, config, int(state["generation"]), int(state["n_rows"]), mode=mode)
                 break
             except FileNotFoundError as e:
@@ -169,10 +169,7 @@ class IndexStore:
         if self.faiss.ntotal != len(self.entries):
             problems.append(f"FAISS holds {self.faiss.ntotal} vectors, manifest {len(self.entries)} images")
         elif self.entries:
-            import faiss
-
-            ids = faiss.vector_to_array(self.faiss.id_map)
-            if set(ids.tolist()) != set(rows):
+            if set(vector_index.row_ids(self.faiss).tolist()) != set(rows):
                 problems.append("FAISS ids differ from manifest rows")
             else:
                 live = np.array(rows[: min(len(rows), 256)])

@@ -35,6 +35,11 @@ def add_vectors(index: faiss.Index, vectors: np.ndarray, rows: np.ndarray, all_v
     index.add_with_ids(vectors, np.asarray(rows, dtype=np.int64))
 
 
+def row_ids(index: faiss.Index) -> np.ndarray:
+    """The row ids held by an index made with :func:`new_index`."""
+    return faiss.vector_to_array(index.id_map)
+
+
 def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """(Q, E) queries -> (scores (Q, k), rows (Q, k)); rows are -1 where fewer than k exist."""
     configure_faiss()

@@ -54,8 +54,9 @@ def convert_official(checkpoint: str | Path, vision_model_dir: str | Path, langu
                      out_dir: str | Path, *, name: str = "edje-official", max_text_len: int = 64) -> EdjeModel:
     state = read_official_state(checkpoint)
     variant, m, mlp_dim = detect_variant(state)
-    first_stage = SiglipFirstStage.from_transformers_dir(vision_model_dir)
     clip_state = {k[len("clip."):]: v for k, v in state.items() if k.startswith("clip.")}
+    # the checkpoint's own first-stage weights win; the directory then only gives config and tokenizer
+    first_stage = SiglipFirstStage.from_transformers_dir(vision_model_dir, load_weights=not clip_state)
     if clip_state:
         first_stage.clip.load_state_dict(clip_state, strict=True)
     vis_state = {k[len("vision_encoder."):]: v for k, v in state.items() if k.startswith("vision_encoder.")}

@@ -32,10 +32,10 @@ def siglip_first_stage_config(siglip: SiglipConfig) -> FirstStageConfig:
 
 
 class SiglipFirstStage(nn.Module):
-    def __init__(self, config: FirstStageConfig, tokenizer_dir: str | Path):
+    def __init__(self, config: FirstStageConfig, tokenizer_dir: str | Path, clip: SiglipModel | None = None):
         super().__init__()
         self.config = config
-        self.clip = SiglipModel(SiglipConfig.from_dict(dict(config.model_cfg)))
+        self.clip = clip if clip is not None else SiglipModel(SiglipConfig.from_dict(dict(config.model_cfg)))
         self.tokenizer_dir = Path(tokenizer_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
         self.preprocess = open_clip.image_transform(
@@ -92,12 +92,14 @@ class SiglipFirstStage(nn.Module):
         return model.eval()
 
     @classmethod
-    def from_transformers_dir(cls, siglip_dir: str | Path) -> "SiglipFirstStage":
-        """Build from a transformers SiglipModel directory (config, weights, tokenizer)."""
-        siglip = SiglipModel.from_pretrained(str(siglip_dir))
-        model = cls(siglip_first_stage_config(siglip.config), siglip_dir)
-        model.clip.load_state_dict(siglip.state_dict())
-        return model.eval()
+    def from_transformers_dir(cls, siglip_dir: str | Path, *, load_weights: bool = True) -> "SiglipFirstStage":
+        """Build from a transformers SiglipModel directory (config, tokenizer, and its weights
+        unless ``load_weights`` is False, e.g. when a checkpoint supplies them)."""
+        if load_weights:
+            siglip = SiglipModel.from_pretrained(str(siglip_dir))
+        else:
+            siglip = SiglipModel(SiglipConfig.from_pretrained(str(siglip_dir)))
+        return cls(siglip_first_stage_config(siglip.config), siglip_dir, clip=siglip).eval()
 
 
 

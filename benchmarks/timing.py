@@ -21,12 +21,6 @@ def median_seconds(fn: Callable[[], object], *, warmup: int = 1, repeats: int = 
     return statistics.median(times)
 
 
-def percentiles_ms(samples: list[float]) -> dict[str, float]:
-    s = sorted(samples)
-    pick = lambda q: s[min(len(s) - 1, int(round(q * (len(s) - 1))))]  # noqa: E731
-    return {"p50_ms": 1000 * pick(0.5), "p95_ms": 1000 * pick(0.95)}
-
-
 def machine() -> dict:
     cpu = platform.processor() or platform.machine()
     try:

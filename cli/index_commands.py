@@ -111,6 +111,8 @@ def query(text, index_dir, k, rerank_k, model, compare, as_json):
     if rerank_k < 0:
         raise click.BadParameter("must be 0 or more", param_hint="--rerank-k")
     engine = Engine.from_pretrained(index_dir, model=model)
+    if len(engine.store) == 0:
+        raise click.ClickException(f"the index {index_dir} is empty: add images with `edje-search build-index`")
     if k > len(engine.store):
         raise click.BadParameter(f"the index holds only {len(engine.store)} images", param_hint="-k")
     results = engine.search_batch(list(text), k=k, rerank_k=rerank_k)

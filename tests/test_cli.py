@@ -57,6 +57,13 @@ def test_errors_are_one_line_with_nonzero_exit(built_index, tmp_path, args, need
     assert "Traceback" not in result.output
 
 
+def test_query_on_an_empty_index_says_so(tmp_path, tiny_model_dir):
+    (tmp_path / "empty").mkdir()
+    run("build-index", tmp_path / "empty", "--index", tmp_path / "idx", "--model", tiny_model_dir, "--no-progress")
+    result = run("query", "a cat", "--index", tmp_path / "idx", ok=False)
+    assert result.exit_code != 0 and "is empty" in result.output and "Traceback" not in result.output
+
+
 def test_models_lists_recipes():
     out = json.loads(run("models", "--json").stdout)
     assert {"tiny-random", "edje-demo"} <= {m["name"] for m in out}

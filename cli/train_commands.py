@@ -98,6 +98,9 @@ def train_first_stage_cmd(annotations, image_root, out_dir, epochs, batch_size, 
 @click.option("--grad-accum", default=1, show_default=True, help="Micro-batches per optimizer step.")
 @click.option("--lr", default=1e-4, show_default=True)
 @click.option("--weight-decay", default=0.05, show_default=True)
+@click.option("--neighbour-group", default=1, show_default=True,
+              help="Build batches from groups of N images the first stage finds close to one caption, so "
+                   "in-batch negatives are as hard as the top-k reranked at query time (1 = random batches).")
 @click.option("--w-itm", default=1.0, show_default=True, help="Weight of the matching loss.")
 @click.option("--w-mlm", default=1.0, show_default=True, help="Weight of masked-LM (0 for fine-tuning).")
 @click.option("--w-recovery", default=1.0, show_default=True, help="Weight of text-embedding recovery.")
@@ -109,7 +112,7 @@ def train_first_stage_cmd(annotations, image_root, out_dir, epochs, batch_size, 
 @click.option("--seed", default=0, show_default=True)
 def train_reranker_cmd(annotations, image_root, first_stage_dir, out_dir, variant, n_queries, mlp_dim, teacher_dir,
                        init_from, lm_dir, lm_layers, steps, batch_size, grad_accum, lr, weight_decay, w_itm, w_mlm,
-                       w_recovery, w_distill, precision, name, device, seed):
+                       w_recovery, w_distill, neighbour_group, precision, name, device, seed):
     """Train the adapter + joint encoder with ITM (hard negatives), MLM, recovery and distillation."""
     from edje_search.training.reranker import RerankerTrainConfig, train_reranker
 
@@ -117,7 +120,8 @@ def train_reranker_cmd(annotations, image_root, first_stage_dir, out_dir, varian
     cfg = RerankerTrainConfig(variant=variant, n_queries=n_queries, mlp_dim=mlp_dim, lm_layers=lm_layers,
                               steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
                               weight_decay=weight_decay, w_itm=w_itm, w_mlm=w_mlm, w_recovery=w_recovery,
-                              w_distill=w_distill if teacher_dir else 0.0, precision=precision, seed=seed)
+                              w_distill=w_distill if teacher_dir else 0.0, neighbour_group=neighbour_group,
+                              precision=precision, seed=seed)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     (Path(out_dir) / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
     train_reranker(first_stage_dir, data, out_dir, cfg, teacher_dir=teacher_dir, init_from=init_from,

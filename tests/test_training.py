@@ -15,6 +15,7 @@ from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
 from edje_search.data.annotations import read_captions
 from edje_search.models.bundle import EdjeModel
 from edje_search.models.registry import build_tiny_model, bundled_minilm_dir
+from edje_search.training.batches import PairBatches, first_stage_neighbours
 from edje_search.training.losses import (distillation_loss, itm_loss, mask_caption_tokens, mlm_loss,
                                          recovery_loss)
 from edje_search.training.mining import mine_hard_negatives
@@ -47,6 +48,36 @@ def test_mining_respects_identical_captions():
 def test_mining_needs_two_images():
     with pytest.raises(ValueError):
         mine_hard_negatives(torch.randn(2, 4), torch.randn(2, 4), torch.tensor([1, 1]))
+
+
+# ------------------------------------------------------------------------------------ batches
+def test_random_batches_hold_one_caption_per_image_and_reach_every_caption():
+    caption_image = np.repeat(np.arange(10), 2)  # 10 images, 2 captions each
+    batches = PairBatches(caption_image, size=5, seed=0)
+    drawn = [batches.next() for _ in range(40)]
+    for b in drawn:
+        assert len(set(caption_image[b])) == 5
+    assert set(np.concatenate(drawn).tolist()) == set(range(20))
+
+
+def test_neighbour_batches_group_first_stage_neighbours():
+    # 12 images on a line; caption c describes image c (one caption each); neighbours = nearest images
+    pos = torch.arange(12, dtype=torch.float32)
+    image_emb = torch.stack([torch.cos(pos / 4), torch.sin(pos / 4)], dim=1)
+    neighbours = first_stage_neighbours(image_emb, image_emb, k=4)
+    assert (neighbours[:, 0] == np.arange(12)).all()  # the closest image to caption c is its own
+    batches = PairBatches(np.arange(12), size=6, seed=1, neighbours=neighbours, group=3)
+    for _ in range(10):
+        b = batches.next()
+        assert len(b) == 6 and len(set(b.tolist())) == 6
+        for seed in b[::3]:  # each group = a seed then two of its first-stage neighbours
+            group = b[list(b).index(seed):list(b).index(seed) + 3]
+            assert all(g in neighbours[seed] for g in group[1:])
+
+
+def test_neighbour_batches_need_neighbours():
+    with pytest.raises(ValueError):
+        PairBatches(np.arange(4), size=2, seed=0, group=2)
 
 
 # ------------------------------------------------------------------------------------ losses

@@ -26,6 +26,7 @@ from ..models.reranker import Reranker
 from .common import (all_gather_cat, autocast, average_gradients, broadcast_parameters, init_distributed,
                      is_main_process,
                      load_checkpoint, make_optimizer, save_checkpoint, seed_everything)
+from .batches import PairBatches, first_stage_neighbours
 from .features import compute_features
 from .losses import distillation_loss, itm_loss, mask_caption_tokens, mlm_loss, recovery_loss
 from .mining import mine_hard_negatives
@@ -45,6 +46,7 @@ class RerankerTrainConfig:
     weight_decay: float = 0.05
     warmup_fraction: float = 0.05
     new_module_lr_scale: float = 1.0  # >1 trains the fresh adapter and heads faster (unstable above ~3)
+    neighbour_group: int = 1  # >1: batches of groups of first-stage neighbours (harder in-batch negatives)
     w_itm: float = 1.0
     w_mlm: float = 1.0
     w_recovery: float = 1.0
@@ -71,27 +73,6 @@ def new_reranker(first_stage: FirstStage, cfg: RerankerTrainConfig, lm_dir: Path
     if unexpected:
         raise ValueError(f"language model weights do not fit: unexpected {unexpected[:5]}")
     return reranker
-
-
-class _Batches:
-    """Caption indices per step, one caption per image, identical on every process (seeded)."""
-
-    def __init__(self, caption_image: np.ndarray, size: int, seed: int):
-        self.caption_image = caption_image
-        self.size = size
-        self.rng = np.random.default_rng(seed)
-        self.queue: list[int] = []
-
-    def next(self) -> np.ndarray:
-        out, seen = [], set()
-        while len(out) < self.size:
-            if not self.queue:
-                self.queue = self.rng.permutation(len(self.caption_image)).tolist()
-            c = self.queue.pop()
-            if self.caption_image[c] not in seen:
-                seen.add(self.caption_image[c])
-                out.append(c)
-        return np.array(out)
 
 
 def _special_mask(tokenizer, ids: torch.Tensor) -> torch.Tensor:
@@ -134,7 +115,10 @@ def train_reranker(first_stage_dir: str | Path, data: CaptionSet, out_dir: str |
     state_path = out_dir / "train_state.pt"
     step = 0
     state = load_checkpoint(state_path)
-    batches = _Batches(np.asarray(data.caption_image), cfg.batch_size * world, cfg.seed)
+    neighbours = (first_stage_neighbours(feats.text_emb, feats.image_emb, 4 * cfg.neighbour_group)
+                  if cfg.neighbour_group > 1 else None)
+    batches = PairBatches(np.asarray(data.caption_image), cfg.batch_size * world, cfg.seed,
+                          neighbours=neighbours, group=cfg.neighbour_group)
     if state is not None:
         reranker.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])

@@ -39,13 +39,17 @@ def _report_build(engine, report, as_json: bool) -> None:
                    "Used when creating the index; an existing index keeps its model.")
 @click.option("--factory", default="Flat", show_default=True,
               help='FAISS index-factory string for the first stage, e.g. "Flat" or "HNSW32,Flat".')
+@click.option("--token-precision", type=click.Choice(["float16", "int8"]), default="float16", show_default=True,
+              help="Storage of the reranker tokens: int8 (one scale per token) halves the bytes per image. "
+                   "Used when creating the index.")
 @click.option("--batch-size", default=32, show_default=True, help="Images per model forward pass.")
 @click.option("--workers", default=2, show_default=True, help="Image-decoding worker processes.")
 @click.option("--commit-every", default=512, show_default=True,
               help="Images per atomic commit (an interrupted build keeps what was committed).")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 @json_option
-def build_index(images_dir, index_dir, model, factory, batch_size, workers, commit_every, no_progress, as_json):
+def build_index(images_dir, index_dir, model, factory, token_precision, batch_size, workers, commit_every, no_progress,
+                as_json):
     """Index every image under IMAGES_DIR (new or changed files only on re-runs; deleted files are dropped)."""
     from edje_search import Engine, load_model
     from edje_search.storage.index_store import CONFIG_FILE
@@ -54,7 +58,7 @@ def build_index(images_dir, index_dir, model, factory, batch_size, workers, comm
     if (index_path / CONFIG_FILE).is_file():
         engine = Engine.from_pretrained(index_path, writable=True)
     else:
-        engine = Engine.create(index_path, load_model(model), factory=factory)
+        engine = Engine.create(index_path, load_model(model), factory=factory, token_dtype=token_precision)
     report = engine.sync(images_dir, batch_size=batch_size, num_workers=workers,
                          commit_every=commit_every, progress=not no_progress)
     _report_build(engine, report, as_json)

@@ -21,6 +21,7 @@ from .models.registry import load_model
 from .pipeline import embed_files
 from .storage import vector_index
 from .storage.index_store import IndexError_, IndexStore
+from .storage.token_store import bytes_per_image, working_dtype
 
 MAX_QUERY_CHARS = 2000
 
@@ -83,15 +84,16 @@ class Engine:
     # -------------------------------------------------------------------------- construction
     @classmethod
     def create(cls, index_dir: str | Path, model: EdjeModel, *, factory: str = "Flat",
-               chunk_rows: int = 16) -> "Engine":
-        """A new, empty index in ``index_dir`` for ``model`` (which must be saved somewhere)."""
+               chunk_rows: int = 16, token_dtype: str = "float16") -> "Engine":
+        """A new, empty index in ``index_dir`` for ``model``; ``token_dtype`` float16, float32 or int8
+        (int8 with a scale per token halves the storage; see benchmarks for its accuracy cost)."""
         index_dir = Path(index_dir)
         if model.path is None:  # a recipe built in memory: keep a copy beside the index
             model.save_pretrained(index_dir / "model")
         config = IndexConfig(
             factory=factory, dim=model.first_stage.embed_dim,
             tokens_per_image=model.reranker.config.tokens_per_image,
-            token_width=model.reranker.token_width, token_dtype="float16",
+            token_width=model.reranker.token_width, token_dtype=token_dtype,
             model_path=str(model.path), model_fingerprint=model.fingerprint(), chunk_rows=chunk_rows,
         )
         return cls(IndexStore.create(index_dir, config), model)
@@ -154,7 +156,7 @@ class Engine:
         n_pending = 0
         row_of_hash = {e.sha256: e.row for e in live}
         for batch in embed_files(self.model, todo, batch_size=batch_size, num_workers=num_workers,
-                                 token_dtype=self.store.config.token_dtype, progress=progress,
+                                 token_dtype=working_dtype(self.store.config.token_dtype), progress=progress,
                                  known_hashes=frozenset(row_of_hash)):
             report.skipped.extend(batch.failed)
             if batch.duplicates:  # same content as an indexed file: copy its rows, no model pass
@@ -183,7 +185,7 @@ class Engine:
         dim = self.store.config.dim
         vectors = np.concatenate([b.vectors for b in batches]) if batches else np.zeros((0, dim), np.float32)
         tokens = np.concatenate([b.tokens for b in batches]) if batches else np.zeros(
-            (0, self.store.config.tokens_per_image, self.store.config.token_width), self.store.config.token_dtype)
+            (0, self.store.config.tokens_per_image, self.store.config.token_width), np.float16)
         self.store.commit(paths, hashes, vectors, tokens, removed_rows=removed_rows, new_stats=stats)
         return len(paths)
 
@@ -291,6 +293,6 @@ class Engine:
             "generation": self.store.generation, "factory": cfg.factory, "dim": cfg.dim,
             "tokens_per_image": cfg.tokens_per_image, "token_width": cfg.token_width,
             "token_dtype": cfg.token_dtype,
-            "bytes_per_image": cfg.tokens_per_image * cfg.token_width * np.dtype(cfg.token_dtype).itemsize,
+            "bytes_per_image": bytes_per_image(cfg.tokens_per_image, cfg.token_width, cfg.token_dtype),
             "model": cfg.model_path, "model_name": self.model.name, "model_fingerprint": cfg.model_fingerprint,
         }

@@ -57,6 +57,17 @@ def test_errors_are_one_line_with_nonzero_exit(built_index, tmp_path, args, need
     assert "Traceback" not in result.output
 
 
+def test_build_index_with_int8_tokens(tmp_path, tiny_model_dir, shapes_dir):
+    index = tmp_path / "idx"
+    run("build-index", shapes_dir / "test", "--index", index, "--model", tiny_model_dir, "--workers", "0",
+        "--no-progress", "--token-precision", "int8")
+    info = json.loads(run("info", "--index", index, "--json").stdout)
+    assert info["token_dtype"] == "int8" and info["bytes_per_image"] == info["tokens_per_image"] * (
+        info["token_width"] + 2)
+    hits = json.loads(run("query", "two blue squares", "--index", index, "-k", "3", "--json").stdout)[0]["hits"]
+    assert len(hits) == 3 and all(h["rerank_score"] is not None for h in hits)
+
+
 def test_query_on_an_empty_index_says_so(tmp_path, tiny_model_dir):
     (tmp_path / "empty").mkdir()
     run("build-index", tmp_path / "empty", "--index", tmp_path / "idx", "--model", tiny_model_dir, "--no-progress")

@@ -191,3 +191,18 @@ def test_sync_streams_in_chunks(built_index, shapes_dir, tmp_path):
     report = engine.sync(folder, chunk_files=3, num_workers=0, progress=False)
     assert (report.added, report.removed, report.unchanged) == (0, 1, 7)
     assert engine.store.verify() == []
+
+
+def test_int8_token_index_reranks_like_the_float16_index(built_index, shapes_dir, tmp_path):
+    fp16 = Engine.from_pretrained(built_index)
+    int8 = Engine.create(tmp_path / "int8", fp16.model, token_dtype="int8")
+    int8.sync(shapes_dir / "test", num_workers=0, progress=False, batch_size=16)
+    assert int8.info()["bytes_per_image"] == fp16.model.reranker.config.tokens_per_image * (
+        fp16.model.reranker.token_width + 2)
+    reopened = Engine.from_pretrained(tmp_path / "int8")
+    assert reopened.store.verify() == []
+    for q in QUERIES:
+        a = {h.path: h.rerank_score for h in fp16.search(q, k=10, rerank_k=10)}
+        b = {h.path: h.rerank_score for h in reopened.search(q, k=10, rerank_k=10)}
+        assert a.keys() == b.keys()  # same first-stage candidates (vectors are stored in float32)
+        np.testing.assert_allclose([b[p] for p in a], list(a.values()), atol=0.05)

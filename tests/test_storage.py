@@ -7,7 +7,9 @@ import pytest
 from edje_search.config import IndexConfig
 from edje_search.storage import vector_index
 from edje_search.storage.index_store import IndexError_, IndexStore
-from edje_search.storage.token_store import MemoryTokenStore, TokenStore, ZarrTokenStore
+from edje_search.storage.token_store import (Int8ZarrTokenStore, MemoryTokenStore, TokenStore, ZarrTokenStore,
+                                             bytes_per_image, create_token_store, open_token_store,
+                                             quantize_per_token)
 
 
 @pytest.mark.parametrize("make", ["zarr", "memory"])
@@ -36,6 +38,42 @@ def test_zarr_truncate_and_overwrite(tmp_path):
     assert len(store) == 6
     store.write(6, np.full((2, 2, 3), 7, np.float16))
     assert np.array_equal(store.get([5, 6, 7])[:, 0, 0], np.array([1, 7, 7], np.float16))
+
+
+def test_int8_quantization_error_is_half_a_step_per_token():
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((5, 64, 384)) * rng.uniform(0.01, 50, (5, 64, 1))).astype(np.float32)
+    x[0, 0] = 0.0  # an all-zero token must survive (scale 0)
+    q, scale = quantize_per_token(x)
+    assert q.dtype == np.int8 and scale.dtype == np.float16 and scale.shape == (5, 64, 1)
+    back = q.astype(np.float32) * scale.astype(np.float32)
+    step = scale.astype(np.float32)
+    assert np.all(np.abs(back - x) <= 0.5 * step * (1 + 1e-3) + np.abs(x) * 2e-3)  # + fp16 rounding of the scale
+    assert np.array_equal(back[0, 0], np.zeros(384))
+    q2, scale2 = quantize_per_token(back)  # re-quantizing a dequantized row changes nothing
+    assert np.array_equal(q2, q) and np.array_equal(scale2, scale)
+
+
+def test_int8_store_round_trip_and_size(tmp_path):
+    rng = np.random.default_rng(4)
+    data = rng.standard_normal((23, 64, 384)).astype(np.float16)
+    store = create_token_store(tmp_path / "t.zarr", 64, 384, dtype="int8", chunk_rows=8)
+    assert isinstance(store, TokenStore)
+    store.write(0, data[:10])
+    store.write(10, data[10:])
+    store = open_token_store(tmp_path / "t.zarr", mode="r+")
+    assert isinstance(store, Int8ZarrTokenStore) and len(store) == 23
+    rows = np.array([22, 0, 9, 9, 10])
+    q, scale = quantize_per_token(data[rows])
+    np.testing.assert_array_equal(store.get(rows), q.astype(np.float32) * scale.astype(np.float32))
+    store.truncate(12)
+    assert len(open_token_store(tmp_path / "t.zarr")) == 12
+    assert bytes_per_image(64, 384, "int8") == 24_704 <= 25_000
+    assert bytes_per_image(64, 384, "float16") == 49_152
+    chunk_files = [p for p in (tmp_path / "t.zarr").rglob("*") if p.is_file() and p.name != "zarr.json"]
+    assert sum(p.stat().st_size for p in chunk_files) == 16 * 24_704  # 2 chunks of 8 rows after truncating to 12
+    with pytest.raises(ValueError, match="token dtype"):
+        create_token_store(tmp_path / "u.zarr", 2, 2, dtype="int4")
 
 
 def test_flat_faiss_equals_exact_knn():

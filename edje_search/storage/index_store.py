@@ -26,7 +26,7 @@ import numpy as np
 
 from ..config import IndexConfig, load_config, save_config
 from . import vector_index
-from .token_store import ZarrTokenStore
+from .token_store import ZarrTokenStore, create_token_store, open_token_store
 
 CONFIG_FILE = "index.json"
 STATE_FILE = "state.json"
@@ -72,7 +72,7 @@ class IndexStore:
         self.generation = generation
         self.n_rows = n_rows  # committed rows in the arrays (live or removed)
         self.mode = mode
-        self.tokens = ZarrTokenStore.open(directory / "tokens.zarr", mode="r" if mode == "r" else "r+")
+        self.tokens = open_token_store(directory / "tokens.zarr", mode="r" if mode == "r" else "r+")
         self._vectors = ZarrTokenStore.open(directory / "vectors.zarr", mode="r" if mode == "r" else "r+")
         self.entries: list[ManifestEntry] = self._read_manifest()
         self.faiss = vector_index.read_index(self._faiss_path(generation)) if generation > 0 else \
@@ -86,8 +86,8 @@ class IndexStore:
             raise FileExistsError(f"an index already exists in {directory}")
         vector_index.new_index(config.factory, config.dim)  # validate the factory string early
         directory.mkdir(parents=True, exist_ok=True)
-        ZarrTokenStore.create(directory / "tokens.zarr", config.tokens_per_image, config.token_width,
-                              dtype=config.token_dtype, chunk_rows=config.chunk_rows)
+        create_token_store(directory / "tokens.zarr", config.tokens_per_image, config.token_width,
+                           dtype=config.token_dtype, chunk_rows=config.chunk_rows)
         ZarrTokenStore.create(directory / "vectors.zarr", 1, config.dim, dtype="float32", chunk_rows=1024)
         _atomic_write_text(directory / STATE_FILE, json.dumps({"generation": 0, "n_rows": 0}) + "\n")
         save_config(config, directory / CONFIG_FILE)  # written last: its presence marks an index

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from .main import cli, emit_json, index_option, json_option
+from .main import BACKENDS, cli, emit_json, index_option, json_option
 
 
 def _write_skipped(index_dir: Path, skipped: list[tuple[str, str]]) -> Path:
@@ -104,9 +104,11 @@ def remove(paths, index_dir, as_json):
 @click.option("--rerank-k", default=20, show_default=True,
               help="First-stage candidates rescored by the joint encoder (0 = no reranking).")
 @click.option("--model", default=None, help="Model to query with (default: the index's own model).")
+@click.option("--backend", type=click.Choice(BACKENDS), default="eager", show_default=True,
+              help="How the reranker runs; onnx-int8 is the fastest on CPUs (see the README's fidelity table).")
 @click.option("--compare", is_flag=True, help="Show first-stage and reranked top-k side by side.")
 @json_option
-def query(text, index_dir, k, rerank_k, model, compare, as_json):
+def query(text, index_dir, k, rerank_k, model, backend, compare, as_json):
     """Search the index for TEXT; each TEXT argument is one query."""
     from edje_search import Engine
 
@@ -114,7 +116,7 @@ def query(text, index_dir, k, rerank_k, model, compare, as_json):
         raise click.BadParameter("must be at least 1", param_hint="-k")
     if rerank_k < 0:
         raise click.BadParameter("must be 0 or more", param_hint="--rerank-k")
-    engine = Engine.from_pretrained(index_dir, model=model)
+    engine = Engine.from_pretrained(index_dir, model=model, backend=backend)
     if len(engine.store) == 0:
         raise click.ClickException(f"the index {index_dir} is empty: add images with `edje-search build-index`")
     if k > len(engine.store):

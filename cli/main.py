@@ -7,6 +7,8 @@ import sys
 import click
 
 DEFAULT_INDEX = "indexes/default"
+# the reranker backends of edje_search.models.backends.BACKENDS (kept here so --help stays fast)
+BACKENDS = ("eager", "bf16", "dynamic-int8", "onnx", "onnx-int8")
 
 
 class FriendlyGroup(click.Group):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from .main import cli, emit_json, json_option
+from .main import BACKENDS, cli, emit_json, json_option
 
 
 def _read_training_data(annotations: str, image_root: str | None):
@@ -137,10 +137,12 @@ def train_reranker_cmd(annotations, image_root, first_stage_dir, out_dir, varian
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
               help="Joint-encoder precision while scoring.")
 @click.option("--batch-size", default=128, show_default=True, help="Pairs per joint-encoder batch.")
+@click.option("--backend", type=click.Choice(BACKENDS), default="eager", show_default=True,
+              help="How the rerankers run (see `edje-search query --help`).")
 @click.option("--out", "out_file", default=None, type=click.Path(dir_okay=False),
               help="Also write the results as JSON to this file.")
 @json_option
-def eval_cmd(annotations, image_root, models, rerank_k, precision, batch_size, out_file, as_json):
+def eval_cmd(annotations, image_root, models, rerank_k, precision, batch_size, backend, out_file, as_json):
     """Recall@1/5/10, text-to-image and image-to-text, first stage vs reranked."""
     from edje_search import load_model
     from edje_search.evaluation import evaluate, format_table, load_eval_set
@@ -148,6 +150,8 @@ def eval_cmd(annotations, image_root, models, rerank_k, precision, batch_size, o
 
     data = load_eval_set(annotations, image_root)
     loaded = [load_model(m).to(pick_device()).eval() for m in models]
+    for m in loaded:
+        m.reranker.use_backend(backend)
     results = evaluate(loaded, data, rerank_k=rerank_k, precision=precision, batch_size=batch_size)
     results["data"] = str(annotations)
     if out_file:

@@ -100,8 +100,10 @@ class Engine:
 
     @classmethod
     def from_pretrained(cls, index_dir: str | Path, *, model: EdjeModel | str | None = None,
-                        writable: bool = False, device: str | torch.device | None = None) -> "Engine":
-        """Open an index; the model defaults to the one it was built with."""
+                        writable: bool = False, device: str | torch.device | None = None,
+                        backend: str = "eager") -> "Engine":
+        """Open an index; the model defaults to the one it was built with. ``backend`` picks how the
+        reranker runs (eager, bf16, dynamic-int8, onnx, onnx-int8; see models/backends.py)."""
         store = IndexStore.open(index_dir, mode="r+" if writable else "r")
         if model is None:
             model_path = store.config.model_path
@@ -117,6 +119,7 @@ class Engine:
                 f"({store.config.model_path}) but the model given is {model.fingerprint()} ({model.path}); "
                 f"use that model or rebuild the index")
         model.to(pick_device(device)).eval()
+        model.reranker.use_backend(backend)
         return cls(store, model)
 
     def refresh(self) -> bool:

@@ -115,6 +115,7 @@ def evaluate(models: Sequence[EdjeModel], data: CaptionSet, *, rerank_k: int = 1
         cfg = model.reranker.config
         results["rows"].append({
             "name": model.name, "variant": cfg.variant, "tokens_per_image": cfg.tokens_per_image,
+            "backend": model.reranker.backend,
             "model": str(model.path) if model.path else None,
             "t2i": recall_at_k(first_correct_rank(t2i, t2i_targets)),
             "i2t": recall_at_k(first_correct_rank(i2t, i2t_targets)),

@@ -37,6 +37,13 @@ def encode_pairs(
     )
 
 
+def check_image_slots(input_ids: torch.Tensor, image_token_id: int, n_image_tokens: int) -> None:
+    """Every sequence must hold exactly ``n_image_tokens`` <image> placeholders."""
+    counts = (input_ids == image_token_id).sum(dim=1)
+    if not bool((counts == n_image_tokens).all()):
+        raise ValueError(f"each sequence needs {n_image_tokens} <image> positions, got {counts.tolist()}")
+
+
 class JointEncoder(nn.Module):
     """BERT masked-LM body + pooler/linear score head + text-embedding recovery head."""
 
@@ -54,19 +61,19 @@ class JointEncoder(nn.Module):
         return self.language_model.config.hidden_size
 
     def embed_inputs(self, input_ids: torch.Tensor, image_tokens: torch.Tensor | None) -> torch.Tensor:
-        """Word embeddings (B, L, H) with the <image> positions replaced by ``image_tokens`` (B, m, H)."""
+        """Word embeddings (B, L, H) with the <image> positions replaced by ``image_tokens`` (B, m, H).
+
+        Written with gather/where (no data-dependent indexing) so the graph exports to ONNX;
+        :func:`check_image_slots` validates the placeholder count beforehand.
+        """
         embeds = self.language_model.bert.embeddings.word_embeddings(input_ids)  # (B, L, H)
         if image_tokens is None:
             return embeds
         is_image = input_ids == self.image_token_id  # (B, L)
-        counts = is_image.sum(dim=1)
-        if not bool((counts == image_tokens.shape[1]).all()):
-            raise ValueError(
-                f"each sequence needs {image_tokens.shape[1]} <image> positions, got {counts.tolist()}"
-            )
-        embeds = embeds.clone()
-        embeds[is_image] = image_tokens.reshape(-1, image_tokens.shape[-1]).to(embeds.dtype)
-        return embeds
+        slot = (is_image.long().cumsum(dim=1) - 1).clamp(min=0)  # i-th <image> position reads image token i
+        picked = torch.gather(image_tokens.to(embeds.dtype), 1,
+                              slot.unsqueeze(-1).expand(-1, -1, image_tokens.shape[-1]))
+        return torch.where(is_image.unsqueeze(-1), picked, embeds)
 
     def forward(
         self,
@@ -76,6 +83,8 @@ class JointEncoder(nn.Module):
         image_tokens: torch.Tensor | None,
     ) -> torch.Tensor:
         """Last hidden state (B, L, H) of the pair sequence."""
+        if image_tokens is not None and not torch.compiler.is_compiling() and not torch.jit.is_tracing():
+            check_image_slots(input_ids, self.image_token_id, image_tokens.shape[1])
         embeds = self.embed_inputs(input_ids, image_tokens)
         out = self.language_model.bert(
             inputs_embeds=embeds, attention_mask=attention_mask, token_type_ids=token_type_ids

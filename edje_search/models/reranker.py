@@ -11,7 +11,8 @@ from transformers import AutoTokenizer, BertConfig, PreTrainedTokenizerBase
 
 from ..config import RerankerConfig, load_config, save_config
 from .adapter import TokenCompressor, local_projector
-from .joint_encoder import JointEncoder, encode_pairs
+from .backends import PairScorer, make_scorer
+from .joint_encoder import JointEncoder, check_image_slots, encode_pairs
 
 CONFIG_NAME = "reranker.json"
 BERT_CONFIG_NAME = "bert_config.json"
@@ -57,6 +58,18 @@ class Reranker(nn.Module):
         self._encoder = [encoder]  # not a submodule: its parameters are the three above
         # Optional pixels -> vision tokens callable, attached by the model bundle.
         self.vision_encoder: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self._scorer: PairScorer | None = None  # None: eager, straight through the modules
+
+    # ------------------------------------------------------------------------------- backends
+    @property
+    def backend(self) -> str:
+        return "eager" if self._scorer is None else self._scorer.name
+
+    def use_backend(self, backend: str, *, cache_dir: str | Path | None = None) -> "Reranker":
+        """Run scoring through ``backend`` (see :mod:`edje_search.models.backends`); returns self."""
+        self._scorer = None if backend == "eager" else make_scorer(
+            self.joint, backend, self.config.tokens_per_image, cache_dir=Path(cache_dir) if cache_dir else None)
+        return self
 
     @property
     def joint(self) -> JointEncoder:
@@ -114,8 +127,12 @@ class Reranker(nn.Module):
         projected_tokens = projected_tokens.to(self.device, param_dtype)
         if projected_tokens.shape[0] != len(captions):
             raise ValueError(f"{len(captions)} captions but {projected_tokens.shape[0]} images")
-        hidden, _ = self.pair_hidden(list(captions), projected_tokens)
-        return self.joint.score_hidden(hidden).float()
+        if self._scorer is None:
+            hidden, _ = self.pair_hidden(list(captions), projected_tokens)
+            return self.joint.score_hidden(hidden).float()
+        batch = self.encode_text(list(captions), projected_tokens.shape[1]).to(projected_tokens.device)
+        check_image_slots(batch["input_ids"], self.joint.image_token_id, projected_tokens.shape[1])
+        return self._scorer(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], projected_tokens)
 
     # ---------------------------------------------------------------------------- persistence
     def save_pretrained(self, directory: str | Path) -> None:

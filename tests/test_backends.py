@@ -1,0 +1,80 @@
+"""Reranker backends: each runs the same scoring pass and agrees with eager fp32."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from edje_search import Engine
+from edje_search.models.backends import BACKENDS
+from edje_search.models.registry import build_tiny_model
+from edje_search_cli.main import BACKENDS as CLI_BACKENDS
+
+CAPTIONS = ["a red circle", "", "two blue squares left of a big green triangle " * 20, "three small stars"]
+
+# (max |logit - eager|) per backend on the tiny random model; onnx is the same fp32 graph
+TOLERANCE = {"eager": 0.0, "onnx": 1e-4, "bf16": 0.05, "dynamic-int8": 0.05, "onnx-int8": 0.1}
+
+
+def test_cli_lists_every_backend():
+    assert CLI_BACKENDS == BACKENDS
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backend_matches_eager(backend, tmp_path):
+    reranker = build_tiny_model(seed=0).reranker.eval()
+    torch.manual_seed(1)
+    tokens = torch.randn(len(CAPTIONS), reranker.config.tokens_per_image, reranker.token_width)
+    with torch.inference_mode():
+        ref = reranker.score(CAPTIONS, projected_tokens=tokens)
+        reranker.use_backend(backend, cache_dir=tmp_path)
+        assert reranker.backend == backend
+        got = reranker.score(CAPTIONS, projected_tokens=tokens)
+        # a batch of another size and length goes through the same graph
+        one = reranker.score(CAPTIONS[:1], projected_tokens=tokens[:1])
+    assert got.shape == (len(CAPTIONS),) and got.dtype == torch.float32
+    assert (got - ref).abs().max().item() <= TOLERANCE[backend]
+    assert abs(one.item() - got[0].item()) <= max(TOLERANCE[backend], 1e-4)
+
+
+def test_onnx_export_is_cached_per_weights(tmp_path):
+    model = build_tiny_model(seed=0)
+    model.reranker.use_backend("onnx-int8", cache_dir=tmp_path)
+    files = sorted(p.name for p in tmp_path.rglob("*.onnx"))
+    assert files == ["scorer-int8.onnx", "scorer.onnx"]
+    stamp = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*.onnx")}
+    build_tiny_model(seed=0).reranker.use_backend("onnx-int8", cache_dir=tmp_path)  # same weights: reused
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*.onnx")} == stamp
+    build_tiny_model(seed=1).reranker.use_backend("onnx", cache_dir=tmp_path)  # other weights: new folder
+    assert len(list(tmp_path.iterdir())) == 2
+
+
+def test_unknown_backend_is_a_value_error():
+    with pytest.raises(ValueError, match="backend"):
+        build_tiny_model(seed=0).reranker.use_backend("tensorrt")
+
+
+def test_engine_search_with_onnx_int8_keeps_the_candidates(built_index, monkeypatch, tmp_path):
+    monkeypatch.setenv("EDJE_HOME", str(tmp_path))
+    eager = Engine.from_pretrained(built_index)
+    fast = Engine.from_pretrained(built_index, backend="onnx-int8")
+    q = "a small red circle left of a large blue square"
+    a = {h.path: h.rerank_score for h in eager.search(q, k=10, rerank_k=10)}
+    b = {h.path: h.rerank_score for h in fast.search(q, k=10, rerank_k=10)}
+    assert a.keys() == b.keys()
+    np.testing.assert_allclose([b[p] for p in a], list(a.values()), atol=0.1)
+
+
+def test_query_cli_backend_option(built_index, monkeypatch, tmp_path):
+    from click.testing import CliRunner
+
+    from edje_search_cli.main import cli, register_commands
+
+    register_commands()
+    monkeypatch.setenv("EDJE_HOME", str(tmp_path))
+    out = CliRunner().invoke(cli, ["query", "two blue squares", "--index", str(built_index), "-k", "3",
+                                   "--backend", "onnx", "--json"])
+    assert out.exit_code == 0, out.output
+    assert len(json.loads(out.stdout)[0]["hits"]) == 3

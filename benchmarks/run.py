@@ -1,10 +1,11 @@
-"""edje-search benchmarks: reranking throughput, hardware fraction, storage, gathers, query latency.
+"""edje-search benchmarks: reranking throughput per backend, hardware fraction, storage, gathers,
+end-to-end query latency by stage, build-index throughput.
 
-    python -m benchmarks.run --quick      # CI-sized (make bench)
-    python -m benchmarks.run              # full sizes (make bench-full)
+    python -m benchmarks.run --quick      # CI-sized (make bench): N = 10k
+    python -m benchmarks.run              # full sizes (make bench-full): N = 10k and 100k
 
-Every figure is a median over repeats after warm-up, measured in one run so ratios compare
-like with like. Results go to benchmarks/results/bench.json (and bench.png when matplotlib is there).
+Every figure is a median (or p50/p95) over repeats after warm-up, measured in one run so ratios
+compare like with like. Results go to benchmarks/results/bench.json and bench.png.
 """
 from __future__ import annotations
 
@@ -14,122 +15,123 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from transformers import AutoTokenizer, BertConfig
 
-from edje_search.config import RerankerConfig
-from edje_search.models.registry import bundled_minilm_dir
-from edje_search.models.reranker import Reranker, add_image_token
-from edje_search.storage.token_store import ZarrTokenStore
+from edje_search.storage.token_store import bytes_per_image
 
-from .timing import machine, median_seconds
+from .timing import machine
 
 RESULTS = Path(__file__).parent / "results"
-CAPTION = "a small red circle left of a large blue square on a grey table"
+FAST_BACKENDS = ("dynamic-int8", "onnx", "onnx-int8")
 
 
-def joint_encoder(layers: int, tokens: int, variant: str = "compressed", vision_width: int = 1024) -> Reranker:
-    """MiniLM-shaped joint encoder (random weights; speed does not depend on them)."""
-    tok = AutoTokenizer.from_pretrained(str(bundled_minilm_dir()))
-    add_image_token(tok, "<image>")
-    bert = BertConfig(vocab_size=len(tok), hidden_size=384, num_hidden_layers=layers, num_attention_heads=12,
-                      intermediate_size=1536, max_position_embeddings=1024)
-    cfg = RerankerConfig(variant=variant, vision_width=vision_width, vision_heads=16, n_queries=tokens,
-                         n_vision_tokens=tokens, mlp_dim=8192)
-    return Reranker(cfg, bert, tok).eval()
+def throughput_section(quick: bool, res: dict) -> None:
+    from .throughput import (CAPTION_TOKENS, bert_flops_per_pair, joint_encoder, matmul_peak_gflops,
+                             onnx_matmul_peak_gops, online_vision_seconds, pairs_per_second)
+
+    reps = 3 if quick else 7
+    batch = 32
+    thr: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as cache:
+        for layers in (12, 6):
+            for tokens in (64, 32):
+                r = joint_encoder(layers, tokens)
+                thr[f"L{layers} m={tokens} eager"] = pairs_per_second(r, tokens, batch, reps)
+                if layers == 12 and tokens == 64:
+                    for backend in ("bf16",) + FAST_BACKENDS:
+                        r.use_backend(backend, cache_dir=cache)
+                        thr[f"L12 m=64 {backend}"] = pairs_per_second(r, tokens, batch, reps)
+        local = joint_encoder(12, 576, variant="local")
+        thr["L12 local 576 eager"] = pairs_per_second(local, 576, 8, max(2, reps // 2))
+    vision_s = online_vision_seconds(max(1, reps // 3))
+    thr["L12 online (ViT-L/16-384 + m=64) eager"] = 1 / (vision_s + 1 / thr["L12 m=64 eager"])
+    res["throughput_pairs_per_s"] = thr
+    res["vision_encoder_s_per_image"] = vision_s
+
+    best = max(("eager",) + FAST_BACKENDS, key=lambda b: thr[f"L12 m=64 {b}"])
+    peaks = {"torch fp32": matmul_peak_gflops("fp32"), "torch bf16": matmul_peak_gflops("bf16"),
+             "onnxruntime fp32": onnx_matmul_peak_gops(False), "onnxruntime int8": onnx_matmul_peak_gops(True)}
+    flops = bert_flops_per_pair(12, 64 + CAPTION_TOKENS)
+    against = {"eager": "torch fp32", "bf16": "torch bf16", "onnx": "onnxruntime fp32",
+               "onnx-int8": "onnxruntime int8"}
+    res["hardware"] = {
+        "matmul_peak_gops": peaks,
+        "L12 m=64 achieved_gops": {b: thr[f"L12 m=64 {b}"] * flops / 1e9 for b in against},
+        "L12 m=64 fraction_of_peak": {f"{b} vs {p}": thr[f"L12 m=64 {b}"] * flops / 1e9 / peaks[p]
+                                      for b, p in against.items()},
+    }
+    res["best_backend"] = best
+    res["ratios"] = {
+        f"{best}/eager (L12 m=64)": thr[f"L12 m=64 {best}"] / thr["L12 m=64 eager"],
+        "compressed/local (eager)": thr["L12 m=64 eager"] / thr["L12 local 576 eager"],
+        "compressed/online (eager)": thr["L12 m=64 eager"] / thr["L12 online (ViT-L/16-384 + m=64) eager"],
+        **{f"{b}/eager (L12 m=64)": thr[f"L12 m=64 {b}"] / thr["L12 m=64 eager"] for b in ("bf16",) + FAST_BACKENDS},
+    }
 
 
-def pairs_per_second(r: Reranker, tokens: int, batch: int, repeats: int, precision: str = "fp32") -> float:
-    caps = [CAPTION] * batch
-    x = torch.randn(batch, tokens, 384)
-    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else torch.autocast("cpu", enabled=False)
+def storage_section(quick: bool, res: dict, workdir: Path) -> None:
+    from .latency import gather_latency
 
-    def run():
-        with torch.inference_mode(), ctx:
-            r.score(caps, projected_tokens=x)
-    return batch / median_seconds(run, repeats=repeats)
-
-
-def bert_flops_per_pair(layers: int, seq: int, hidden: int = 384, inter: int = 1536) -> float:
-    """Multiply-adds x 2 of the encoder layers (projections, attention, FFN) for one sequence."""
-    per_layer = 2 * seq * (4 * hidden * hidden + 2 * hidden * inter) + 2 * 2 * seq * seq * hidden
-    return layers * per_layer
+    res["bytes_per_image"] = {"float32": bytes_per_image(64, 384, "float32"),
+                              "float16": bytes_per_image(64, 384, "float16"),
+                              "int8 + fp16 scale per token": bytes_per_image(64, 384, "int8"),
+                              "local float16 (576 tokens)": bytes_per_image(576, 384, "float16")}
+    sizes = (10_000,) if quick else (10_000, 100_000)
+    res["gather_ms"] = {f"N={n} {dtype}": gather_latency(workdir, n, dtype)
+                        for n in sizes for dtype in ("float16", "int8")}
 
 
-def matmul_peak_gflops(precision: str, n: int = 1024, repeats: int = 5) -> float:
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    return 2 * n**3 / median_seconds(lambda: a @ b, repeats=repeats) / 1e9
+def latency_section(quick: bool, res: dict, workdir: Path, best: str) -> None:
+    from .latency import paper_text_first_stage, query_latency, synthetic_index
 
-
-def online_vision_seconds(repeats: int) -> float:
-    """Seconds per image of the paper's vision encoder (ViT-L/16 at 384 px, random weights)."""
-    import timm
-
-    vit = timm.create_model("vit_large_patch16_siglip_384", pretrained=False, num_classes=0).eval()
-    x = torch.randn(1, 3, 384, 384)
-    with torch.inference_mode():
-        return median_seconds(lambda: vit.forward_features(x), warmup=1, repeats=repeats)
-
-
-def gather_latency(n_rows: int, ks=(10, 50, 100), repeats: int = 20) -> dict:
+    first = paper_text_first_stage()
     out = {}
-    with tempfile.TemporaryDirectory() as d:
-        store = ZarrTokenStore.create(Path(d) / "t.zarr", 64, 384, chunk_rows=16)
-        block = np.random.default_rng(0).standard_normal((4096, 64, 384)).astype(np.float16)
-        for s in range(0, n_rows, 4096):
-            store.write(s, block[: min(4096, n_rows - s)])
-        rng = np.random.default_rng(1)
-        for k in ks:
-            out[f"k={k}"] = 1000 * median_seconds(lambda k=k: store.get(rng.choice(n_rows, k, replace=False)),
-                                                  warmup=2, repeats=repeats)
-    return out
+    for n in ((10_000,) if quick else (10_000, 100_000)):
+        store_dir = workdir / f"index-{n}"
+        synthetic_index(store_dir, n, first.embed_dim, "float16")
+        for backend in dict.fromkeys(("eager", best)):
+            out[f"N={n} {backend}"] = query_latency(store_dir, first, backend, repeats=2 if quick else 5)
+    res["query_latency_ms"] = out
+    res["query_latency_setup"] = ("k=10; SigLIP2 ViT-L/16-384 text tower (random weights, 64 tokens); FAISS Flat IP "
+                                  f"over {first.embed_dim}-d vectors; float16 Zarr tokens; MiniLM-L12 shape, m=64")
+
+
+def build_section(quick: bool, res: dict, workdir: Path) -> None:
+    from .build import build_throughput
+
+    res["build_index"] = build_throughput(workdir / "build", 128 if quick else 512)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small sizes, few repeats (CI)")
+    ap.add_argument("--sections", default="throughput,storage,latency,build",
+                    help="comma-separated subset to run (others are kept from the previous results file)")
     args = ap.parse_args()
     torch.manual_seed(0)
-    reps = 3 if args.quick else 7
-    batch = 32 if args.quick else 64
-    res: dict = {"machine": machine(), "mode": "quick" if args.quick else "full", "time": time.strftime("%F %T")}
-
-    thr = {}
-    seq_text = 16  # tokens of the caption incl. [CLS]/[SEP]
-    for layers, name in ((12, "L12"), (6, "L6")):
-        for tokens in (64, 32):
-            r = joint_encoder(layers, tokens)
-            thr[f"{name} m={tokens} fp32"] = pairs_per_second(r, tokens, batch, reps)
-            thr[f"{name} m={tokens} bf16"] = pairs_per_second(r, tokens, batch, reps, "bf16")
-    local = joint_encoder(12, 576, variant="local")
-    thr["L12 local 576 fp32"] = pairs_per_second(local, 576, 8, max(2, reps // 2))
-    vision_s = online_vision_seconds(max(1, reps // 3))
-    thr["L12 online (ViT-L/16-384 + m=64) fp32"] = 1 / (vision_s + 1 / thr["L12 m=64 fp32"])
-    res["throughput_pairs_per_s"] = thr
-    res["vision_encoder_s_per_image"] = vision_s
-
-    peak = {p: matmul_peak_gflops(p) for p in ("fp32", "bf16")}
-    flops = bert_flops_per_pair(12, 64 + seq_text)
-    res["hardware"] = {
-        "matmul_peak_gflops": peak,
-        "L12 m=64 achieved_gflops": {p: thr[f"L12 m=64 {p}"] * flops / 1e9 for p in ("fp32", "bf16")},
-        "L12 m=64 fraction_of_peak": {p: thr[f"L12 m=64 {p}"] * flops / 1e9 / peak[p] for p in ("fp32", "bf16")},
-    }
-    res["bytes_per_image"] = {"fp32": 64 * 384 * 4, "fp16": 64 * 384 * 2, "local fp16 (576 tokens)": 576 * 384 * 2}
-    res["ratios"] = {
-        "compressed/local": thr["L12 m=64 fp32"] / thr["L12 local 576 fp32"],
-        "compressed/online": thr["L12 m=64 fp32"] / thr["L12 online (ViT-L/16-384 + m=64) fp32"],
-        "bf16/fp32 (L12 m=64)": thr["L12 m=64 bf16"] / thr["L12 m=64 fp32"],
-    }
-    res["gather_ms"] = {f"N={n}": gather_latency(n) for n in ((10_000,) if args.quick else (10_000, 100_000))}
-
-    RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / "bench.json"
+    wanted = args.sections.split(",")
+    res: dict = json.loads(out.read_text()) if out.is_file() and len(wanted) < 4 else {}
+    res.update({"machine": machine(), "mode": "quick" if args.quick else "full", "time": time.strftime("%F %T")})
+    with tempfile.TemporaryDirectory() as d:
+        work = Path(d)
+        if "throughput" in wanted:
+            throughput_section(args.quick, res)
+        if "storage" in wanted:
+            storage_section(args.quick, res, work)
+        if "latency" in wanted:
+            latency_section(args.quick, res, work, res.get("best_backend", "onnx-int8"))
+        if "build" in wanted:
+            build_section(args.quick, res, work)
+    RESULTS.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=2) + "\n")
     print(json.dumps(res, indent=2))
     print(f"written {out}")
+    try:
+        from .plot import plot
+        print(f"written {plot(res, RESULTS / 'bench.png')}")
+    except ImportError as e:  # matplotlib is a dev extra
+        print(f"no plot: {e}")
 
 
 if __name__ == "__main__":

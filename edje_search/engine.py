@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -62,6 +63,19 @@ def _file_stat(path: str) -> tuple[int, int]:
     return (st.st_size, st.st_mtime_ns)
 
 
+class StageClock:
+    """Wall-clock milliseconds per named stage, in order."""
+
+    def __init__(self):
+        self.ms: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.ms[stage] = self.ms.get(stage, 0.0) + 1000 * (now - self._last)
+        self._last = now
+
+
 def _check_query(text: str) -> str:
     if not isinstance(text, str) or not text.strip():
         raise ValueError("empty query: give some text to search for")
@@ -80,6 +94,7 @@ class Engine:
     def __init__(self, store: IndexStore, model: EdjeModel):
         self.store = store
         self.model = model
+        self.last_timings: dict[str, float] = {}  # milliseconds per stage of the latest search
 
     # -------------------------------------------------------------------------- construction
     @classmethod
@@ -249,10 +264,13 @@ class Engine:
             raise ValueError(f"k must be positive and rerank_k non-negative (got k={k}, rerank_k={rerank_k})")
         k = min(k, n)
         pool = min(max(k, rerank_k), n)
+        clock = StageClock()
         q = self.model.embed_texts(list(queries)).cpu().numpy()
+        clock.lap("text_embed")
         first_scores, rows = vector_index.search(self.store.faiss, q, pool)  # (Q, pool)
+        clock.lap("faiss")
         n_rerank = min(rerank_k, pool)
-        rerank = self._rerank_pool(queries, rows[:, :n_rerank], batch_size) if n_rerank else None
+        rerank = self._rerank_pool(queries, rows[:, :n_rerank], batch_size, clock) if n_rerank else None
         by_row = {e.row: e.path for e in self.store.entries}
         results = []
         for qi in range(len(queries)):
@@ -264,14 +282,19 @@ class Engine:
             ranked = [(head[i][0], head[i][1], float(rs[i])) for i in order] + [(r, s, None) for r, s in tail]
             results.append([Hit(rank=j + 1, row=r, path=by_row[r], first_stage_score=s, rerank_score=x)
                             for j, (r, s, x) in enumerate(ranked[:k])])
+        clock.lap("merge")
+        self.last_timings = {**clock.ms, "total": sum(clock.ms.values())}
         return results
 
-    def _rerank_pool(self, queries: Sequence[str], rows: np.ndarray, batch_size: int) -> np.ndarray:
+    def _rerank_pool(self, queries: Sequence[str], rows: np.ndarray, batch_size: int,
+                     clock: "StageClock | None" = None) -> np.ndarray:
         """Joint-encoder scores (Q, p) for each query against its candidate rows."""
         flat = rows.reshape(-1)
         valid = flat >= 0
         uniq, inverse = np.unique(flat[valid], return_inverse=True)
         tokens = torch.from_numpy(np.asarray(self.store.tokens.get(uniq), dtype=np.float32))
+        if clock:
+            clock.lap("gather")
         captions = np.repeat(np.arange(len(queries)), rows.shape[1])[valid]
         scores = np.full(flat.shape, -np.inf, dtype=np.float32)
         out = []
@@ -280,6 +303,8 @@ class Engine:
             caps = [queries[i] for i in captions[sl]]
             out.append(self.model.reranker.score(caps, projected_tokens=tokens[inverse[sl]]).cpu().numpy())
         scores[valid] = np.concatenate(out) if out else []
+        if clock:
+            clock.lap("rerank")
         return scores.reshape(rows.shape)
 
     def rerank_all(self, query: str, batch_size: int = 64) -> np.ndarray:

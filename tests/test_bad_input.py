@@ -107,3 +107,22 @@ def test_every_mode_decodes_to_rgb(mode):
     img.save(buf, "TIFF" if mode in ("CMYK", "I;16") else "PNG")
     out = decode_image(buf.getvalue())
     assert out.mode == "RGB"
+
+
+def test_large_jpeg_is_decoded_at_a_reduced_scale_that_still_covers_the_input():
+    img = _rgb(2, (1600, 1200))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated 90 degrees: the reduced decode must still come out upright
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=92, exif=exif)
+    full = decode_image(buf.getvalue())
+    small = decode_image(buf.getvalue(), min_size=256)
+    assert full.size == (1200, 1600)
+    assert small.size == (300, 400)  # 1/4 scale: the smallest that keeps both sides >= 256
+    # same picture: compare after bringing both to the same size
+    a = np.asarray(full.resize((75, 100), Image.BILINEAR), dtype=np.float32)
+    b = np.asarray(small.resize((75, 100), Image.BILINEAR), dtype=np.float32)
+    assert np.abs(a - b).mean() < 6
+    png = io.BytesIO()
+    img.save(png, "PNG")
+    assert decode_image(png.getvalue(), min_size=256).size == (1600, 1200)  # only JPEGs have DCT scaling

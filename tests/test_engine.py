@@ -56,6 +56,16 @@ def test_reranked_head_then_first_stage_tail(built_index):
     assert scores == sorted(scores, reverse=True)
 
 
+def test_search_reports_stage_timings(built_index):
+    engine = Engine.from_pretrained(built_index)
+    engine.search(QUERIES[0], k=5, rerank_k=10)
+    t = engine.last_timings
+    assert list(t) == ["text_embed", "faiss", "gather", "rerank", "merge", "total"]
+    assert all(v >= 0 for v in t.values()) and t["total"] == pytest.approx(sum(v for s, v in t.items() if s != "total"))
+    engine.search(QUERIES[0], k=5, rerank_k=0)
+    assert "rerank" not in engine.last_timings
+
+
 def test_batch_search_equals_single_queries(built_index):
     engine = Engine.from_pretrained(built_index)
     batch = engine.search_batch(QUERIES, k=8, rerank_k=15, batch_size=7)

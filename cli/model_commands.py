@@ -1,4 +1,4 @@
-"""models: list the registered model recipes."""
+"""models, convert-official, import-first-stage: where models come from."""
 from __future__ import annotations
 
 import click
@@ -37,3 +37,20 @@ def convert_official_cmd(checkpoint, vision_model, language_model, out_dir, name
     cfg = model.reranker.config
     click.echo(f"{cfg.variant} model ({cfg.tokens_per_image} tokens x {model.reranker.token_width} per image) "
                f"written to {out_dir}")
+
+
+@cli.command("import-first-stage")
+@click.argument("name")
+@click.option("--pretrained", default=None,
+              help="open_clip pretrained tag (e.g. webli, openai, laion2b_s34b_b79k); not used with hf-hub: names.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="First-stage directory to write (give it to `train reranker --first-stage`).")
+def import_first_stage_cmd(name, pretrained, out_dir):
+    """Make a first stage from any open_clip model: NAME is an architecture (ViT-B-16-SigLIP2-256,
+    ViT-L-14, ...) with --pretrained, or hf-hub:ORG/REPO. Weights come from the Hugging Face cache
+    (downloaded once when online)."""
+    from edje_search.models.hub import save_open_clip_first_stage
+
+    first = save_open_clip_first_stage(name, out_dir, pretrained=pretrained)
+    click.echo(f"first stage {name}{' ' + pretrained if pretrained else ''}: {first.embed_dim}-d embeddings, "
+               f"{first.n_vision_tokens} vision tokens x {first.vision_width}, written to {out_dir}")

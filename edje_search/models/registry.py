@@ -1,7 +1,9 @@
 """Named model recipes and the rule that turns a model argument into a model.
 
 Rule (explicit, never by substring): an argument naming an existing directory is a model
-directory; otherwise it must be a registered recipe name. Nothing is downloaded at import.
+directory; ``hf-hub:org/name[@revision]`` is an edje-search model repo resolved through the
+Hugging Face cache (see hub.py); otherwise it must be a registered recipe name. Nothing is
+downloaded at import.
 """
 from __future__ import annotations
 
@@ -136,7 +138,7 @@ def _paper(name: str) -> Callable[[], EdjeModel]:
             f"model '{name}' is not on this machine (looked in {path}). With network access, convert the "
             f"released EDJE checkpoint: `edje-search convert-official CKPT --vision-model SIGLIP_DIR "
             f"--language-model MINILM_DIR --out {path}` (SIGLIP_DIR/MINILM_DIR: local copies of the hub models "
-            f"of the checkpoint, e.g. {arch.language_model}), or pass --model DIR")
+            f"of the checkpoint, e.g. {arch.language_model}), or pass --model DIR or --model hf-hub:ORG/NAME")
     return load
 
 
@@ -155,7 +157,15 @@ def list_recipes() -> list[Recipe]:
 
 
 def load_model(name_or_dir: str | Path) -> EdjeModel:
-    """Load a model from a model directory or a registered recipe name."""
+    """Load a model from a model directory, an ``hf-hub:`` repo or a registered recipe name."""
+    if str(name_or_dir).startswith("hf-hub:"):
+        from .hub import hub_snapshot
+
+        snapshot = hub_snapshot(str(name_or_dir))
+        if not is_model_dir(snapshot):
+            raise ModelNotAvailable(f"{name_or_dir} is not an edje-search model repo (it has no edje.json); "
+                                    f"for an open_clip first stage use `edje-search import-first-stage`")
+        return EdjeModel.from_pretrained(snapshot)
     path = Path(name_or_dir).expanduser()
     if path.is_dir():
         if not is_model_dir(path):

@@ -8,7 +8,11 @@ TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 DEMO_DIR ?= runs/demo
 export EDJE_HOME ?= $(CURDIR)/runs/home
 
-.PHONY: help install test test-all demo bench bench-full lint clean
+# model and labelled split for `make fidelity` (the longer run the README describes)
+FIDELITY_MODEL ?= runs/long/model
+FIDELITY_DATA ?= runs/demo/data/test.json
+
+.PHONY: help install test test-all demo bench bench-full fidelity lint clean
 
 help:  ## Show this help
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -32,11 +36,17 @@ test-all: install  ## Run every test, including the slow end-to-end ones
 demo: install  ## Make data, train (or reuse) the demo model, index, query, evaluate
 	bash scripts/demo.sh
 
-bench: install  ## Quick benchmark run (writes benchmarks/results/)
+bench: install  ## Quick benchmark run (N = 10k; writes benchmarks/results/ and the README table)
 	$(PY) -m benchmarks.run --quick
+	$(PY) -m benchmarks.report --readme
 
-bench-full: install  ## Full benchmark run
+bench-full: install  ## Full benchmark run (N = 10k and 100k)
 	$(PY) -m benchmarks.run
+	$(PY) -m benchmarks.report --readme
+
+fidelity: install  ## Backends and int8 tokens against eager fp32 on FIDELITY_MODEL / FIDELITY_DATA
+	$(PY) -m benchmarks.fidelity --model $(FIDELITY_MODEL) --data $(FIDELITY_DATA)
+	$(PY) -m benchmarks.report --readme
 
 lint: install  ## Static checks
 	$(VENV)/bin/ruff check edje_search cli tests benchmarks

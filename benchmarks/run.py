@@ -69,24 +69,23 @@ def throughput_section(quick: bool, res: dict) -> None:
     }
 
 
-def storage_section(quick: bool, res: dict, workdir: Path) -> None:
+def storage_section(sizes: tuple[int, ...], res: dict, workdir: Path) -> None:
     from .latency import gather_latency
 
     res["bytes_per_image"] = {"float32": bytes_per_image(64, 384, "float32"),
                               "float16": bytes_per_image(64, 384, "float16"),
                               "int8 + fp16 scale per token": bytes_per_image(64, 384, "int8"),
                               "local float16 (576 tokens)": bytes_per_image(576, 384, "float16")}
-    sizes = (10_000,) if quick else (10_000, 100_000)
     res["gather_ms"] = {f"N={n} {dtype}": gather_latency(workdir, n, dtype)
                         for n in sizes for dtype in ("float16", "int8")}
 
 
-def latency_section(quick: bool, res: dict, workdir: Path, best: str) -> None:
+def latency_section(quick: bool, sizes: tuple[int, ...], res: dict, workdir: Path, best: str) -> None:
     from .latency import paper_text_first_stage, query_latency, synthetic_index
 
     first = paper_text_first_stage()
     out = {}
-    for n in ((10_000,) if quick else (10_000, 100_000)):
+    for n in sizes:
         store_dir = workdir / f"index-{n}"
         synthetic_index(store_dir, n, first.embed_dim, "float16")
         for backend in dict.fromkeys(("eager", best)):
@@ -105,12 +104,16 @@ def build_section(quick: bool, res: dict, workdir: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small sizes, few repeats (CI)")
+    ap.add_argument("--sizes", default=None,
+                    help="collection sizes for gathers and query latency (default: 10000 quick, 10000,100000 full)")
     ap.add_argument("--sections", default="throughput,storage,latency,build",
                     help="comma-separated subset to run (others are kept from the previous results file)")
     args = ap.parse_args()
     torch.manual_seed(0)
     out = RESULTS / "bench.json"
     wanted = args.sections.split(",")
+    sizes = tuple(int(n) for n in args.sizes.split(",")) if args.sizes else (
+        (10_000,) if args.quick else (10_000, 100_000))
     res: dict = json.loads(out.read_text()) if out.is_file() and len(wanted) < 4 else {}
     res.update({"machine": machine(), "mode": "quick" if args.quick else "full", "time": time.strftime("%F %T")})
     with tempfile.TemporaryDirectory() as d:
@@ -118,9 +121,9 @@ def main() -> None:
         if "throughput" in wanted:
             throughput_section(args.quick, res)
         if "storage" in wanted:
-            storage_section(args.quick, res, work)
+            storage_section(sizes, res, work)
         if "latency" in wanted:
-            latency_section(args.quick, res, work, res.get("best_backend", "onnx-int8"))
+            latency_section(args.quick, sizes, res, work, res.get("best_backend", "onnx-int8"))
         if "build" in wanted:
             build_section(args.quick, res, work)
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -43,7 +43,7 @@ def test_onnx_export_is_cached_per_weights(tmp_path):
     model = build_tiny_model(seed=0)
     model.reranker.use_backend("onnx-int8", cache_dir=tmp_path)
     files = sorted(p.name for p in tmp_path.rglob("*.onnx"))
-    assert files == ["scorer-int8.onnx", "scorer.onnx"]
+    assert files == ["scorer-int8-pc.onnx", "scorer.onnx"]
     stamp = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*.onnx")}
     build_tiny_model(seed=0).reranker.use_backend("onnx-int8", cache_dir=tmp_path)  # same weights: reused
     assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*.onnx")} == stamp

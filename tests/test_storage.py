@@ -63,6 +63,7 @@ def test_int8_store_round_trip_and_size(tmp_path):
     store.write(10, data[10:])
     store = open_token_store(tmp_path / "t.zarr", mode="r+")
     assert isinstance(store, Int8ZarrTokenStore) and len(store) == 23
+    assert store._q._raw_layout and store._scale._raw_layout  # both read by pread, not through zarr
     rows = np.array([22, 0, 9, 9, 10])
     q, scale = quantize_per_token(data[rows])
     np.testing.assert_array_equal(store.get(rows), q.astype(np.float32) * scale.astype(np.float32))

@@ -76,7 +76,10 @@ def _is_raw_layout(path: Path) -> bool:
         meta = json.loads((path / "zarr.json").read_text())
     except (OSError, ValueError):
         return False
-    return (meta.get("codecs") == [{"name": "bytes", "configuration": {"endian": "little"}}]
+    plain = [{"name": "bytes", "configuration": {"endian": "little"}}]
+    if meta.get("data_type") in ("int8", "uint8", "bool"):  # one byte per value: no endianness recorded
+        plain = [{"name": "bytes"}] if meta.get("codecs") == [{"name": "bytes"}] else plain
+    return (meta.get("codecs") == plain
             and meta.get("chunk_key_encoding") == {"name": "default", "configuration": {"separator": "/"}}
             and sys.byteorder == "little" and meta.get("shape", [0, 0, 0])[1:] == meta["chunk_grid"]
             ["configuration"]["chunk_shape"][1:])

@@ -271,7 +271,7 @@ class Engine:
         clock.lap("faiss")
         n_rerank = min(rerank_k, pool)
         rerank = self._rerank_pool(queries, rows[:, :n_rerank], batch_size, clock) if n_rerank else None
-        by_row = {e.row: e.path for e in self.store.entries}
+        by_row = self.store.path_of_row
         results = []
         for qi in range(len(queries)):
             cand = [(int(r), float(s)) for r, s in zip(rows[qi], first_scores[qi]) if r >= 0]

@@ -110,8 +110,10 @@ def test_index_store_commit_reopen_and_remove(tmp_path):
     t = rng.standard_normal((6, 2, 4)).astype(np.float16)
     store.commit([f"/p{i}" for i in range(6)], [f"h{i}" for i in range(6)], v, t)
     store.commit([], [], v[:0], t[:0], removed_rows=[1, 3])
+    assert store.path_of_row == {0: "/p0", 2: "/p2", 4: "/p4", 5: "/p5"}  # follows each commit
     again = IndexStore.open(tmp_path / "i")
     assert [e.path for e in again.entries] == ["/p0", "/p2", "/p4", "/p5"]
+    assert again.path_of_row == store.path_of_row
     assert again.faiss.ntotal == 4
     assert np.array_equal(again.tokens.get([4]), t[4:5])
     np.testing.assert_array_equal(again.vectors([5]), v[5:6])

@@ -65,6 +65,17 @@ def _fsync_dir(path: Path) -> None:
 class IndexStore:
     """Reads and commits one index directory."""
 
+    @property
+    def entries(self) -> list[ManifestEntry]:
+        """Live images of the committed generation, in manifest order."""
+        return self._entries
+
+    @entries.setter
+    def entries(self, entries: list[ManifestEntry]) -> None:
+        self._entries = entries
+        # built once per generation: searches look paths up by row without scanning the manifest
+        self.path_of_row: dict[int, str] = {e.row: e.path for e in entries}
+
     def __init__(self, directory: Path, config: IndexConfig, generation: int, n_rows: int,
                  mode: str = "r"):
         self.directory = directory
@@ -74,7 +85,7 @@ class IndexStore:
         self.mode = mode
         self.tokens = open_token_store(directory / "tokens.zarr", mode="r" if mode == "r" else "r+")
         self._vectors = ZarrTokenStore.open(directory / "vectors.zarr", mode="r" if mode == "r" else "r+")
-        self.entries: list[ManifestEntry] = self._read_manifest()
+        self.entries = self._read_manifest()
         self.faiss = vector_index.read_index(self._faiss_path(generation)) if generation > 0 else \
             vector_index.new_index(config.factory, config.dim)
 

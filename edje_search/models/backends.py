@@ -21,7 +21,7 @@ import os
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -49,23 +49,29 @@ class _ScoreGraph(nn.Module):
         self.joint = joint
 
     def forward(self, input_ids, attention_mask, token_type_ids, image_tokens):
-        embeds = self.joint.embed_inputs(input_ids, image_tokens)
-        hidden = self.joint.language_model.bert(inputs_embeds=embeds, attention_mask=attention_mask,
-                                                token_type_ids=token_type_ids).last_hidden_state
-        return self.joint.score_hidden(hidden)
+        return self.joint.score_hidden(self.joint(input_ids, attention_mask, token_type_ids, image_tokens))
 
 
 class TorchScorer:
-    def __init__(self, name: str, graph: nn.Module, autocast_dtype: torch.dtype | None = None):
+    """Runs the graph in torch; ``device`` pins it to one device (quantised kernels are CPU-only),
+    inputs are moved there and the logits back."""
+
+    def __init__(self, name: str, graph: nn.Module, autocast_dtype: torch.dtype | None = None,
+                 device: torch.device | None = None):
         self.name = name
         self.graph = graph.eval()
         self.autocast_dtype = autocast_dtype
+        self.device = device
 
     def __call__(self, input_ids, attention_mask, token_type_ids, image_tokens) -> torch.Tensor:
-        device = input_ids.device
-        with torch.autocast(device.type, dtype=self.autocast_dtype or torch.float32,
+        caller = input_ids.device
+        run_on = self.device or caller
+        inputs = [t.to(run_on) for t in (input_ids, attention_mask, token_type_ids)]
+        # a pinned graph is fp32 (see make_scorer) whatever the caller's precision
+        image_tokens = image_tokens.to(run_on, torch.float32 if self.device else image_tokens.dtype)
+        with torch.autocast(run_on.type, dtype=self.autocast_dtype or torch.float32,
                             enabled=self.autocast_dtype is not None):
-            return self.graph(input_ids, attention_mask, token_type_ids, image_tokens).float()
+            return self.graph(*inputs, image_tokens).float().to(caller)
 
 
 class OnnxScorer:
@@ -159,7 +165,7 @@ def make_scorer(joint: JointEncoder, backend: str, n_image_tokens: int, *,
         quantized = torch.ao.quantization.quantize_dynamic(
             copy.deepcopy(_ScoreGraph(joint)).float().cpu(),
             {nn.Linear: torch.ao.quantization.per_channel_dynamic_qconfig}, dtype=torch.qint8)
-        return _on_cpu(TorchScorer("dynamic-int8", quantized))
+        return TorchScorer("dynamic-int8", quantized, device=torch.device("cpu"))
     folder = (cache_dir or onnx_cache_dir()) / weights_hash(joint)
     fp32 = folder / "scorer.onnx"
     if not fp32.is_file():
@@ -171,12 +177,3 @@ def make_scorer(joint: JointEncoder, backend: str, n_image_tokens: int, *,
         quantize_onnx(fp32, int8)
     return OnnxScorer("onnx-int8", int8)
 
-
-def _on_cpu(scorer: TorchScorer) -> Callable:
-    """Quantised torch kernels run on the CPU: move inputs there and the logits back."""
-    def run(input_ids, attention_mask, token_type_ids, image_tokens):
-        device = input_ids.device
-        out = scorer(input_ids.cpu(), attention_mask.cpu(), token_type_ids.cpu(), image_tokens.float().cpu())
-        return out.to(device)
-    run.name = scorer.name
-    return run

@@ -1,7 +1,7 @@
 """build-index throughput against the raw vision-encoder throughput: what the pipeline costs.
 
 The collection is JPEG photos-sized images (640 x 480) written to a temporary folder; the
-model is the demo architecture (48 px ViT, 12 stored tokens) with random weights.
+model is the demo architecture (48 px ViT, 12 stored tokens) before training; speed does not depend on weights.
 """
 from __future__ import annotations
 
@@ -11,12 +11,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from transformers import AutoTokenizer, BertConfig
 
 from edje_search.engine import Engine
 from edje_search.models.bundle import EdjeModel
-from edje_search.models.registry import build_reranker, bundled_minilm_dir
 from edje_search.training.first_stage import FirstStageTrainConfig, demo_first_stage
+from edje_search.training.reranker import RerankerTrainConfig, new_reranker
 
 from .timing import median_seconds
 
@@ -34,11 +33,9 @@ def write_photos(directory: Path, n: int, size=(640, 480)) -> Path:
 
 
 def demo_shaped_model() -> EdjeModel:
+    cfg = RerankerTrainConfig(n_queries=12, mlp_dim=512)  # the demo's reranker shape
     first = demo_first_stage(FirstStageTrainConfig())
-    tok = AutoTokenizer.from_pretrained(str(bundled_minilm_dir()))
-    bert = BertConfig.from_pretrained(str(bundled_minilm_dir()))
-    reranker = build_reranker(first, bert, tok, variant="compressed", n_queries=12, mlp_dim=512)
-    return EdjeModel(first, reranker, name="bench-demo-shape").eval()
+    return EdjeModel(first, new_reranker(first, cfg), name="bench-demo-shape").eval()
 
 
 def build_throughput(workdir: Path, n_images: int, batch_size: int = 32, workers: int = 2) -> dict:

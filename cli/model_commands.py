@@ -16,8 +16,9 @@ def models(as_json):
     if as_json:
         emit_json([{"name": r.name, "description": r.description} for r in recipes])
         return
+    width = max(len(r.name) for r in recipes)
     for r in recipes:
-        click.echo(f"{r.name:<18} {r.description}")
+        click.echo(f"{r.name:<{width}}  {r.description}")
 
 
 @cli.command("convert-official")
@@ -42,7 +43,8 @@ def convert_official_cmd(checkpoint, vision_model, language_model, out_dir, name
 @cli.command("import-first-stage")
 @click.argument("name")
 @click.option("--pretrained", default=None,
-              help="open_clip pretrained tag (e.g. webli, openai, laion2b_s34b_b79k); not used with hf-hub: names.")
+              help="open_clip pretrained tag (e.g. webli, openai, laion2b_s34b_b79k); required for architecture "
+                   "names, not used with hf-hub: names.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="First-stage directory to write (give it to `train reranker --first-stage`).")
 def import_first_stage_cmd(name, pretrained, out_dir):

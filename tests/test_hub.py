@@ -109,3 +109,19 @@ def test_open_clip_weights_missing_offline_is_one_clear_message(hub_cache, tmp_p
     assert "\n" not in str(e.value) and "huggingface-cli download" in str(e.value)
     with pytest.raises(ModelNotAvailable, match="no pretrained tag"):
         save_open_clip_first_stage("ViT-B-16-SigLIP2-256", tmp_path / "x", pretrained="no-such-tag")
+    with pytest.raises(ModelNotAvailable, match="no --pretrained tag given.*webli"):
+        save_open_clip_first_stage("ViT-B-16-SigLIP2-256", tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_failed_import_leaves_no_directory(hub_cache, tmp_path):
+    tok_dir = add_repo(hub_cache, "edje-test/tokenizer")  # the tokenizer is there, the weights are not
+    for f in bundled_minilm_dir().iterdir():
+        if f.is_file() and not f.name.endswith((".safetensors", ".bin", ".onnx")):
+            shutil.copy(f, tok_dir / f.name)
+    repo = add_repo(hub_cache, "edje-test/no-weights")
+    (repo / "open_clip_config.json").write_text(json.dumps({"model_cfg": _tiny_open_clip_cfg("edje-test/tokenizer")}))
+    out = tmp_path / "first"
+    with pytest.raises(ModelNotAvailable, match="weights"):
+        save_open_clip_first_stage("hf-hub:edje-test/no-weights", out)
+    assert not out.exists()

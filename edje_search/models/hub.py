@@ -7,6 +7,7 @@ cache holds is used and anything missing is named in one :class:`ModelNotAvailab
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from ..config import FirstStageConfig
@@ -79,9 +80,11 @@ def _open_clip_configs(name: str, pretrained: str | None) -> tuple[dict, dict]:
     if model_cfg is None:
         raise ModelNotAvailable(f"'{name}' is not an open_clip architecture (see open_clip.list_models())")
     pre = open_clip.get_pretrained_cfg(name, pretrained) if pretrained else {}
-    if pretrained and not pre:
+    if not pre:  # without weights a first stage ranks at random
         tags = ", ".join(t for n, t in open_clip.list_pretrained() if n == name) or "none"
-        raise ModelNotAvailable(f"open_clip has no pretrained tag '{pretrained}' for {name} (known: {tags})")
+        if pretrained:
+            raise ModelNotAvailable(f"open_clip has no pretrained tag '{pretrained}' for {name} (known: {tags})")
+        raise ModelNotAvailable(f"no --pretrained tag given for {name}; pick one of: {tags}")
     return model_cfg, pre
 
 
@@ -92,6 +95,17 @@ def save_open_clip_first_stage(name: str, out_dir: str | Path, pretrained: str |
     Weights come through open_clip (and so through the hub cache); the tokenizer (and, for a
     Hugging Face text tower, its config) is copied into the directory, so it loads offline.
     """
+    out_dir = Path(out_dir)
+    created = not out_dir.exists()
+    try:
+        return _write_open_clip_first_stage(name, out_dir, pretrained)
+    except BaseException:
+        if created:  # a failed import leaves nothing behind (e.g. a tokenizer without weights)
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+
+
+def _write_open_clip_first_stage(name: str, out_dir: Path, pretrained: str | None) -> FirstStage:
     import open_clip
     from transformers import AutoConfig, AutoTokenizer
 
@@ -100,7 +114,6 @@ def save_open_clip_first_stage(name: str, out_dir: str | Path, pretrained: str |
     vision_size = model_cfg.get("vision_cfg", {}).get("image_size", 224)
     image_size = int(vision_size[0] if isinstance(vision_size, (list, tuple)) else vision_size)
     tok_name = text_cfg.get("hf_tokenizer_name") or text_cfg.get("hf_model_name")
-    out_dir = Path(out_dir)
     tokenizer_dir = None
     if tok_name:  # cheap checks first: the tokenizer, then the weights file, then build the model
         tokenizer_dir = out_dir / TOKENIZER_DIR
@@ -109,11 +122,10 @@ def save_open_clip_first_stage(name: str, out_dir: str | Path, pretrained: str |
             _cache_first(AutoConfig, text_cfg["hf_model_name"], "text tower config").save_pretrained(
                 str(tokenizer_dir))
     try:
-        if name.startswith(HUB_PREFIX):
-            source = open_clip.create_model(name)
+        if name.startswith(HUB_PREFIX):  # without require_pretrained, missing weights only warn
+            source = open_clip.create_model(name, require_pretrained=True)
         else:
-            weights = open_clip.download_pretrained(pre) if pretrained else None
-            source = open_clip.create_model(name, pretrained=weights or None)
+            source = open_clip.create_model(name, pretrained=open_clip.download_pretrained(pre))
     except (OSError, RuntimeError, ValueError) as e:
         raise _missing("open_clip weights of", f"{name} {pretrained or ''}".strip(), e) from e
     config = FirstStageConfig(

@@ -296,13 +296,16 @@ class Engine:
         if clock:
             clock.lap("gather")
         captions = np.repeat(np.arange(len(queries)), rows.shape[1])[valid]
-        scores = np.full(flat.shape, -np.inf, dtype=np.float32)
-        out = []
-        for s in range(0, len(inverse), batch_size):
-            sl = slice(s, s + batch_size)
+        # length-bucketed batches: pairs sorted by caption length, so a batch pads to little
+        lengths = np.array([len(ids) for ids in self.model.reranker.tokenizer(list(queries))["input_ids"]])
+        order = np.argsort(lengths[captions], kind="stable")
+        pair_scores = np.empty(len(order), dtype=np.float32)
+        for s in range(0, len(order), batch_size):
+            sl = order[s:s + batch_size]
             caps = [queries[i] for i in captions[sl]]
-            out.append(self.model.reranker.score(caps, projected_tokens=tokens[inverse[sl]]).cpu().numpy())
-        scores[valid] = np.concatenate(out) if out else []
+            pair_scores[sl] = self.model.reranker.score(caps, projected_tokens=tokens[inverse[sl]]).cpu().numpy()
+        scores = np.full(flat.shape, -np.inf, dtype=np.float32)
+        scores[valid] = pair_scores
         if clock:
             clock.lap("rerank")
         return scores.reshape(rows.shape)

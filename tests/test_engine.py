@@ -75,6 +75,18 @@ def test_batch_search_equals_single_queries(built_index):
         np.testing.assert_allclose([h.rerank_score for h in hits], [h.rerank_score for h in single], atol=1e-5)
 
 
+def test_batch_search_groups_pairs_of_similar_caption_length(built_index, monkeypatch):
+    engine = Engine.from_pretrained(built_index)
+    long_q, short_q = QUERIES[0], "a cat"
+    calls = []
+    score = engine.model.reranker.score
+    monkeypatch.setattr(engine.model.reranker, "score", lambda caps, **kw: calls.append(set(caps)) or score(caps, **kw))
+    engine.search_batch([long_q, short_q, QUERIES[1]], k=5, rerank_k=10, batch_size=8)
+    # in query order batches would be [8 long], [2 long + 6 short], ...; sorted by length the
+    # short query's pairs come first and fill a batch of their own
+    assert calls[0] == {short_q}
+
+
 def test_bad_queries_raise(built_index):
     engine = Engine.from_pretrained(built_index)
     with pytest.raises(ValueError, match="empty"):

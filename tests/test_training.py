@@ -18,8 +18,8 @@ from edje_search.models.registry import build_tiny_model, bundled_minilm_dir
 from edje_search.training.batches import PairBatches, first_stage_neighbours
 from edje_search.training.losses import (distillation_loss, itm_loss, mask_caption_tokens, mlm_loss,
                                          recovery_loss)
-from edje_search.training.mining import mine_hard_negatives
-from edje_search.training.reranker import RerankerTrainConfig, train_reranker
+from edje_search.training.mining import match_groups, mine_hard_negatives
+from edje_search.training.reranker import RerankerTrainConfig, _mining_pool, train_reranker
 
 
 # ------------------------------------------------------------------------------------ mining
@@ -39,10 +39,43 @@ def test_mining_picks_the_most_similar_other_image():
     assert neg_cap.tolist() == [2, 2, 1]
 
 
-def test_mining_respects_identical_captions():
+def test_match_groups_join_images_sharing_an_id_or_a_caption():
+    # image 0 and 2 share a sentence (up to case and spacing) through different caption slots,
+    # 3 and 4 share an id; 1 stands alone
+    image_ids = ["a", "b", "c", "d", "d"]
+    caption_image = [0, 0, 1, 2, 2, 3, 4]
+    captions = ["red left of blue", "blue right of red", "green", "x", "Blue  right of RED", "y", "z"]
+    groups = match_groups(image_ids, caption_image, captions)
+    assert groups[0] == groups[2] and groups[3] == groups[4]
+    assert len({groups[0], groups[1], groups[3]}) == 3
+
+
+def test_mining_never_picks_an_image_of_the_same_group():
     emb = torch.eye(3)
-    neg_img, _ = mine_hard_negatives(emb, emb, torch.arange(3), caption_keys=torch.tensor([7, 7, 8]))
-    assert neg_img.tolist()[:2] == [2, 2]
+    neg_img, neg_cap = mine_hard_negatives(emb, emb, torch.tensor([0, 0, 1]))
+    assert neg_img.tolist() == [2, 2, 0] and neg_cap.tolist() == [2, 2, 0]
+
+
+def test_mining_from_a_pool_larger_than_the_batch():
+    # batch: 2 pairs on the axes; the pool adds a near copy of pair 0 (another group) and a far pair
+    text = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    pool_text = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.99, 0.14], [-1.0, 0.0]])
+    pool_groups = torch.tensor([0, 1, 2, 3])
+    neg_img, neg_cap = mine_hard_negatives(text, text, torch.tensor([0, 1]), pool=(pool_text, pool_text, pool_groups))
+    assert neg_img.tolist() == [2, 2] and neg_cap.tolist() == [2, 2]  # 0.14 > 0 for pair 1 too
+    # the same pool entry in the same group as the query is never picked
+    neg_img, _ = mine_hard_negatives(text, text, torch.tensor([0, 1]),
+                                     pool=(pool_text, pool_text, torch.tensor([0, 1, 0, 3])))
+    assert neg_img.tolist() == [1, 2]  # pair 0 skips the near copy now in its group; pair 1 still takes it
+
+
+def test_mining_pool_starts_with_the_batch_and_repeats_per_step():
+    batch = torch.tensor([5, 9, 2])
+    pool = _mining_pool(batch, 100, 10, (0, 7, 0))
+    assert len(pool) == 10 and pool[:3].tolist() == [5, 9, 2] and int(pool.max()) < 100
+    assert torch.equal(pool, _mining_pool(batch, 100, 10, (0, 7, 0)))  # same step: same pool (all ranks, resume)
+    assert not torch.equal(pool, _mining_pool(batch, 100, 10, (0, 8, 0)))
+    assert _mining_pool(batch, 100, 0, (0, 7, 0)) is batch  # 0 = the batch only
 
 
 def test_mining_needs_two_images():
@@ -128,7 +161,7 @@ def test_each_loss_decreases_on_a_toy_batch():
     for name in ("itm", "mlm", "recovery", "distill"):
         r = build_tiny_model(seed=1).reranker.train()
         opt = torch.optim.AdamW(r.parameters(), lr=3e-3)
-        args = (feats, caps, torch.arange(4), 0, 4, torch.arange(4), torch.arange(4), torch.arange(4), r.tokenizer,
+        args = (feats, caps, torch.arange(4), torch.arange(4), 0, 4, torch.arange(4), torch.arange(4), r.tokenizer,
                 cfg, torch.device("cpu"))
         history = []
         for _ in range(10):
@@ -178,7 +211,7 @@ def test_train_reranker_saves_a_usable_model_and_resumes(tmp_path, shapes_dir, t
     log = [json.loads(x) for x in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
     assert [x["step"] for x in log] == [1, 2, 3, 4, 5, 6]
     # a student distilled from the teacher trains too
-    cfg_s = RerankerTrainConfig(n_queries=2, mlp_dim=64, steps=2, batch_size=8, lr=1e-3)
+    cfg_s = RerankerTrainConfig(n_queries=2, mlp_dim=64, steps=2, batch_size=8, lr=1e-3, mining_pool=32)
     train_reranker(tiny_first_stage_dir, data, tmp_path / "student", cfg_s, lm_dir=tiny_lm_dir,
                    teacher_dir=tmp_path / "run" / "model", progress=False)
     log = [json.loads(x) for x in (tmp_path / "student" / "train_log.jsonl").read_text().splitlines()]

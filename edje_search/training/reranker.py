@@ -29,7 +29,7 @@ from .common import (all_gather_cat, autocast, average_gradients, broadcast_para
 from .batches import PairBatches, first_stage_neighbours
 from .features import compute_features
 from .losses import distillation_loss, itm_loss, mask_caption_tokens, mlm_loss, recovery_loss
-from .mining import mine_hard_negatives
+from .mining import match_groups, mine_hard_negatives
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +47,7 @@ class RerankerTrainConfig:
     warmup_fraction: float = 0.05
     new_module_lr_scale: float = 1.0  # >1 trains the fresh adapter and heads faster (unstable above ~3)
     neighbour_group: int = 1  # >1: batches of groups of first-stage neighbours (harder in-batch negatives)
+    mining_pool: int = 0  # >global batch: mine negatives among this many pairs (the batch + random others)
     w_itm: float = 1.0
     w_mlm: float = 1.0
     w_recovery: float = 1.0
@@ -126,8 +127,7 @@ def train_reranker(first_stage_dir: str | Path, data: CaptionSet, out_dir: str |
         step = state["step"]
         batches.rng.bit_generator.state = state["batch_rng"]
         batches.queue = state["batch_queue"]
-    image_ids = torch.tensor(np.unique(np.asarray(data.image_ids), return_inverse=True)[1])
-    caption_keys = torch.tensor(np.unique(np.asarray(data.captions), return_inverse=True)[1])
+    groups = torch.from_numpy(match_groups(data.image_ids, data.caption_image, data.captions))
     caption_image = torch.tensor(data.caption_image)
     tok = reranker.tokenizer
     log_path = out_dir / "train_log.jsonl"
@@ -137,13 +137,14 @@ def train_reranker(first_stage_dir: str | Path, data: CaptionSet, out_dir: str |
     while step < cfg.steps:
         opt.zero_grad(set_to_none=True)
         logs: dict[str, float] = {}
-        for _ in range(cfg.grad_accum):
+        for micro in range(cfg.grad_accum):
             global_caps = torch.from_numpy(batches.next())
             local = global_caps[rank * cfg.batch_size:(rank + 1) * cfg.batch_size]
             # every process contributes its pairs to the gathered global batch used for mining
             global_caps = all_gather_cat(local)
-            losses = _step_losses(reranker, teacher, feats, data.captions, global_caps, rank * cfg.batch_size,
-                                  cfg.batch_size, caption_image, image_ids, caption_keys, tok, cfg, dev)
+            pool_caps = _mining_pool(global_caps, len(data.captions), cfg.mining_pool, (cfg.seed, step, micro))
+            losses = _step_losses(reranker, teacher, feats, data.captions, global_caps, pool_caps,
+                                  rank * cfg.batch_size, cfg.batch_size, caption_image, groups, tok, cfg, dev)
             total = sum(losses.values())
             (total / cfg.grad_accum).backward()
             for k, v in losses.items():
@@ -172,18 +173,31 @@ def train_reranker(first_stage_dir: str | Path, data: CaptionSet, out_dir: str |
     return model
 
 
+def _mining_pool(global_caps: torch.Tensor, n_captions: int, size: int, seed: tuple[int, ...]) -> torch.Tensor:
+    """Caption indices to mine negatives from: the global batch, then random captions up to ``size``.
+
+    Seeded by (seed, step, micro-batch), so every process draws the same pool and a resumed run
+    the same pools as an uninterrupted one.
+    """
+    extra = size - len(global_caps)
+    if extra <= 0:
+        return global_caps
+    rng = np.random.default_rng(list(seed))
+    return torch.cat([global_caps, torch.from_numpy(rng.integers(0, n_captions, extra))])
+
+
 def _step_losses(reranker: Reranker, teacher: Reranker | None, feats, captions: list[str],
-                 global_caps: torch.Tensor, offset: int, size: int, caption_image: torch.Tensor,
-                 image_ids: torch.Tensor, caption_keys: torch.Tensor, tok, cfg: RerankerTrainConfig,
+                 global_caps: torch.Tensor, pool_caps: torch.Tensor, offset: int, size: int,
+                 caption_image: torch.Tensor, groups: torch.Tensor, tok, cfg: RerankerTrainConfig,
                  dev: torch.device) -> dict[str, torch.Tensor]:
-    g_img = caption_image[global_caps]
-    neg_img, neg_cap = mine_hard_negatives(feats.text_emb[global_caps], feats.image_emb[g_img],
-                                           image_ids[g_img], caption_keys[global_caps])
-    mine = slice(offset, offset + size)
-    caps = global_caps[mine]
-    imgs = g_img[mine]
-    neg_imgs = g_img[neg_img[mine]]
-    neg_caps = global_caps[neg_cap[mine]]
+    caps = global_caps[offset:offset + size]
+    imgs = caption_image[caps]
+    p_img = caption_image[pool_caps]
+    neg_img, neg_cap = mine_hard_negatives(
+        feats.text_emb[caps], feats.image_emb[imgs], groups[imgs],
+        pool=(feats.text_emb[pool_caps], feats.image_emb[p_img], groups[p_img]))
+    neg_imgs = p_img[neg_img]
+    neg_caps = pool_caps[neg_cap]
     b = len(caps)
     pair_caps = [captions[i] for i in torch.cat([caps, caps, neg_caps]).tolist()]
     pair_imgs = torch.cat([imgs, neg_imgs, imgs])

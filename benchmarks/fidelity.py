@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from edje_search.evaluation import (encode_set, first_correct_rank, load_eval_set, pair_scorer, project_tokens,
-                                    recall_at_k, rerank_order)
+                                    recall_at_k, rerank_order, rerank_scores)
 from edje_search.models.registry import load_model
 from edje_search.storage.token_store import dequantize, quantize_per_token
 
@@ -28,12 +28,8 @@ DEFAULT_BACKENDS = ("eager", "dynamic-int8", "onnx", "onnx-int8")
 
 
 def _ranked(order: np.ndarray, rerank_k: int, scorer) -> tuple[np.ndarray, np.ndarray]:
-    seen = {}
-
-    def score(q, i):
-        seen["s"] = scorer(q, i)
-        return seen["s"]
-    return rerank_order(order, rerank_k, score), seen["s"]
+    scores = rerank_scores(order, rerank_k, scorer)
+    return rerank_order(order, scores), scores
 
 
 def fidelity(model_dir: str, data_file: str, backends=DEFAULT_BACKENDS, rerank_k: int = 10,

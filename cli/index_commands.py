@@ -136,10 +136,10 @@ def query(text, index_dir, k, rerank_k, model, backend, compare, as_json):
         return
     for q, hits in zip(text, results):
         click.echo(f"query: {q}")
-        click.echo(f"{'rank':>4}  {'rerank':>8}  {'first':>7}  path")
+        click.echo(f"{'rank':>4}  {'score':>8}  {'rerank':>8}  {'first':>7}  path")
         for h in hits:
-            rr = f"{h.rerank_score:8.3f}" if h.rerank_score is not None else f"{'-':>8}"
-            click.echo(f"{h.rank:>4}  {rr}  {h.first_stage_score:7.4f}  {h.path}")
+            sc, rr = (f"{x:8.3f}" if x is not None else f"{'-':>8}" for x in (h.score, h.rerank_score))
+            click.echo(f"{h.rank:>4}  {sc}  {rr}  {h.first_stage_score:7.4f}  {h.path}")
 
 
 def _short(path: str, width: int = 34) -> str:
@@ -148,9 +148,9 @@ def _short(path: str, width: int = 34) -> str:
 
 def _print_side_by_side(q, plain, reranked) -> None:
     click.echo(f"query: {q}")
-    click.echo(f"{'rank':>4}  {'first stage only':<34} {'score':>7}   {'reranked':<34} {'rerank':>7}")
+    click.echo(f"{'rank':>4}  {'first stage only':<34} {'score':>7}   {'reranked':<34} {'score':>7}")
     for a, b in zip(plain, reranked):
-        rr = f"{b.rerank_score:7.3f}" if b.rerank_score is not None else f"{'-':>7}"
+        rr = f"{b.score:7.3f}" if b.score is not None else f"{'-':>7}"
         click.echo(f"{a.rank:>4}  {_short(a.path):<34} {a.first_stage_score:7.4f}   {_short(b.path):<34} {rr}")
     click.echo("")
 

@@ -1,4 +1,4 @@
-"""make-dataset, train first-stage, train reranker, eval."""
+"""make-dataset, train first-stage, train reranker, eval, calibrate."""
 from __future__ import annotations
 
 import dataclasses
@@ -166,3 +166,54 @@ def eval_cmd(annotations, image_root, models, rerank_k, precision, batch_size, b
         emit_json(results)
     else:
         click.echo(format_table(results))
+
+
+@cli.command("calibrate")
+@_data_options
+@click.option("--model", "model_name", required=True, help="Model directory or name to calibrate.")
+@click.option("--rerank-k", default=10, show_default=True, help="First-stage candidates to rerank.")
+@click.option("--weights", default=None,
+              help="Comma-separated fusion weights to try (default: 0,1,2,5,10,20,50).")
+@click.option("--batch-size", default=128, show_default=True, help="Pairs per joint-encoder batch.")
+@click.option("--dry-run", is_flag=True, help="Report the best weight without writing it.")
+@json_option
+def calibrate_cmd(annotations, image_root, model_name, rerank_k, weights, batch_size, dry_run, as_json):
+    """Choose how much first-stage similarity to add to the joint-encoder score, on a labelled split.
+
+    Reranked hits are ranked by joint-encoder logit + W x first-stage similarity (as ALBEF and
+    BLIP add their contrastive similarity to the matching score; W = 0 is the joint encoder
+    alone). Each W is scored by mean R@1 of both directions on --data, which should be a
+    validation split, not the test split you report. The best W goes into the model's
+    edje.json, which search and eval then use; stored index rows do not change.
+    """
+    from edje_search import load_model
+    from edje_search.devices import pick_device
+    from edje_search.evaluation import FUSION_GRID, calibrate_fusion, load_eval_set
+
+    try:
+        grid = [float(w) for w in weights.split(",")] if weights else list(FUSION_GRID)
+    except ValueError:
+        raise click.BadParameter(f"not a comma-separated list of numbers: {weights!r}",
+                                 param_hint="--weights") from None
+    if any(w < 0 for w in grid):
+        raise click.BadParameter("fusion weights must be >= 0", param_hint="--weights")
+    if model_name.startswith("hf-hub:") and not dry_run:
+        raise click.UsageError("a hub model lives in the read-only hub cache: copy its directory and calibrate "
+                               "the copy, or use --dry-run")
+    data = load_eval_set(annotations, image_root)
+    model = load_model(model_name).to(pick_device()).eval()
+    result = calibrate_fusion(model, data, rerank_k=rerank_k, weights=grid, batch_size=batch_size)
+    result.update(model=str(model.path), data=str(annotations), previous=model.fusion_weight, written=not dry_run)
+    if not dry_run:
+        model.fusion_weight = result["best"]
+        model.save_info()
+    if as_json:
+        emit_json(result)
+        return
+    click.echo(f"{result['n_images']} images, {result['n_captions']} captions, rerank_k={rerank_k}")
+    click.echo(f"{'weight':>8} | {'t2i R@1':>8} {'i2t R@1':>8}")
+    for row in result["rows"]:
+        mark = "  <- best" if row["fusion_weight"] == result["best"] else ""
+        click.echo(f"{row['fusion_weight']:8g} | {row['t2i']['R@1']:8.1f} {row['i2t']['R@1']:8.1f}{mark}")
+    where = "not written (--dry-run)" if dry_run else f"written to {model.path}/edje.json"
+    click.echo(f"fusion weight {result['best']:g} {where} (was {result['previous']:g})")

@@ -33,13 +33,19 @@ class ModelMismatch(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class Hit:
-    """One search result. ``rerank_score`` is None for hits beyond the reranked pool."""
+    """One search result.
+
+    ``rerank_score`` is the joint encoder's logit and ``score`` what the hit was ranked by:
+    ``rerank_score + fusion_weight * first_stage_score`` (the model's fusion weight, 0 by
+    default). Both are None for hits beyond the reranked pool, which keep first-stage order.
+    """
 
     rank: int
     row: int
     path: str
     first_stage_score: float
     rerank_score: float | None
+    score: float | None = None
 
 
 @dataclasses.dataclass
@@ -272,16 +278,18 @@ class Engine:
         n_rerank = min(rerank_k, pool)
         rerank = self._rerank_pool(queries, rows[:, :n_rerank], batch_size, clock) if n_rerank else None
         by_row = self.store.path_of_row
+        fusion_weight = self.model.fusion_weight
         results = []
         for qi in range(len(queries)):
             cand = [(int(r), float(s)) for r, s in zip(rows[qi], first_scores[qi]) if r >= 0]
             head = cand[:n_rerank]
             tail = cand[n_rerank:]
-            rs = rerank[qi][: len(head)] if rerank is not None else []
-            order = sorted(range(len(head)), key=lambda i: (-rs[i], -head[i][1]))
-            ranked = [(head[i][0], head[i][1], float(rs[i])) for i in order] + [(r, s, None) for r, s in tail]
-            results.append([Hit(rank=j + 1, row=r, path=by_row[r], first_stage_score=s, rerank_score=x)
-                            for j, (r, s, x) in enumerate(ranked[:k])])
+            rs = [float(x) for x in rerank[qi][: len(head)]] if rerank is not None else []
+            fused = [x + fusion_weight * s for x, (_, s) in zip(rs, head)]
+            order = sorted(range(len(head)), key=lambda i: (-fused[i], -head[i][1]))
+            ranked = [(*head[i], rs[i], fused[i]) for i in order] + [(r, s, None, None) for r, s in tail]
+            results.append([Hit(rank=j + 1, row=r, path=by_row[r], first_stage_score=s, rerank_score=x, score=f)
+                            for j, (r, s, x, f) in enumerate(ranked[:k])])
         clock.lap("merge")
         self.last_timings = {**clock.ms, "total": sum(clock.ms.values())}
         return results

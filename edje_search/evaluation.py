@@ -2,7 +2,9 @@
 
 Text-to-image: each caption's target is its image. Image-to-text: an image is found at the
 best rank of any of its captions. Reranking reorders the first stage's top ``rerank_k``
-candidates by joint-encoder score; candidates below keep their first-stage order.
+candidates by joint-encoder score (plus ``fusion_weight`` x first-stage similarity when the
+model has one, see :class:`~edje_search.models.bundle.BundleInfo`); candidates below keep their
+first-stage order.
 """
 from __future__ import annotations
 
@@ -38,13 +40,20 @@ def first_correct_rank(order: np.ndarray, targets: Sequence[set[int]]) -> np.nda
     return ranks
 
 
-def rerank_order(order: np.ndarray, rerank_k: int,
-                 score_pairs: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> np.ndarray:
-    """Reorder each row's first ``rerank_k`` entries by ``score_pairs(query_idx, item_idx)``."""
+def rerank_scores(order: np.ndarray, rerank_k: int,
+                  score_pairs: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> np.ndarray:
+    """``score_pairs(query_idx, item_idx)`` of each row's first ``rerank_k`` entries, as (Q, k)."""
     k = min(rerank_k, order.shape[1])
     q_idx = np.repeat(np.arange(order.shape[0]), k)
-    scores = score_pairs(q_idx, order[:, :k].reshape(-1)).reshape(order.shape[0], k)
-    head = np.take_along_axis(order[:, :k], np.argsort(-scores, axis=1, kind="stable"), axis=1)
+    return np.asarray(score_pairs(q_idx, order[:, :k].reshape(-1))).reshape(order.shape[0], k)
+
+
+def rerank_order(order: np.ndarray, scores: np.ndarray, first_scores: np.ndarray | None = None,
+                 fusion_weight: float = 0.0) -> np.ndarray:
+    """Reorder each row's first k = ``scores.shape[1]`` entries by score (+ weight x first-stage score)."""
+    k = scores.shape[1]
+    key = scores + fusion_weight * first_scores[:, :k] if fusion_weight else scores
+    head = np.take_along_axis(order[:, :k], np.argsort(-key, axis=1, kind="stable"), axis=1)
     return np.concatenate([head, order[:, k:]], axis=1)
 
 
@@ -85,52 +94,97 @@ def pair_scorer(model: EdjeModel, captions: list[str], tokens: torch.Tensor, *, 
     return score
 
 
+@dataclasses.dataclass
+class RerankedSet:
+    """One model's joint-encoder scores of the first stage's top-k, both directions."""
+
+    orders: dict[str, np.ndarray]  # "t2i" (C, N) / "i2t" (N, C) first-stage order
+    first: dict[str, np.ndarray]  # first-stage similarity of the same entries
+    scores: dict[str, np.ndarray]  # (Q, k) joint-encoder logits of the first k entries
+    targets: dict[str, list[set[int]]]
+
+    def recall(self, direction: str, fusion_weight: float = 0.0) -> dict[str, float]:
+        order = rerank_order(self.orders[direction], self.scores[direction], self.first[direction], fusion_weight)
+        return recall_at_k(first_correct_rank(order, self.targets[direction]))
+
+
+def _first_stage(enc: EncodedSet, data: CaptionSet) -> tuple[dict, dict, dict]:
+    sims = (enc.text_emb @ enc.image_emb.T).numpy()  # (C, N)
+    orders = {"t2i": np.argsort(-sims, axis=1, kind="stable"), "i2t": np.argsort(-sims.T, axis=1, kind="stable")}
+    first = {"t2i": np.take_along_axis(sims, orders["t2i"], axis=1),
+             "i2t": np.take_along_axis(sims.T, orders["i2t"], axis=1)}
+    targets = {"t2i": [{i} for i in data.caption_image], "i2t": [set(c) for c in data.image_captions]}
+    return orders, first, targets
+
+
+def rerank_set(model: EdjeModel, data: CaptionSet, enc: EncodedSet, *, rerank_k: int = 10,
+               precision: str = "fp32", batch_size: int = 128, progress: bool = True) -> RerankedSet:
+    orders, first, targets = _first_stage(enc, data)
+    tokens = project_tokens(model, enc.vision_tokens)
+    scores = {d: rerank_scores(orders[d], rerank_k,
+                               pair_scorer(model, data.captions, tokens, captions_are_queries=d == "t2i",
+                                           batch_size=batch_size, precision=precision, progress=progress))
+              for d in ("t2i", "i2t")}
+    return RerankedSet(orders, first, scores, targets)
+
+
 def evaluate(models: Sequence[EdjeModel], data: CaptionSet, *, rerank_k: int = 10, precision: str = "fp32",
              batch_size: int = 128, progress: bool = True) -> dict:
     """Recall table for the first stage of ``models[0]`` and for each model's reranker.
 
-    All models must share the first stage (as a teacher and its student do).
+    All models must share the first stage (as a teacher and its student do). A model with a
+    fusion weight gets two rows: the joint encoder alone, then fused with the first stage.
     """
     base = models[0]
     enc = encode_set(base, data, progress=progress)
-    sims = (enc.text_emb @ enc.image_emb.T).numpy()  # (C, N)
-    t2i_order = np.argsort(-sims, axis=1, kind="stable")
-    i2t_order = np.argsort(-sims.T, axis=1, kind="stable")
-    t2i_targets = [{i} for i in data.caption_image]
-    i2t_targets = [set(c) for c in data.image_captions]
+    orders, _, targets = _first_stage(enc, data)
     results = {"n_images": len(data.images), "n_captions": len(data.captions), "rerank_k": rerank_k,
                "rows": [{"name": "first stage", "variant": "embedding",
-                         "t2i": recall_at_k(first_correct_rank(t2i_order, t2i_targets)),
-                         "i2t": recall_at_k(first_correct_rank(i2t_order, i2t_targets))}]}
+                         "t2i": recall_at_k(first_correct_rank(orders["t2i"], targets["t2i"])),
+                         "i2t": recall_at_k(first_correct_rank(orders["i2t"], targets["i2t"]))}]}
     for model in models:
         if model.first_stage.config != base.first_stage.config:
             raise ValueError("evaluated rerankers must share the first stage")
-        tokens = project_tokens(model, enc.vision_tokens)
-        t2i = rerank_order(t2i_order, rerank_k, pair_scorer(model, data.captions, tokens, captions_are_queries=True,
-                                                              batch_size=batch_size, precision=precision,
-                                                              progress=progress))
-        i2t = rerank_order(i2t_order, rerank_k, pair_scorer(model, data.captions, tokens, captions_are_queries=False,
-                                                              batch_size=batch_size, precision=precision,
-                                                              progress=progress))
+        ranked = rerank_set(model, data, enc, rerank_k=rerank_k, precision=precision, batch_size=batch_size,
+                            progress=progress)
         cfg = model.reranker.config
-        results["rows"].append({
-            "name": model.name, "variant": cfg.variant, "tokens_per_image": cfg.tokens_per_image,
-            "backend": model.reranker.backend,
-            "model": str(model.path) if model.path else None,
-            "t2i": recall_at_k(first_correct_rank(t2i, t2i_targets)),
-            "i2t": recall_at_k(first_correct_rank(i2t, i2t_targets)),
-        })
+        for w in sorted({0.0, model.fusion_weight}):
+            results["rows"].append({
+                "name": model.name + (f" + first stage x{w:g}" if w else ""), "variant": cfg.variant,
+                "tokens_per_image": cfg.tokens_per_image, "fusion_weight": w,
+                "backend": model.reranker.backend,
+                "model": str(model.path) if model.path else None,
+                "t2i": ranked.recall("t2i", w), "i2t": ranked.recall("i2t", w),
+            })
     return results
 
 
+FUSION_GRID = (0.0, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0)
+
+
+def calibrate_fusion(model: EdjeModel, data: CaptionSet, *, rerank_k: int = 10, weights: Sequence[float] = FUSION_GRID,
+                     batch_size: int = 128, progress: bool = True) -> dict:
+    """R@1 for each candidate fusion weight on a validation split; picks the best mean of both directions.
+
+    Scores are computed once; each weight only reorders them. Ties go to the smaller weight.
+    """
+    enc = encode_set(model, data, progress=progress)
+    ranked = rerank_set(model, data, enc, rerank_k=rerank_k, batch_size=batch_size, progress=progress)
+    rows = [{"fusion_weight": float(w), "t2i": ranked.recall("t2i", w), "i2t": ranked.recall("i2t", w)}
+            for w in sorted(set(weights))]
+    best = max(rows, key=lambda r: (r["t2i"]["R@1"] + r["i2t"]["R@1"], -r["fusion_weight"]))
+    return {"n_images": len(data.images), "n_captions": len(data.captions), "rerank_k": rerank_k,
+            "rows": rows, "best": best["fusion_weight"]}
+
+
 def format_table(results: dict) -> str:
-    head = f"{'model':<28} {'variant':<11} {'m':>4} | " + " ".join(f"t2i {k:>4}" for k in ("R@1", "R@5", "R@10")) \
+    head = f"{'model':<36} {'variant':<11} {'m':>4} | " + " ".join(f"t2i {k:>4}" for k in ("R@1", "R@5", "R@10")) \
         + " | " + " ".join(f"i2t {k:>4}" for k in ("R@1", "R@5", "R@10"))
     lines = [f"{results['n_images']} images, {results['n_captions']} captions, rerank_k={results['rerank_k']}",
              head, "-" * len(head)]
     for row in results["rows"]:
         m = row.get("tokens_per_image", "")
-        lines.append(f"{row['name'][:28]:<28} {row['variant']:<11} {m!s:>4} | "
+        lines.append(f"{row['name'][:36]:<36} {row['variant']:<11} {m!s:>4} | "
                      + " ".join(f"{row['t2i'][k]:8.1f}" for k in ("R@1", "R@5", "R@10")) + " | "
                      + " ".join(f"{row['i2t'][k]:8.1f}" for k in ("R@1", "R@5", "R@10")))
     return "\n".join(lines)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 from click.testing import CliRunner
@@ -92,3 +93,22 @@ def test_eval_end_to_end(tiny_model_dir, shapes_dir, tmp_path):
         # reordering inside the top 10 cannot change whether the target is in the top 10
         assert reranked[direction]["R@10"] == first[direction]["R@10"]
         assert all(0 <= v <= 100 for v in reranked[direction].values())
+
+
+def test_calibrate_writes_the_best_fusion_weight_and_eval_reports_it(tiny_model_dir, shapes_dir, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    data = shapes_dir / "test.json"
+    dry = json.loads(run("calibrate", "--data", data, "--model", model, "--weights", "0,1e6", "--dry-run",
+                         "--json").stdout)
+    assert [r["fusion_weight"] for r in dry["rows"]] == [0.0, 1e6] and not dry["written"]
+    assert json.loads((model / "edje.json").read_text())["fusion_weight"] == 0.0
+    # a single huge weight: the fused order is the first stage's order
+    res = json.loads(run("calibrate", "--data", data, "--model", model, "--weights", "1e6", "--json").stdout)
+    assert res["best"] == 1e6 and json.loads((model / "edje.json").read_text())["fusion_weight"] == 1e6
+    rows = json.loads(run("eval", "--data", data, "--model", model, "--json").stdout)["rows"]
+    first, alone, fused = rows
+    assert alone["fusion_weight"] == 0.0 and fused["fusion_weight"] == 1e6 and "first stage" in fused["name"]
+    assert fused["t2i"] == first["t2i"] and fused["i2t"] == first["i2t"]
+    bad = run("calibrate", "--data", data, "--model", model, "--weights", "1,x", ok=False)
+    assert bad.exit_code != 0 and "comma-separated" in bad.output

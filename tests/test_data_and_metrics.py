@@ -8,7 +8,7 @@ import pytest
 
 from edje_search.data.annotations import read_captions
 from edje_search.data.synthetic import make_dataset
-from edje_search.evaluation import first_correct_rank, recall_at_k, rerank_order
+from edje_search.evaluation import first_correct_rank, recall_at_k, rerank_order, rerank_scores
 
 
 def _png(path):
@@ -79,7 +79,18 @@ def test_recall_against_hand_computed_cases():
 
 def test_rerank_order_only_touches_the_head():
     order = np.array([[5, 4, 3, 2, 1]])
-    new = rerank_order(order, 3, lambda q, items: items.astype(float))  # higher id = better
-    assert new.tolist() == [[5, 4, 3, 2, 1]]
-    new = rerank_order(order, 3, lambda q, items: -items.astype(float))
+    scores = rerank_scores(order, 3, lambda q, items: items.astype(float))  # higher id = better
+    assert scores.tolist() == [[5, 4, 3]]
+    assert rerank_order(order, scores).tolist() == [[5, 4, 3, 2, 1]]
+    new = rerank_order(order, rerank_scores(order, 3, lambda q, items: -items.astype(float)))
     assert new.tolist() == [[3, 4, 5, 2, 1]]
+
+
+def test_fusion_adds_the_weighted_first_stage_score():
+    order = np.array([[7, 8, 9]])
+    first = np.array([[0.9, 0.5, 0.1]])  # first-stage similarities, descending
+    scores = np.array([[0.0, 1.0, 1.2]])  # the joint encoder prefers 9, then 8
+    assert rerank_order(order, scores, first, 0.0).tolist() == [[9, 8, 7]]
+    # weight 1: 0.9 / 1.5 / 1.3 -> 8, 9, 7; weight 10: 9 / 6 / 2.2 -> the first-stage order
+    assert rerank_order(order, scores, first, 1.0).tolist() == [[8, 9, 7]]
+    assert rerank_order(order, scores, first, 10.0).tolist() == [[7, 8, 9]]

@@ -87,6 +87,18 @@ def test_batch_search_groups_pairs_of_similar_caption_length(built_index, monkey
     assert calls[0] == {short_q}
 
 
+def test_fusion_weight_adds_first_stage_similarity_to_the_ranking_score(built_index):
+    engine = Engine.from_pretrained(built_index)
+    alone = engine.search(QUERIES[0], k=10, rerank_k=10)
+    assert all(h.score == h.rerank_score for h in alone)
+    engine.model.fusion_weight = 1e6  # first-stage similarity dominates: back to first-stage order
+    fused = engine.search(QUERIES[0], k=10, rerank_k=10)
+    plain = engine.search(QUERIES[0], k=10, rerank_k=0)
+    assert [h.row for h in fused] == [h.row for h in plain]
+    for h in fused:
+        assert h.score == pytest.approx(h.rerank_score + 1e6 * h.first_stage_score)
+
+
 def test_bad_queries_raise(built_index):
     engine = Engine.from_pretrained(built_index)
     with pytest.raises(ValueError, match="empty"):

@@ -3,7 +3,7 @@
 Layout::
 
     MODEL_DIR/
-      edje.json                  name and format version
+      edje.json                  name, format version, fusion weight
       first_stage/               first_stage.json, first_stage.safetensors, tokenizer/ (if HF text)
       reranker/                  reranker.json, bert_config.json, reranker.safetensors, tokenizer/
 """
@@ -24,8 +24,15 @@ BUNDLE_FILE = "edje.json"
 
 @dataclasses.dataclass(frozen=True)
 class BundleInfo:
+    """``edje.json``. Ranking score of a reranked hit = joint-encoder logit + ``fusion_weight`` x
+    first-stage similarity (ALBEF and BLIP add their contrastive similarity to the matching score
+    the same way); 0 ranks by the joint encoder alone, as the EDJE paper does. ``edje-search
+    calibrate`` picks the weight on a validation split. Not part of the fingerprint: it changes
+    no stored row."""
+
     name: str
     format_version: int = 1
+    fusion_weight: float = 0.0
 
 
 def is_model_dir(path: str | Path) -> bool:
@@ -45,10 +52,12 @@ def hash_files(paths: list[Path]) -> str:
 class EdjeModel:
     """The two trained parts a search engine needs, plus what identifies them."""
 
-    def __init__(self, first_stage: FirstStage, reranker: Reranker, name: str = "unnamed"):
+    def __init__(self, first_stage: FirstStage, reranker: Reranker, name: str = "unnamed",
+                 fusion_weight: float = 0.0):
         self.first_stage = first_stage
         self.reranker = reranker
         self.name = name
+        self.fusion_weight = float(fusion_weight)
         self.path: Path | None = None
         self._fingerprint: str | None = None
         reranker.vision_encoder = lambda pixels: first_stage.encode_image(pixels)[1]
@@ -92,10 +101,19 @@ class EdjeModel:
         directory.mkdir(parents=True, exist_ok=True)
         self.first_stage.save_pretrained(directory / "first_stage")
         self.reranker.save_pretrained(directory / "reranker")
-        (directory / BUNDLE_FILE).write_text(json.dumps(dataclasses.asdict(BundleInfo(self.name)), indent=2) + "\n")
         self.path = directory.resolve()
+        self.save_info()
         self._fingerprint = None
         return directory
+
+    def save_info(self) -> None:
+        """(Re)write ``edje.json`` alone, atomically (name and fusion weight)."""
+        if self.path is None:
+            raise RuntimeError("save_info() needs a saved model; call save_pretrained first")
+        info = BundleInfo(self.name, fusion_weight=self.fusion_weight)
+        tmp = self.path / (BUNDLE_FILE + ".tmp")
+        tmp.write_text(json.dumps(dataclasses.asdict(info), indent=2) + "\n")
+        tmp.replace(self.path / BUNDLE_FILE)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> "EdjeModel":
@@ -104,6 +122,7 @@ class EdjeModel:
             raise FileNotFoundError(f"{directory} is not an edje-search model directory (no {BUNDLE_FILE})")
         info = BundleInfo(**json.loads((directory / BUNDLE_FILE).read_text()))
         model = cls(FirstStage.from_pretrained(directory / "first_stage"),
-                    Reranker.from_pretrained(directory / "reranker"), name=info.name)
+                    Reranker.from_pretrained(directory / "reranker"), name=info.name,
+                    fusion_weight=info.fusion_weight)
         model.path = directory.resolve()
         return model.eval()

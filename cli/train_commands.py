@@ -173,7 +173,7 @@ def eval_cmd(annotations, image_root, models, rerank_k, precision, batch_size, b
 @click.option("--model", "model_name", required=True, help="Model directory or name to calibrate.")
 @click.option("--rerank-k", default=10, show_default=True, help="First-stage candidates to rerank.")
 @click.option("--weights", default=None,
-              help="Comma-separated fusion weights to try (default: 0,1,2,5,10,20,50).")
+              help="Comma-separated fusion weights to try (default: 0,1,2,5,10,20,50,100,200).")
 @click.option("--batch-size", default=128, show_default=True, help="Pairs per joint-encoder batch.")
 @click.option("--dry-run", is_flag=True, help="Report the best weight without writing it.")
 @json_option

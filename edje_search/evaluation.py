@@ -159,7 +159,7 @@ def evaluate(models: Sequence[EdjeModel], data: CaptionSet, *, rerank_k: int = 1
     return results
 
 
-FUSION_GRID = (0.0, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0)
+FUSION_GRID = (0.0, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0)
 
 
 def calibrate_fusion(model: EdjeModel, data: CaptionSet, *, rerank_k: int = 10, weights: Sequence[float] = FUSION_GRID,

@@ -109,7 +109,11 @@ def remove(paths, index_dir, as_json):
 @click.option("--compare", is_flag=True, help="Show first-stage and reranked top-k side by side.")
 @json_option
 def query(text, index_dir, k, rerank_k, model, backend, compare, as_json):
-    """Search the index for TEXT; each TEXT argument is one query."""
+    """Search the index for TEXT; each TEXT argument is one query.
+
+    The first stage's top --rerank-k are reordered by score = joint-encoder logit (rerank) +
+    the model's fusion weight x first-stage similarity (first); the weight is 0 unless
+    `edje-search calibrate` set it. Hits below --rerank-k keep their first-stage order."""
     from edje_search import Engine
 
     if k <= 0:

@@ -334,4 +334,5 @@ class Engine:
             "token_dtype": cfg.token_dtype,
             "bytes_per_image": bytes_per_image(cfg.tokens_per_image, cfg.token_width, cfg.token_dtype),
             "model": cfg.model_path, "model_name": self.model.name, "model_fingerprint": cfg.model_fingerprint,
+            "fusion_weight": self.model.fusion_weight,
         }

@@ -91,7 +91,9 @@ def test_fusion_weight_adds_first_stage_similarity_to_the_ranking_score(built_in
     engine = Engine.from_pretrained(built_index)
     alone = engine.search(QUERIES[0], k=10, rerank_k=10)
     assert all(h.score == h.rerank_score for h in alone)
+    assert engine.info()["fusion_weight"] == 0.0
     engine.model.fusion_weight = 1e6  # first-stage similarity dominates: back to first-stage order
+    assert engine.info()["fusion_weight"] == 1e6
     fused = engine.search(QUERIES[0], k=10, rerank_k=10)
     plain = engine.search(QUERIES[0], k=10, rerank_k=0)
     assert [h.row for h in fused] == [h.row for h in plain]

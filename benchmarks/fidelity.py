@@ -16,8 +16,8 @@ import time
 import numpy as np
 import torch
 
-from edje_search.evaluation import (encode_set, first_correct_rank, load_eval_set, pair_scorer, project_tokens,
-                                    recall_at_k, rerank_order, rerank_scores)
+from edje_search.evaluation import (encode_set, first_correct_rank, first_stage_rankings, load_eval_set, pair_scorer,
+                                    project_tokens, recall_at_k, rerank_order, rerank_scores)
 from edje_search.models.registry import load_model
 from edje_search.storage.token_store import dequantize, quantize_per_token
 
@@ -38,9 +38,7 @@ def fidelity(model_dir: str, data_file: str, backends=DEFAULT_BACKENDS, rerank_k
     model = load_model(model_dir).eval()
     data = load_eval_set(data_file)
     enc = encode_set(model, data)
-    sims = (enc.text_emb @ enc.image_emb.T).numpy()
-    orders = {"t2i": np.argsort(-sims, axis=1, kind="stable"), "i2t": np.argsort(-sims.T, axis=1, kind="stable")}
-    targets = {"t2i": [{i} for i in data.caption_image], "i2t": [set(c) for c in data.image_captions]}
+    orders, _, targets = first_stage_rankings(enc, data)
     tokens = project_tokens(model, enc.vision_tokens)
     int8_tokens = torch.from_numpy(dequantize(*quantize_per_token(tokens.numpy())))
     cases = [(b, b, tokens) for b in backends] + [("int8 tokens (eager)", "eager", int8_tokens)]

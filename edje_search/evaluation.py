@@ -108,7 +108,8 @@ class RerankedSet:
         return recall_at_k(first_correct_rank(order, self.targets[direction]))
 
 
-def _first_stage(enc: EncodedSet, data: CaptionSet) -> tuple[dict, dict, dict]:
+def first_stage_rankings(enc: EncodedSet, data: CaptionSet) -> tuple[dict, dict, dict]:
+    """First-stage order, similarity of each ordered entry and correct sets, per direction ("t2i", "i2t")."""
     sims = (enc.text_emb @ enc.image_emb.T).numpy()  # (C, N)
     orders = {"t2i": np.argsort(-sims, axis=1, kind="stable"), "i2t": np.argsort(-sims.T, axis=1, kind="stable")}
     first = {"t2i": np.take_along_axis(sims, orders["t2i"], axis=1),
@@ -119,7 +120,7 @@ def _first_stage(enc: EncodedSet, data: CaptionSet) -> tuple[dict, dict, dict]:
 
 def rerank_set(model: EdjeModel, data: CaptionSet, enc: EncodedSet, *, rerank_k: int = 10,
                precision: str = "fp32", batch_size: int = 128, progress: bool = True) -> RerankedSet:
-    orders, first, targets = _first_stage(enc, data)
+    orders, first, targets = first_stage_rankings(enc, data)
     tokens = project_tokens(model, enc.vision_tokens)
     scores = {d: rerank_scores(orders[d], rerank_k,
                                pair_scorer(model, data.captions, tokens, captions_are_queries=d == "t2i",
@@ -137,7 +138,7 @@ def evaluate(models: Sequence[EdjeModel], data: CaptionSet, *, rerank_k: int = 1
     """
     base = models[0]
     enc = encode_set(base, data, progress=progress)
-    orders, _, targets = _first_stage(enc, data)
+    orders, _, targets = first_stage_rankings(enc, data)
     results = {"n_images": len(data.images), "n_captions": len(data.captions), "rerank_k": rerank_k,
                "rows": [{"name": "first stage", "variant": "embedding",
                          "t2i": recall_at_k(first_correct_rank(orders["t2i"], targets["t2i"])),

@@ -6,15 +6,14 @@ import json
 from pathlib import Path
 from typing import Any, TypeVar
 
+from .fsutil import atomic_write_text
+
 T = TypeVar("T")
 
 
 def save_config(cfg: Any, path: str | Path) -> None:
-    """Write a dataclass as pretty JSON (atomically: tmp file then rename)."""
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(dataclasses.asdict(cfg), indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
+    """Write a dataclass as pretty JSON, atomically."""
+    atomic_write_text(path, json.dumps(dataclasses.asdict(cfg), indent=2, sort_keys=True) + "\n")
 
 
 def load_config(cls: type[T], path: str | Path) -> T:
@@ -68,10 +67,15 @@ class RerankerConfig:
     text_embed_dim: int = 0  # D of the first-stage text embedding (recovery head); 0 = no head
     max_text_len: int = 64  # caption budget; pair length capped at max_text_len + tokens per image
     image_token: str = "<image>"
+    # "pooler": the paper's head (BERT pooler on the first position; official checkpoints);
+    # "mean": the same dense + tanh + linear over the mean of every unmasked position
+    score_head: str = "pooler"
 
     def __post_init__(self) -> None:
         if self.variant not in ("compressed", "local"):
             raise ValueError(f"variant must be 'compressed' or 'local', got {self.variant!r}")
+        if self.score_head not in ("pooler", "mean"):
+            raise ValueError(f"score_head must be 'pooler' or 'mean', got {self.score_head!r}")
 
     @property
     def tokens_per_image(self) -> int:
@@ -81,14 +85,17 @@ class RerankerConfig:
 
 @dataclasses.dataclass(frozen=True)
 class IndexConfig:
-    """What an index directory holds and which model produced it."""
+    """What an index directory holds and which model produced it.
 
-    factory: str  # FAISS index_factory string, e.g. "Flat", "HNSW32,Flat"
+    Paths inside it are relative to the index directory, so the folder can be moved or copied.
+    """
+
     dim: int  # first-stage embedding width
     tokens_per_image: int
     token_width: int
-    token_dtype: str  # "float16"
-    model_path: str  # the model directory the index was built with
-    model_fingerprint: str
-    chunk_rows: int = 16
-    format_version: int = 1
+    token_dtype: str = "float16"  # "float16", "float32" or "int8"
+    factory: str = "auto"  # FAISS factory string, or "auto": chosen by size (storage/vector_index.py)
+    model_path: str = "model"  # the model directory: relative to the index, or absolute when outside it
+    model_fingerprint: str = ""
+    store_url: str = ""  # where vectors and tokens live: "" = inside the index; or an fsspec URL (s3://...)
+    format_version: int = 2

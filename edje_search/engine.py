@@ -16,19 +16,17 @@ import torch
 
 from .config import IndexConfig
 from .devices import pick_device
-from .images import iter_image_files
+from .errors import BadInput, BadQuery, ModelMismatch, ModelMissing
+from .images import is_image_path, iter_image_files
 from .models.bundle import EdjeModel
 from .models.registry import load_model
 from .pipeline import embed_files
-from .storage import vector_index
-from .storage.index_store import IndexError_, IndexStore
+from .ranking import rank_pool
+from .storage.index_store import IndexStore, RepairReport, resolve_model_path, verify_index
 from .storage.token_store import bytes_per_image, working_dtype
 
 MAX_QUERY_CHARS = 2000
-
-
-class ModelMismatch(RuntimeError):
-    """The index was built with a different model than the one given."""
+MODEL_SUBDIR = "model"  # where an index keeps a model that was built in memory
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,33 +102,72 @@ class Engine:
 
     # -------------------------------------------------------------------------- construction
     @classmethod
-    def create(cls, index_dir: str | Path, model: EdjeModel, *, factory: str = "Flat",
-               chunk_rows: int = 16, token_dtype: str = "float16") -> "Engine":
-        """A new, empty index in ``index_dir`` for ``model``; ``token_dtype`` float16, float32 or int8
-        (int8 with a scale per token halves the storage; see benchmarks for its accuracy cost)."""
+    def create(cls, index_dir: str | Path, model: EdjeModel, *, factory: str = "auto",
+               token_dtype: str = "float16", store_url: str = "", lock_wait: float = 0.0) -> "Engine":
+        """A new, empty index in ``index_dir`` for ``model``, created atomically.
+
+        ``factory``: a FAISS factory string, or "auto" to choose the recipe by size as the index
+        grows (Flat, then IVF, then OPQ+IVF-PQ; storage/vector_index.py). ``token_dtype`` float16,
+        float32 or int8 (int8 with a scale per token halves the storage). ``store_url``: keep
+        vectors and tokens at an fsspec URL (``s3://bucket/prefix``) instead of inside the index.
+        Raises FileExistsError if an index is already there (see :meth:`create_or_open`).
+        """
         index_dir = Path(index_dir)
-        if model.path is None:  # a recipe built in memory: keep a copy beside the index
-            model.save_pretrained(index_dir / "model")
+        inside = model.path is None  # a model built in memory is kept inside the index
         config = IndexConfig(
             factory=factory, dim=model.first_stage.embed_dim,
             tokens_per_image=model.reranker.config.tokens_per_image,
             token_width=model.reranker.token_width, token_dtype=token_dtype,
-            model_path=str(model.path), model_fingerprint=model.fingerprint(), chunk_rows=chunk_rows,
+            model_path=MODEL_SUBDIR if inside else str(model.path), model_fingerprint="", store_url=store_url,
         )
-        return cls(IndexStore.create(index_dir, config), model)
+
+        def populate(tmp: Path) -> IndexConfig:
+            # a model built in memory is saved inside the new index, which gives its fingerprint
+            model.save_pretrained(tmp / MODEL_SUBDIR)
+            return dataclasses.replace(config, model_fingerprint=model.fingerprint())
+
+        if inside:
+            store = IndexStore.create(index_dir, config, populate=populate)
+            model.path = (index_dir / MODEL_SUBDIR).resolve()
+        else:
+            store = IndexStore.create(index_dir, dataclasses.replace(config, model_fingerprint=model.fingerprint()))
+        store.lock.wait = lock_wait
+        return cls(store, model)
+
+    @classmethod
+    def create_or_open(cls, index_dir: str | Path, model: EdjeModel | str | None = None, *,
+                       device: str | torch.device | None = None, lock_wait: float = 0.0, **create_kwargs) -> "Engine":
+        """Open the index in ``index_dir`` for writing, creating it for ``model`` if there is none.
+
+        Two processes racing to create the same index end with one index: the loser opens the
+        winner's (and fails with ModelMismatch if it was given a different model).
+        """
+        index_dir = Path(index_dir)
+        if not (index_dir / "index.json").is_file():
+            if model is None:
+                raise BadInput(f"no index at {index_dir} yet: give a model to build it with (--model)")
+            built = load_model(model) if isinstance(model, (str, Path)) else model
+            try:
+                engine = cls.create(index_dir, built, lock_wait=lock_wait, **create_kwargs)
+                engine.model.to(pick_device(device)).eval()
+                return engine
+            except FileExistsError:
+                model = built
+        return cls.from_pretrained(index_dir, model=model, writable=True, device=device, lock_wait=lock_wait)
 
     @classmethod
     def from_pretrained(cls, index_dir: str | Path, *, model: EdjeModel | str | None = None,
                         writable: bool = False, device: str | torch.device | None = None,
-                        backend: str = "eager") -> "Engine":
+                        backend: str = "eager", lock_wait: float = 0.0) -> "Engine":
         """Open an index; the model defaults to the one it was built with. ``backend`` picks how the
-        reranker runs (eager, bf16, dynamic-int8, onnx, onnx-int8; see models/backends.py)."""
-        store = IndexStore.open(index_dir, mode="r+" if writable else "r")
+        reranker runs (eager, bf16, dynamic-int8, onnx, onnx-int8; see models/backends.py).
+        ``writable`` engines take the writer lock for each write, waiting ``lock_wait`` seconds."""
+        store = IndexStore.open(index_dir, mode="r+" if writable else "r", lock_wait=lock_wait)
         if model is None:
-            model_path = store.config.model_path
-            if not Path(model_path).is_dir():
-                raise IndexError_(f"the model this index was built with is gone: {model_path} "
-                                  f"(pass --model with that model)")
+            model_path = resolve_model_path(store)
+            if not model_path.is_dir():
+                raise ModelMissing(f"the model this index was built with is gone: {model_path} "
+                                   f"(pass --model with that model)")
             model = load_model(model_path)
         elif isinstance(model, (str, Path)):
             model = load_model(model)
@@ -146,51 +183,59 @@ class Engine:
     def refresh(self) -> bool:
         """Pick up commits made by another writer since this engine opened; True if it changed.
 
-        A reader switches generations as a whole (manifest, FAISS file and row count together),
-        so a search sees the old state or the new one, never a mix.
+        A reader switches generations as a whole (segment lists, FAISS segments and row count
+        come from one manifest transaction), so a search sees the old state or the new one.
         """
-        state = IndexStore.read_state(self.store.directory)
-        if state["generation"] == self.store.generation:
-            return False
-        self.store = IndexStore.open(self.store.directory, mode=self.store.mode)
-        return True
+        return self.store.refresh()
 
     # ------------------------------------------------------------------------------- indexing
     def add(self, paths: Iterable[str | Path], *, batch_size: int = 32, num_workers: int = 2,
             commit_every: int = 512, progress: bool = True, report: BuildReport | None = None,
-            removed_rows: Sequence[int] = ()) -> BuildReport:
-        """Embed and commit image files (commits every ``commit_every`` images).
+            removed_rows: Sequence[int] = (), optimize: bool = True) -> BuildReport:
+        """Embed and commit image files (commits every ``commit_every`` images), under the writer lock.
 
         ``removed_rows`` are dropped in the first commit (how changed files are replaced
-        without a commit of their own); their paths count as new.
+        without a commit of their own); their paths count as new. Paths that are not image
+        files (by extension, images.is_image_path) are skipped with a reason.
         """
         report = report or BuildReport()
-        to_remove = list(removed_rows)
-        dropped = set(to_remove)
-        live = [e for e in self.store.entries if e.row not in dropped]
-        known = {e.path for e in live}
-        todo = []
-        for p in paths:
-            p = os.path.abspath(p)
-            if p in known:
-                report.unchanged += 1
-            else:
-                todo.append(p)
+        with self.store.writing():
+            todo = []
+            for p in paths:
+                p = os.path.abspath(p)
+                if not is_image_path(p):
+                    report.skipped.append((p, "not an image file extension"))
+                else:
+                    todo.append(p)
+            dropped = set(int(r) for r in removed_rows)
+            known = {path for path, e in self.store.lookup_paths(todo).items() if e.row not in dropped}
+            report.unchanged += sum(1 for p in todo if p in known)
+            todo = list(dict.fromkeys(p for p in todo if p not in known))
+            self._embed_and_commit(todo, report, list(removed_rows), batch_size=batch_size,
+                                   num_workers=num_workers, commit_every=commit_every, progress=progress)
+            if optimize:
+                self.store.optimize()
+        return report
+
+    def _embed_and_commit(self, todo: list[str], report: BuildReport, to_remove: list[int], *, batch_size: int,
+                          num_workers: int, commit_every: int, progress: bool) -> None:
         pending: list = []
         n_pending = 0
-        row_of_hash = {e.sha256: e.row for e in live}
         for batch in embed_files(self.model, todo, batch_size=batch_size, num_workers=num_workers,
                                  token_dtype=working_dtype(self.store.config.token_dtype), progress=progress,
-                                 known_hashes=frozenset(row_of_hash)):
+                                 known_hashes=self.store.hash_lookup()):
             report.skipped.extend(batch.failed)
             if batch.duplicates:  # same content as an indexed file: copy its rows, no model pass
-                report.duplicates += len(batch.duplicates)
-                rows = [row_of_hash[h] for _, h, _ in batch.duplicates]
-                batch.paths += [p for p, _, _ in batch.duplicates]
-                batch.hashes += [h for _, h, _ in batch.duplicates]
-                batch.stats += [st for _, _, st in batch.duplicates]
-                batch.vectors = np.concatenate([batch.vectors, self.store.vectors(rows)])
-                batch.tokens = np.concatenate([batch.tokens, self.store.tokens.get(rows)])
+                rows = [self.store.row_of_hash(h) for _, h, _ in batch.duplicates]
+                dup = [(d, r) for d, r in zip(batch.duplicates, rows) if r is not None]
+                report.duplicates += len(dup)
+                if dup:
+                    rows = [r for _, r in dup]
+                    batch.paths += [p for (p, _, _), _ in dup]
+                    batch.hashes += [h for (_, h, _), _ in dup]
+                    batch.stats += [st for (_, _, st), _ in dup]
+                    batch.vectors = np.concatenate([batch.vectors, self.store.vectors(rows)])
+                    batch.tokens = np.concatenate([batch.tokens, self.store.tokens.get(rows).astype(batch.tokens.dtype)])
             if batch.paths:
                 pending.append(batch)
                 n_pending += len(batch.paths)
@@ -198,32 +243,85 @@ class Engine:
                 report.added += self._commit(pending, to_remove)
                 pending, n_pending, to_remove = [], 0, []
         report.added += self._commit(pending, to_remove)
-        return report
 
     def _commit(self, batches: list, removed_rows: Sequence[int] = ()) -> int:
         if not batches and not removed_rows:
             return 0
+        cfg = self.store.config
         paths = [p for b in batches for p in b.paths]
-        stats = [st for b in batches for st in b.stats]
-        hashes = [h for b in batches for h in b.hashes]
-        dim = self.store.config.dim
-        vectors = np.concatenate([b.vectors for b in batches]) if batches else np.zeros((0, dim), np.float32)
+        vectors = np.concatenate([b.vectors for b in batches]) if batches else np.zeros((0, cfg.dim), np.float32)
         tokens = np.concatenate([b.tokens for b in batches]) if batches else np.zeros(
-            (0, self.store.config.tokens_per_image, self.store.config.token_width), np.float16)
-        self.store.commit(paths, hashes, vectors, tokens, removed_rows=removed_rows, new_stats=stats)
+            (0, cfg.tokens_per_image, cfg.token_width), np.float16)
+        self.store.commit(paths, [h for b in batches for h in b.hashes], vectors, tokens,
+                          removed_rows=removed_rows, new_stats=[st for b in batches for st in b.stats])
         return len(paths)
 
+    def add_embeddings(self, paths: Sequence[str], vectors: np.ndarray, tokens: np.ndarray, *,
+                       metadata: Sequence[dict | None] | None = None, hashes: Sequence[str | None] | None = None,
+                       commit_every: int = 100_000, optimize: bool = True) -> BuildReport:
+        """Add rows computed elsewhere (a distributed build, your own embeddings), under the writer lock.
+
+        ``vectors`` (N, E) float32, L2-normalised first-stage image embeddings; ``tokens`` (N, m, d)
+        the adapter's outputs (what ``EdjeModel.embed_images`` returns); ``metadata`` one dict per
+        row kept in the manifest (captions, source shard, ...). Paths already indexed are left
+        as they are and counted unchanged. Same checks and commit guarantees as :meth:`add`.
+        """
+        cfg = self.store.config
+        paths = [os.fsdecode(p) for p in paths]
+        vectors = np.asarray(vectors)
+        tokens = np.asarray(tokens)
+        n = len(paths)
+        if vectors.shape != (n, cfg.dim):
+            raise BadInput(f"vectors must have shape ({n}, {cfg.dim}), got {vectors.shape}")
+        if tokens.shape != (n, cfg.tokens_per_image, cfg.token_width):
+            raise BadInput(f"tokens must have shape ({n}, {cfg.tokens_per_image}, {cfg.token_width}), "
+                           f"got {tokens.shape}")
+        for name, arr in (("vectors", vectors), ("tokens", tokens)):
+            if not np.issubdtype(arr.dtype, np.floating):
+                raise BadInput(f"{name} must be floating point, got {arr.dtype}")
+            if not np.all(np.isfinite(arr)):
+                raise BadInput(f"{name} contain NaN or infinite values")
+        if len(set(paths)) != n:
+            raise BadInput("paths repeat within one add_embeddings call")
+        for given, what in ((metadata, "metadata"), (hashes, "hashes")):
+            if given is not None and len(given) != n:
+                raise BadInput(f"{what} has {len(given)} entries for {n} paths")
+        report = BuildReport()
+        with self.store.writing():
+            known = self.store.lookup_paths(paths)
+            keep = np.array([p not in known for p in paths], dtype=bool)
+            report.unchanged = int((~keep).sum())
+            idx = np.nonzero(keep)[0]
+            for s in range(0, len(idx), commit_every):
+                part = idx[s:s + commit_every]
+                self.store.commit([paths[i] for i in part], [hashes[i] if hashes else None for i in part],
+                                  vectors[part].astype(np.float32), tokens[part],
+                                  new_meta=[metadata[i] for i in part] if metadata is not None else None)
+                report.added += len(part)
+            if optimize:
+                self.store.optimize()
+        return report
+
     def remove(self, paths: Iterable[str | Path]) -> int:
-        """Drop the rows of these files; returns how many were indexed."""
-        wanted = {os.path.abspath(p) for p in paths}
-        rows = [e.row for e in self.store.entries if e.path in wanted]
-        if rows:
-            self._commit([], removed_rows=rows)
+        """Drop the rows of these files, or of every file under a folder given; returns how many."""
+        with self.store.writing():
+            rows: list[int] = []
+            wanted = [os.path.abspath(p) for p in paths]
+            rows += [e.row for e in self.store.lookup_paths(wanted).values()]
+            for p in wanted:
+                if os.path.isdir(p):
+                    rows += [e.row for e in self.store.live_under(p.rstrip(os.sep) + os.sep)]
+            rows = sorted(set(rows))
+            if rows:
+                self.store.commit([], [], np.zeros((0, self.store.config.dim), np.float32),
+                                  np.zeros((0, self.store.config.tokens_per_image, self.store.config.token_width)),
+                                  removed_rows=rows)
+                self.store.optimize()
         return len(rows)
 
     def sync(self, root: str | Path, *, chunk_files: int = 4096, **kwargs) -> BuildReport:
         """Make the index mirror the images under ``root``: add new files, re-embed changed ones
-        (size or modification time differ), drop deleted ones.
+        (size or modification time differ), drop deleted ones. Holds the writer lock throughout.
 
         The folder is walked as a stream and processed ``chunk_files`` paths at a time, so work
         starts at once on very large folders; deletions are applied once the walk has ended.
@@ -233,25 +331,74 @@ class Engine:
         report = BuildReport()
         seen: set[str] = set()
         chunk: list[str] = []
+        with self.store.writing():
+            def flush() -> None:
+                indexed = self.store.lookup_paths(chunk)
+                changed = [indexed[p].row for p in chunk
+                           if p in indexed and _file_stat(p) != (indexed[p].size, indexed[p].mtime_ns)]
+                self.add(chunk, report=report, removed_rows=changed, optimize=False, **kwargs)
+                chunk.clear()
 
-        def flush() -> None:
-            indexed = {e.path: e for e in self.store.entries}
-            changed = [indexed[p].row for p in chunk
-                       if p in indexed and _file_stat(p) != (indexed[p].size, indexed[p].mtime_ns)]
-            self.add(chunk, report=report, removed_rows=changed, **kwargs)
-            chunk.clear()
-
-        for path in iter_image_files(root):
-            p = os.path.abspath(path)
-            seen.add(p)
-            chunk.append(p)
-            if len(chunk) >= chunk_files:
-                flush()
-        flush()
-        gone = [e.path for e in self.store.entries
-                if (e.path.startswith(prefix) or e.path == root_abs) and e.path not in seen]
-        report.removed = self.remove(gone)
+            for path in iter_image_files(root):
+                p = os.path.abspath(path)
+                seen.add(p)
+                chunk.append(p)
+                if len(chunk) >= chunk_files:
+                    flush()
+            flush()
+            gone = [e.row for e in self.store.live_under(prefix) if e.path not in seen]
+            if os.path.isfile(root_abs) or not os.path.exists(root_abs):
+                gone += [e.row for path, e in self.store.lookup_paths([root_abs]).items() if path not in seen]
+            if gone:
+                self.store.commit([], [], np.zeros((0, self.store.config.dim), np.float32),
+                                  np.zeros((0, self.store.config.tokens_per_image, self.store.config.token_width)),
+                                  removed_rows=gone)
+            report.removed = len(gone)
+            self.store.optimize()
         return report
+
+    def optimize(self) -> dict:
+        """Merge small FAISS segments and retrain the recipe as the index grows (writers call it after
+        their commits; call it yourself after add_embeddings(..., optimize=False))."""
+        with self.store.writing():
+            return self.store.optimize()
+
+    def repair(self) -> "RepairReport":
+        """Rebuild FAISS from the stored vectors, drop rows whose vectors or tokens are unreadable
+        (listed in the report; build-index embeds them again), remove stray files."""
+        with self.store.writing():
+            return self.store.repair()
+
+    def verify(self, *, deep: int = 0) -> list[str]:
+        """Problems found (empty = healthy): everything :func:`verify_index` checks, and with
+        ``deep`` > 0, that many indexed files re-embedded and compared with their stored rows."""
+        problems = verify_index(self.store.directory)
+        if deep and not problems:
+            problems += self._verify_sample(deep)
+        return problems
+
+    def _verify_sample(self, n: int) -> list[str]:
+        rng = np.random.default_rng(0)
+        entries = [e for e in self.store.iter_entries() if os.path.isfile(e.path)]
+        if not entries:
+            return []
+        pick = [entries[i] for i in sorted(rng.choice(len(entries), min(n, len(entries)), replace=False))]
+        problems = []
+        dtype = working_dtype(self.store.config.token_dtype)
+        for batch in embed_files(self.model, [e.path for e in pick], batch_size=16, num_workers=0,
+                                 token_dtype=dtype, progress=False):
+            by_path = {e.path: e for e in pick}
+            rows = [by_path[p].row for p in batch.paths]
+            if not rows:
+                continue
+            stored_v = self.store.vectors(rows)
+            stored_t = self.store.tokens.get(rows).astype(np.float32)
+            for i, p in enumerate(batch.paths):
+                if not np.allclose(stored_v[i], batch.vectors[i], atol=1e-3):
+                    problems.append(f"re-embedding {p} gives a different vector than row {rows[i]} holds")
+                elif not np.allclose(stored_t[i], batch.tokens[i].astype(np.float32), atol=5e-2, rtol=2e-2):
+                    problems.append(f"re-embedding {p} gives different tokens than row {rows[i]} holds")
+        return problems
 
     # -------------------------------------------------------------------------------- search
     def search(self, query: str, *, k: int = 10, rerank_k: int = 50, batch_size: int = 64) -> list[Hit]:
@@ -273,21 +420,20 @@ class Engine:
         clock = StageClock()
         q = self.model.embed_texts(list(queries)).cpu().numpy()
         clock.lap("text_embed")
-        first_scores, rows = vector_index.search(self.store.faiss, q, pool)  # (Q, pool)
+        first_scores, rows = self.store.search(q, pool)  # (Q, pool)
         clock.lap("faiss")
         n_rerank = min(rerank_k, pool)
         rerank = self._rerank_pool(queries, rows[:, :n_rerank], batch_size, clock) if n_rerank else None
-        by_row = self.store.path_of_row
+        by_row = self.store.paths(rows[rows >= 0].tolist())
         fusion_weight = self.model.fusion_weight
         results = []
         for qi in range(len(queries)):
             cand = [(int(r), float(s)) for r, s in zip(rows[qi], first_scores[qi]) if r >= 0]
             head = cand[:n_rerank]
             tail = cand[n_rerank:]
-            rs = [float(x) for x in rerank[qi][: len(head)]] if rerank is not None else []
-            fused = [x + fusion_weight * s for x, (_, s) in zip(rs, head)]
-            order = sorted(range(len(head)), key=lambda i: (-fused[i], -head[i][1]))
-            ranked = [(*head[i], rs[i], fused[i]) for i in order] + [(r, s, None, None) for r, s in tail]
+            rs = rerank[qi][: len(head)] if rerank is not None else np.zeros(0, np.float32)
+            order, fused = rank_pool(rs, np.array([s for _, s in head]), fusion_weight)
+            ranked = [(*head[i], float(rs[i]), float(fused[i])) for i in order] + [(r, s, None, None) for r, s in tail]
             results.append([Hit(rank=j + 1, row=r, path=by_row[r], first_stage_score=s, rerank_score=x, score=f)
                             for j, (r, s, x, f) in enumerate(ranked[:k])])
         clock.lap("merge")
@@ -304,23 +450,15 @@ class Engine:
         if clock:
             clock.lap("gather")
         captions = np.repeat(np.arange(len(queries)), rows.shape[1])[valid]
-        # length-bucketed batches: pairs sorted by caption length, so a batch pads to little
-        lengths = np.array([len(ids) for ids in self.model.reranker.tokenizer(list(queries))["input_ids"]])
-        order = np.argsort(lengths[captions], kind="stable")
-        pair_scores = np.empty(len(order), dtype=np.float32)
-        for s in range(0, len(order), batch_size):
-            sl = order[s:s + batch_size]
-            caps = [queries[i] for i in captions[sl]]
-            pair_scores[sl] = self.model.reranker.score(caps, projected_tokens=tokens[inverse[sl]]).cpu().numpy()
         scores = np.full(flat.shape, -np.inf, dtype=np.float32)
-        scores[valid] = pair_scores
+        scores[valid] = self.model.reranker.score_pairs(queries, tokens, captions, inverse, batch_size=batch_size)
         if clock:
             clock.lap("rerank")
         return scores.reshape(rows.shape)
 
     def rerank_all(self, query: str, batch_size: int = 64) -> np.ndarray:
         """Joint-encoder score of ``query`` against every live row, by manifest order (oracle)."""
-        rows = np.array([[e.row for e in self.store.entries]])
+        rows = np.array([[e.row for e in self.store.iter_entries()]])
         with torch.inference_mode():
             return self._rerank_pool([query], rows, batch_size)[0]
 

@@ -10,43 +10,16 @@ Layout::
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from pathlib import Path
 
 import torch
 
+from ..fsutil import atomic_write_text
 from .first_stage import FirstStage
 from .reranker import Reranker
 
-BUNDLE_FILE = "edje.json"
-
-
-@dataclasses.dataclass(frozen=True)
-class BundleInfo:
-    """``edje.json``. Ranking score of a reranked hit = joint-encoder logit + ``fusion_weight`` x
-    first-stage similarity (ALBEF and BLIP add their contrastive similarity to the matching score
-    the same way); 0 ranks by the joint encoder alone, as the EDJE paper does. ``edje-search
-    calibrate`` picks the weight on a validation split. Not part of the fingerprint: it changes
-    no stored row."""
-
-    name: str
-    format_version: int = 1
-    fusion_weight: float = 0.0
-
-
-def is_model_dir(path: str | Path) -> bool:
-    return (Path(path) / BUNDLE_FILE).is_file()
-
-
-def hash_files(paths: list[Path]) -> str:
-    h = hashlib.sha256()
-    for p in sorted(paths):
-        h.update(p.name.encode())
-        with open(p, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()[:16]
+from .info import BUNDLE_FILE, BundleInfo, is_model_dir, read_bundle_info, tensor_fingerprint  # noqa: F401
 
 
 class EdjeModel:
@@ -60,7 +33,7 @@ class EdjeModel:
         self.fusion_weight = float(fusion_weight)
         self.path: Path | None = None
         self._fingerprint: str | None = None
-        reranker.vision_encoder = lambda pixels: first_stage.encode_image(pixels)[1]
+        reranker.attach_vision_encoder(first_stage)
 
     @property
     def device(self) -> torch.device:
@@ -87,13 +60,12 @@ class EdjeModel:
         return self.first_stage.encode_text(list(texts)).float()
 
     def fingerprint(self) -> str:
-        """Hash of the saved configs and weights; identifies what produced an index's rows."""
+        """Hash of the saved weights (tensor_fingerprint), stored in edje.json when they were saved,
+        so opening a model never re-hashes gigabytes; identifies what produced an index's rows."""
         if self._fingerprint is None:
             if self.path is None:
                 raise RuntimeError("fingerprint() needs a saved model; call save_pretrained first")
-            files = [p for p in self.path.rglob("*") if p.is_file() and p.suffix in (".json", ".safetensors")
-                     and p.name != BUNDLE_FILE and "tokenizer" not in p.parts]
-            self._fingerprint = hash_files(files)
+            self._fingerprint = tensor_fingerprint(self.path)  # a model saved before fingerprints were stored
         return self._fingerprint
 
     def save_pretrained(self, directory: str | Path) -> Path:
@@ -102,27 +74,26 @@ class EdjeModel:
         self.first_stage.save_pretrained(directory / "first_stage")
         self.reranker.save_pretrained(directory / "reranker")
         self.path = directory.resolve()
+        self._fingerprint = tensor_fingerprint(self.path)
         self.save_info()
-        self._fingerprint = None
         return directory
 
     def save_info(self) -> None:
         """(Re)write ``edje.json`` alone, atomically (name and fusion weight)."""
         if self.path is None:
             raise RuntimeError("save_info() needs a saved model; call save_pretrained first")
-        info = BundleInfo(self.name, fusion_weight=self.fusion_weight)
-        tmp = self.path / (BUNDLE_FILE + ".tmp")
-        tmp.write_text(json.dumps(dataclasses.asdict(info), indent=2) + "\n")
-        tmp.replace(self.path / BUNDLE_FILE)
+        info = BundleInfo(self.name, fusion_weight=self.fusion_weight, fingerprint=self.fingerprint())
+        atomic_write_text(self.path / BUNDLE_FILE, json.dumps(dataclasses.asdict(info), indent=2) + "\n")
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> "EdjeModel":
         directory = Path(directory)
         if not is_model_dir(directory):
             raise FileNotFoundError(f"{directory} is not an edje-search model directory (no {BUNDLE_FILE})")
-        info = BundleInfo(**json.loads((directory / BUNDLE_FILE).read_text()))
+        info = read_bundle_info(directory)
         model = cls(FirstStage.from_pretrained(directory / "first_stage"),
-                    Reranker.from_pretrained(directory / "reranker"), name=info.name,
+                    Reranker.from_reranker_dir(directory / "reranker"), name=info.name,
                     fusion_weight=info.fusion_weight)
         model.path = directory.resolve()
+        model._fingerprint = info.fingerprint or None
         return model.eval()

@@ -1,242 +1,698 @@
-"""The on-disk index: config, committed state, vectors, tokens, FAISS file and manifest.
+"""The on-disk index: config, manifest, vector and token segments, FAISS segments.
 
-Layout of an index directory::
+Layout of an index directory (every path inside is relative to it, so it can move)::
 
-    index.json            IndexConfig (recipe, widths, model fingerprint)
-    state.json            the committed generation: {"generation": g, "n_rows": N}
-    vectors.zarr/         (N, E) float32 first-stage embeddings (source of truth for FAISS)
-    tokens.zarr/          (N, m, d) float16 adapter outputs
-    faiss-<g>.index       FAISS index of the live rows of generation g (ids = row numbers)
-    manifest-<g>.jsonl    one line per live row: row, path, sha256
-    skipped.jsonl         files the last build could not use, with the reason
+    index.json          IndexConfig (recipe, widths, model path and fingerprint, store URL)
+    manifest.sqlite     rows, segment lists, FAISS segment list, generation (storage/manifest.py)
+    vectors/, tokens/   append-only row segments, one per commit (storage/segments.py);
+                        or under IndexConfig.store_url (e.g. s3://bucket/prefix)
+    faiss/              one FAISS file per segment of rows, plus the trained template
+    model/              the model, when the index was created from one built in memory
+    writer.lock         held by the one writer (storage/lock.py)
+    skipped.jsonl       files the last build could not use, with the reason
 
-A commit appends rows to the arrays, writes the generation's FAISS file and manifest, then
-renames state.json into place. Rows beyond the committed ``n_rows`` are ignored (and
-overwritten by the next commit), so a crash at any moment leaves the last commit intact.
+A commit costs O(rows in the batch): it writes the batch's vector, token and FAISS segments
+as new files, then commits one SQLite transaction naming them (the commit point). Nothing
+already committed is rewritten, so a crash at any moment leaves the previous generation whole;
+files a crashed commit wrote are named by no generation and are removed by the next writer.
+Small FAISS segments are merged, and the recipe retrained as the index grows, by
+:meth:`IndexStore.optimize`, which is itself one commit.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
+import logging
 import os
+import shutil
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
 from ..config import IndexConfig, load_config, save_config
+from ..errors import BadInput, IndexCorrupt
+from ..fsutil import atomic_write
 from . import vector_index
-from .token_store import ZarrTokenStore, create_token_store, open_token_store
+from .lock import WriterLock
+from .manifest import MANIFEST_FILE, HashLookup, Manifest, ManifestEntry, Snapshot
+from .segments import SegmentArray, is_remote
+from .token_store import SegmentTokenStore
+
+logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "index.json"
-STATE_FILE = "state.json"
+FAISS_DIR = "faiss"
+MERGE_FANOUT = 8  # merge a run of this many similar-sized FAISS segments into one (a log-structured merge)
+REFINE_FACTOR = 4  # candidates per wanted hit that lossy recipes re-score exactly
+TARGET_RECALL = 0.95
+IndexError_ = IndexCorrupt  # the 0.1 name, kept for old callers
+
+__all__ = ["IndexStore", "ManifestEntry", "IndexCorrupt", "IndexError_", "CONFIG_FILE"]
 
 
-class IndexError_(RuntimeError):
-    """The index directory is missing, incomplete or inconsistent."""
+def _fault(point: str) -> None:
+    """Deterministic crash injection for the crash-safety tests: EDJE_FAULT=<point> kills the
+    process (as kill -9 would: no cleanup, no flush) when the commit reaches ``point``."""
+    if os.environ.get("EDJE_FAULT") == point:
+        os._exit(137)
 
 
-@dataclasses.dataclass(frozen=True)
-class ManifestEntry:
-    row: int
-    path: str
-    sha256: str
-    size: int = -1  # file size and mtime when indexed: a cheap "has it changed?" check
-    mtime_ns: int = -1
+@dataclasses.dataclass
+class RepairReport:
+    dropped: list[str] = dataclasses.field(default_factory=list)  # paths whose rows were unreadable
+    rebuilt_faiss: bool = False
+    removed_files: list[str] = dataclasses.field(default_factory=list)
 
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    def summary(self) -> str:
+        return (f"{len(self.dropped)} unreadable rows dropped (re-run build-index to embed them again), "
+                f"FAISS {'rebuilt from the stored vectors' if self.rebuilt_faiss else 'intact'}, "
+                f"{len(self.removed_files)} stray files removed")
 
 
 class IndexStore:
     """Reads and commits one index directory."""
 
-    @property
-    def entries(self) -> list[ManifestEntry]:
-        """Live images of the committed generation, in manifest order."""
-        return self._entries
-
-    @entries.setter
-    def entries(self, entries: list[ManifestEntry]) -> None:
-        self._entries = entries
-        # built once per generation: searches look paths up by row without scanning the manifest
-        self.path_of_row: dict[int, str] = {e.row: e.path for e in entries}
-
-    def __init__(self, directory: Path, config: IndexConfig, generation: int, n_rows: int,
-                 mode: str = "r"):
+    def __init__(self, directory: Path, config: IndexConfig, manifest: Manifest, mode: str = "r",
+                 lock_wait: float = 0.0):
         self.directory = directory
         self.config = config
-        self.generation = generation
-        self.n_rows = n_rows  # committed rows in the arrays (live or removed)
+        self.manifest = manifest
         self.mode = mode
-        self.tokens = open_token_store(directory / "tokens.zarr", mode="r" if mode == "r" else "r+")
-        self._vectors = ZarrTokenStore.open(directory / "vectors.zarr", mode="r" if mode == "r" else "r+")
-        self.entries = self._read_manifest()
-        self.faiss = vector_index.read_index(self._faiss_path(generation)) if generation > 0 else \
-            vector_index.new_index(config.factory, config.dim)
+        base = config.store_url or str(directory)
+        self._vectors = SegmentArray(f"{base.rstrip('/')}/vectors", (config.dim,), "float32")
+        self.tokens = SegmentTokenStore(base, config.tokens_per_image, config.token_width, config.token_dtype)
+        self.lock = WriterLock(directory, wait=lock_wait) if mode != "r" else None
+        self._load(manifest.snapshot())
 
-    # ------------------------------------------------------------------------------- creation
-    @classmethod
-    def create(cls, directory: str | Path, config: IndexConfig) -> "IndexStore":
-        directory = Path(directory)
-        if (directory / CONFIG_FILE).exists():
-            raise FileExistsError(f"an index already exists in {directory}")
-        vector_index.new_index(config.factory, config.dim)  # validate the factory string early
-        directory.mkdir(parents=True, exist_ok=True)
-        create_token_store(directory / "tokens.zarr", config.tokens_per_image, config.token_width,
-                           dtype=config.token_dtype, chunk_rows=config.chunk_rows)
-        ZarrTokenStore.create(directory / "vectors.zarr", 1, config.dim, dtype="float32", chunk_rows=1024)
-        _atomic_write_text(directory / STATE_FILE, json.dumps({"generation": 0, "n_rows": 0}) + "\n")
-        save_config(config, directory / CONFIG_FILE)  # written last: its presence marks an index
-        return cls(directory, config, 0, 0, mode="r+")
+    # ------------------------------------------------------------------------------- state
+    def _load(self, snap: Snapshot) -> None:
+        """Adopt a committed generation: segment lists, FAISS segments, tombstones."""
+        self.snapshot = snap
+        self._vectors.set_segments(snap.segments.get("vectors", ()))
+        self.tokens.set_segments(snap.segments)
+        if len(self._vectors) != snap.n_rows or len(self.tokens) != snap.n_rows:
+            raise IndexCorrupt(f"index {self.directory}: stores hold {len(self._vectors)} vector and "
+                               f"{len(self.tokens)} token rows, manifest {snap.n_rows} (run `edje-search repair`)")
+        self._faiss = {}
+        for name, recipe, first, end in snap.faiss_segments:
+            self._faiss[name] = self._read_faiss(name)
+        self.tombstones = np.asarray(self.manifest.removed_rows(snap.generation), dtype=np.int64)
 
-    @classmethod
-    def open(cls, directory: str | Path, mode: str = "r") -> "IndexStore":
-        directory = Path(directory)
-        if not directory.is_dir():
-            raise IndexError_(f"no index at {directory} (build one with `edje-search build-index`)")
-        if not (directory / CONFIG_FILE).is_file():
-            raise IndexError_(f"{directory} is not an edje-search index (no {CONFIG_FILE})")
-        for attempt in range(5):
-            try:
-                config = load_config(IndexConfig, directory / CONFIG_FILE)
-                state = cls.read_state(directory)
-                store = cls(directory, config, int(state["generation"]), int(state["n_rows"]), mode=mode)
-                break
-            except FileNotFoundError as e:
-                # a writer committed between our reading state.json and opening its files: retry
-                if attempt == 4:
-                    raise IndexError_(f"index at {directory} is incomplete: {e}") from e
-            except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
-                raise IndexError_(f"index at {directory} is corrupt: {e}") from e
-        if mode != "r":
-            store._recover()
-        return store
+    def _read_faiss(self, name: str):
+        path = self.directory / FAISS_DIR / name
+        if not path.is_file():
+            raise IndexCorrupt(f"FAISS file missing: {path} (run `edje-search repair` to rebuild it "
+                               f"from the stored vectors)")
+        try:
+            return vector_index.read_segment(path)
+        except RuntimeError as e:
+            raise IndexCorrupt(f"FAISS file unreadable: {path} (run `edje-search repair` to rebuild it "
+                               f"from the stored vectors)") from e
 
-    def _recover(self) -> None:
-        """Undo what an interrupted commit left behind: rows past the commit, orphan generations."""
-        self.tokens.truncate(self.n_rows)
-        self._vectors.truncate(self.n_rows)
-        keep = {self._faiss_path(self.generation).name, self._manifest_path(self.generation).name}
-        for pattern in ("faiss-*.index*", "manifest-*.jsonl*", "*.tmp"):
-            for p in self.directory.glob(pattern):
-                if p.name not in keep:
-                    p.unlink(missing_ok=True)
+    @property
+    def generation(self) -> int:
+        return self.snapshot.generation
 
-    @staticmethod
-    def read_state(directory: str | Path) -> dict:
-        return json.loads((Path(directory) / STATE_FILE).read_text())
-
-    # -------------------------------------------------------------------------------- reading
-    def _faiss_path(self, generation: int) -> Path:
-        return self.directory / f"faiss-{generation}.index"
-
-    def _manifest_path(self, generation: int) -> Path:
-        return self.directory / f"manifest-{generation}.jsonl"
-
-    def _read_manifest(self) -> list[ManifestEntry]:
-        if self.generation == 0:
-            return []
-        with open(self._manifest_path(self.generation), encoding="utf-8") as f:
-            return [ManifestEntry(**json.loads(line)) for line in f if line.strip()]
+    @property
+    def n_rows(self) -> int:
+        """Rows ever committed (live or removed): the length of the vector and token stores."""
+        return self.snapshot.n_rows
 
     def __len__(self) -> int:
         """Number of live (searchable) images."""
-        return len(self.entries)
+        return self.snapshot.n_live
 
+    @property
+    def settings(self) -> dict:
+        return self.snapshot.settings
+
+    @property
+    def recipe(self) -> str:
+        """The FAISS recipe new segments are written with ("Flat" until a trained recipe takes over)."""
+        return self.settings.get("recipe", "Flat")
+
+    @property
+    def faiss_segments(self) -> list:
+        return list(self._faiss.values())
+
+    # ------------------------------------------------------------------------------ creation
+    @classmethod
+    def create(cls, directory: str | Path, config: IndexConfig,
+               populate: Callable[[Path], IndexConfig | None] | None = None) -> "IndexStore":
+        """A new, empty index, created atomically: built in a temporary sibling folder (where
+        ``populate`` may add files, e.g. the model, and return a final config) and renamed into place. If another process
+        created ``directory`` first, this raises FileExistsError and leaves it untouched."""
+        directory = Path(directory)
+        if (directory / CONFIG_FILE).exists():
+            raise FileExistsError(f"an index already exists in {directory}")
+        if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
+            raise BadInput(f"{directory} exists and is not an empty folder: choose a new index folder")
+        if config.factory != vector_index.AUTO:
+            vector_index.new_index(config.factory, config.dim)  # validate the factory string early
+        if config.store_url and not is_remote(config.store_url):
+            raise BadInput(f"store URL {config.store_url!r} is not a URL (leave it empty to store inside the index)")
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.creating-", dir=directory.parent))
+        try:
+            (tmp / FAISS_DIR).mkdir()
+            if populate is not None:
+                config = populate(tmp) or config
+            m = Manifest(tmp / MANIFEST_FILE, readonly=False, create=True)
+            m.initialise()
+            m.close()
+            save_config(config, tmp / CONFIG_FILE)
+            try:
+                os.rename(tmp, directory)  # replaces only an empty folder; fails if another creator won
+            except OSError as e:
+                if (directory / CONFIG_FILE).exists():
+                    raise FileExistsError(f"an index already exists in {directory}") from e
+                raise
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return cls.open(directory, mode="r+")
+
+    @classmethod
+    def open(cls, directory: str | Path, mode: str = "r", lock_wait: float = 0.0) -> "IndexStore":
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise IndexCorrupt(f"no index at {directory} (build one with `edje-search build-index`)")
+        if not (directory / CONFIG_FILE).is_file():
+            raise IndexCorrupt(f"{directory} is not an edje-search index (no {CONFIG_FILE})")
+        config = read_config(directory)
+        return cls(directory, config, Manifest(directory / MANIFEST_FILE, readonly=mode == "r"), mode=mode,
+                   lock_wait=lock_wait)
+
+    def refresh(self) -> bool:
+        """Adopt the latest committed generation; True if it changed."""
+        if self.manifest.generation() == self.generation:
+            return False
+        self._load(self.manifest.snapshot())
+        return True
+
+    # ------------------------------------------------------------------------------- writing
+    @contextmanager
+    def writing(self):
+        """Hold the writer lock, on the latest generation, with a crashed commit's debris removed."""
+        if self.lock is None:
+            raise IndexCorrupt("index opened read-only")
+        outer = not self.lock.held
+        with self.lock:
+            if outer:
+                self.refresh()
+                self._remove_stray_files()
+            yield self
+
+    def _remove_stray_files(self) -> list[str]:
+        removed = []
+        for arr in [self._vectors, *self.tokens.arrays.values()]:
+            removed += arr.remove_stray_files()
+        keep = set(self._faiss) | {self.settings.get("template", "")}
+        for p in (self.directory / FAISS_DIR).iterdir():
+            if p.name not in keep:
+                p.unlink(missing_ok=True)
+                removed.append(p.name)
+        for p in self.directory.glob(f".{self.directory.name}.*"):
+            shutil.rmtree(p, ignore_errors=True)
+        return removed
+
+    def _require_lock(self) -> None:
+        if self.lock is None:
+            raise IndexCorrupt("index opened read-only")
+        if not self.lock.held:
+            raise IndexCorrupt("commit without the writer lock (use `with store.writing():`)")
+
+    def commit(self, new_paths: Sequence[str], new_hashes: Sequence[str | None], vectors: np.ndarray,
+               tokens: np.ndarray, removed_rows: Iterable[int] = (),
+               new_stats: Sequence[tuple[int, int]] | None = None,
+               new_meta: Sequence[dict | None] | None = None) -> None:
+        """Append rows for ``new_paths`` and drop ``removed_rows``, atomically, in O(batch).
+
+        ``new_stats`` gives (size, mtime_ns) per new path, used to notice changed files later;
+        ``new_meta`` optional metadata (captions, ...) kept in the manifest.
+        """
+        self._require_lock()
+        b = len(new_paths)
+        m, d = self.config.tokens_per_image, self.config.token_width
+        if not (len(new_hashes) == b == len(vectors) == len(tokens)):
+            raise BadInput("commit: paths, hashes, vectors and tokens disagree in length")
+        if b and (vectors.shape[1:] != (self.config.dim,) or tokens.shape[1:] != (m, d)):
+            raise BadInput(f"commit: vectors {vectors.shape[1:]} / tokens {tokens.shape[1:]} do not match the "
+                           f"index ({self.config.dim},) / ({m}, {d})")
+        removed = sorted({int(r) for r in removed_rows})
+        if not b and not removed:
+            return
+        start, gen = self.n_rows, self.generation + 1
+        segs: list[tuple[str, int, int]] = []
+        faiss_list = [(n, r, a, e) for n, r, a, e in self.snapshot.faiss_segments]
+        new_faiss = None
+        if b:
+            segs.append(("vectors", *self._vectors.write_segment(start, vectors)))
+            _fault("after_vectors")
+            segs += self.tokens.write_segment(start, tokens)
+            _fault("after_tokens")
+            name = f"seg-{start:012d}-g{gen}.index"
+            index = vector_index.new_segment_index(self.recipe, self.config.dim, self._template())
+            index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32),
+                               np.arange(start, start + b, dtype=np.int64))
+            self._write_faiss(index, name)
+            faiss_list.append((name, self.recipe, start, start + b))
+            new_faiss = name
+            _fault("after_faiss")
+        stats = new_stats or [(-1, -1)] * b
+        meta = new_meta or [None] * b
+        entries = [ManifestEntry(start + i, p, h, int(st[0]), int(st[1]), mt)
+                   for i, (p, h, st, mt) in enumerate(zip(new_paths, new_hashes, stats, meta))]
+        self.manifest.commit(generation=gen, n_rows=start + b, new=entries, removed=removed, add_segments=segs,
+                             faiss_segments=faiss_list if b else None)
+        _fault("after_manifest")
+        # adopt the new generation in memory without re-reading what did not change
+        snap = self.snapshot
+        seg_map = {k: list(v) for k, v in snap.segments.items()}
+        for store, s, n in segs:
+            seg_map.setdefault(store, []).append((s, n))
+        self.snapshot = dataclasses.replace(snap, generation=gen, n_rows=start + b,
+                                            n_live=snap.n_live + b - self._count_live(removed, snap.generation),
+                                            segments=seg_map, faiss_segments=faiss_list)
+        self._vectors.set_segments(seg_map.get("vectors", ()))
+        self.tokens.set_segments(seg_map)
+        if new_faiss:
+            self._faiss[new_faiss] = self._read_faiss(new_faiss)
+        if removed:
+            self.tombstones = np.union1d(self.tombstones, np.asarray(removed, dtype=np.int64))
+
+    def _count_live(self, rows: list[int], generation: int) -> int:
+        if not rows:
+            return 0
+        dead = set(self.tombstones.tolist())
+        return sum(1 for r in rows if r not in dead and r < self.n_rows)
+
+    def _write_faiss(self, index, name: str) -> None:
+        atomic_write(self.directory / FAISS_DIR / name, lambda tmp: vector_index.write_index_plain(index, tmp))
+
+    def _template(self):
+        name = self.settings.get("template")
+        if not name:
+            return None
+        if getattr(self, "_template_cache", (None, None))[0] != name:
+            self._template_cache = (name, vector_index.read_index(self.directory / FAISS_DIR / name))
+        return self._template_cache[1]
+
+    # --------------------------------------------------------------------------------- reading
     def vectors(self, rows) -> np.ndarray:
         """First-stage embeddings (k, E) of the given rows."""
-        return self._vectors.get(rows)[:, 0]
+        return self._vectors.get(rows)
 
+    def paths(self, rows: Iterable[int]) -> dict[int, str]:
+        """Row -> file path for the given rows (one indexed lookup, never a scan)."""
+        return self.manifest.paths_of_rows(rows)
+
+    def entries_of_rows(self, rows: Iterable[int]) -> dict[int, ManifestEntry]:
+        return self.manifest.entries_of_rows(rows)
+
+    def lookup_paths(self, paths: Sequence[str]) -> dict[str, ManifestEntry]:
+        """Live entries of those ``paths`` that are indexed."""
+        return self.manifest.lookup_paths(paths, self.generation)
+
+    def live_under(self, prefix: str):
+        return self.manifest.live_under(prefix, self.generation)
+
+    def iter_entries(self):
+        """Every live entry in row order, paged (verification, rebuilds, tests)."""
+        return self.manifest.iter_live(self.generation)
+
+    @property
+    def entries(self) -> list[ManifestEntry]:
+        """Every live entry as a list: for small indexes and tests; large ones use iter_entries."""
+        return list(self.iter_entries())
+
+    def row_of_hash(self, sha256: str) -> int | None:
+        return self.manifest.row_of_hash(sha256, self.generation)
+
+    def hash_lookup(self) -> HashLookup:
+        """``sha in lookup`` for DataLoader workers (picklable; opens its own read-only connection)."""
+        return HashLookup(self.manifest.path, self.generation)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(Q, E) queries -> (scores (Q, k), rows (Q, k)) over the live rows; rows -1 where fewer exist."""
+        recipe = self.recipe
+        want = k * REFINE_FACTOR if vector_index.needs_refine(recipe) else k
+        scores, rows = vector_index.search_segments(self.faiss_segments, queries, want, exclude=self.tombstones,
+                                                    nprobe=self.settings.get("nprobe"),
+                                                    ef_search=self.settings.get("ef_search"))
+        if want != k:  # lossy codes: re-score the candidates exactly from the stored vectors
+            scores, rows = self._refine(np.asarray(queries, np.float32), rows, k)
+        return scores, rows
+
+    def _refine(self, queries: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        valid = rows >= 0
+        uniq, inverse = np.unique(rows[valid], return_inverse=True)
+        vecs = self.vectors(uniq)
+        exact = np.full(rows.shape, -np.inf, np.float32)
+        q_of = np.broadcast_to(np.arange(len(rows))[:, None], rows.shape)[valid]
+        exact[valid] = np.einsum("nd,nd->n", queries[q_of], vecs[inverse])
+        order = np.argsort(-exact, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(exact, order, 1), np.take_along_axis(rows, order, 1)
+
+    # ---------------------------------------------------------------------------- maintenance
+    def optimize(self) -> dict:
+        """Keep FAISS fast as the index grows (run by writers after their commits, not inside them).
+
+        Retrains when the recipe for the current size differs from the one in use (after enough
+        rows to train it: 39 per inverted list), re-encoding every live row into one segment;
+        otherwise merges runs of MERGE_FANOUT similar-sized segments. Returns what it did.
+        """
+        self._require_lock()
+        target = self.config.factory if self.config.factory != vector_index.AUTO else \
+            vector_index.choose_recipe(len(self), self.config.dim)
+        if target != self.recipe and len(self) >= max(vector_index.training_rows(target), 1):
+            return self._retrain(target)
+        merged = 0
+        while True:
+            run = self._mergeable_run()
+            if not run:
+                break
+            self._merge(run)
+            merged += 1
+        return {"action": "merge" if merged else "none", "merges": merged, "segments": len(self._faiss)}
+
+    def _mergeable_run(self) -> list[tuple[str, str, int, int]] | None:
+        segs = self.snapshot.faiss_segments
+        tier = [int(np.log(max(e - a, 1)) / np.log(MERGE_FANOUT)) for _, _, a, e in segs]
+        i = 0
+        while i < len(segs):
+            j = i
+            while j < len(segs) and tier[j] == tier[i] and segs[j][1] == segs[i][1]:
+                j += 1
+            if j - i >= MERGE_FANOUT:
+                return segs[i:i + MERGE_FANOUT]
+            i = j
+        return None
+
+    def _live_rows_in(self, first: int, end: int) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, vectors) of the live rows in [first, end), read from the stored vectors."""
+        dead = self.tombstones
+        rows_out, vecs_out = [], []
+        for s, vecs in self._vectors.iter_rows():
+            e = s + len(vecs)
+            if e <= first or s >= end:
+                continue
+            lo, hi = max(first, s), min(end, e)
+            rows = np.arange(lo, hi, dtype=np.int64)
+            keep = ~np.isin(rows, dead)
+            rows_out.append(rows[keep])
+            vecs_out.append(vecs[lo - s:hi - s][keep])
+        if not rows_out:
+            return np.zeros(0, np.int64), np.zeros((0, self.config.dim), np.float32)
+        return np.concatenate(rows_out), np.concatenate(vecs_out)
+
+    def _merge(self, run: list[tuple[str, str, int, int]]) -> None:
+        first, end, recipe = run[0][2], run[-1][3], run[0][1]
+        gen = self.generation + 1
+        rows, vecs = self._live_rows_in(first, end)
+        index = vector_index.new_segment_index(recipe, self.config.dim, self._template())
+        if len(rows):
+            index.add_with_ids(np.ascontiguousarray(vecs), rows)
+        name = f"seg-{first:012d}-g{gen}.index"
+        self._write_faiss(index, name)
+        names = {n for n, *_ in run}
+        faiss_list = [s for s in self.snapshot.faiss_segments if s[0] not in names] + [(name, recipe, first, end)]
+        faiss_list.sort(key=lambda s: s[2])
+        self._commit_faiss(faiss_list, self.settings)
+        logger.info("merged %d FAISS segments of rows [%d, %d) into %s", len(run), first, end, name)
+
+    def _commit_faiss(self, faiss_list: list, settings: dict) -> None:
+        """A commit that changes only the FAISS segment list and settings."""
+        old = set(self._faiss) | {self.settings.get("template", "")}
+        self.manifest.commit(generation=self.generation + 1, n_rows=self.n_rows, faiss_segments=faiss_list,
+                             settings=settings)
+        _fault("after_optimize_commit")
+        self._load(self.manifest.snapshot())
+        keep = set(self._faiss) | {self.settings.get("template", "")}
+        for name in old - keep:  # readers holding these keep their open memory maps
+            if name:
+                (self.directory / FAISS_DIR / name).unlink(missing_ok=True)
+
+    def _retrain(self, recipe: str) -> dict:
+        """Train ``recipe`` on a sample of the stored vectors, re-encode every live row into one
+        segment, and tune nprobe for TARGET_RECALL against exact search."""
+        gen = self.generation + 1
+        rows, vecs = self._live_rows_in(0, self.n_rows)
+        template = vector_index.new_segment_index(recipe, self.config.dim)
+        if not template.is_trained:
+            n_train = min(len(rows), max(vector_index.training_rows(recipe), 64 * vector_index.n_lists(recipe)))
+            sample = np.random.default_rng(gen).choice(len(rows), n_train, replace=False)
+            logger.info("training FAISS recipe %s on %d of %d vectors", recipe, n_train, len(rows))
+            template.train(np.ascontiguousarray(vecs[np.sort(sample)]))
+        settings = {**self.settings, "recipe": recipe}
+        if template.is_trained and vector_index.training_rows(recipe):
+            tname = f"template-g{gen}.index"
+            self._write_faiss(template, tname)
+            settings["template"] = tname
+        else:
+            settings.pop("template", None)
+        index = faiss_clone(template)
+        for s in range(0, len(rows), 100_000):
+            index.add_with_ids(np.ascontiguousarray(vecs[s:s + 100_000]), rows[s:s + 100_000])
+        name = f"seg-{0:012d}-g{gen}.index"
+        self._write_faiss(index, name)
+        recall = None
+        if vector_index.n_lists(recipe):
+            settings["nprobe"], recall = tune_nprobe(index, rows, vecs, recipe, k=10, target=TARGET_RECALL,
+                                                     refine=vector_index.needs_refine(recipe))
+        self._commit_faiss([(name, recipe, 0, self.n_rows)], settings)
+        logger.info("FAISS recipe is now %s (nprobe %s, recall@10 %s)", recipe, settings.get("nprobe"), recall)
+        return {"action": "retrain", "recipe": recipe, "nprobe": settings.get("nprobe"), "recall_at_10": recall}
+
+    # ------------------------------------------------------------------------ verify, repair
     def verify(self) -> list[str]:
-        """Check that manifest, FAISS ids and arrays agree; returns the problems found (empty = healthy)."""
+        """Every check that needs no model: manifest against FAISS and the stored vectors for every
+        row, every vector and token segment present and of the right length. [] = healthy."""
         problems = []
-        rows = [e.row for e in self.entries]
-        if len(set(rows)) != len(rows):
-            problems.append("manifest lists a row more than once")
-        paths = [e.path for e in self.entries]
-        if len(set(paths)) != len(paths):
-            problems.append("manifest lists a path more than once")
-        if rows and (min(rows) < 0 or max(rows) >= self.n_rows):
-            problems.append(f"manifest rows outside the committed range [0, {self.n_rows})")
-        if len(self.tokens) < self.n_rows:
-            problems.append(f"token store has {len(self.tokens)} rows, {self.n_rows} committed")
-        if len(self._vectors) < self.n_rows:
-            problems.append(f"vector store has {len(self._vectors)} rows, {self.n_rows} committed")
-        if self.faiss.ntotal != len(self.entries):
-            problems.append(f"FAISS holds {self.faiss.ntotal} vectors, manifest {len(self.entries)} images")
-        elif self.entries:
-            if set(vector_index.row_ids(self.faiss).tolist()) != set(rows):
-                problems.append("FAISS ids differ from manifest rows")
-            else:
-                live = np.array(rows[: min(len(rows), 256)])
+        for arr in [self._vectors, *self.tokens.arrays.values()]:
+            for start, count in arr.segments:
                 try:
-                    indexed = np.stack([self.faiss.reconstruct(int(r)) for r in live])
-                except RuntimeError:
-                    indexed = None  # this index type cannot give vectors back (e.g. IVF without a direct map)
-                if indexed is not None and not np.allclose(self.vectors(live), indexed, atol=1e-4):
-                    problems.append("FAISS vectors differ from the stored embeddings")
+                    arr.check_segment(start, count)
+                except IndexCorrupt as e:
+                    problems.append(str(e).split(" (run")[0])
+        max_row, live = self.manifest.count_rows()
+        if max_row > self.n_rows:
+            problems.append(f"manifest names rows up to {max_row - 1}, only {self.n_rows} are committed")
+        if live != len(self):
+            problems.append(f"manifest has {live} live rows, its state says {len(self)}")
+        dead = set(self.tombstones.tolist())
+        seen = np.zeros(self.n_rows, dtype=bool)
+        for name, recipe, first, end in self.snapshot.faiss_segments:
+            index = self._faiss[name]
+            ids = vector_index.segment_ids(index)
+            if ids.size and (ids.min() < first or ids.max() >= end):
+                problems.append(f"FAISS segment {name} holds rows outside [{first}, {end})")
+                continue
+            if np.any(seen[ids]):
+                problems.append(f"FAISS segment {name} repeats rows held by another segment")
+            seen[ids] = True
+            problems += self._compare_codes(name, index)
+        live_rows = np.array([e.row for e in self.iter_entries()], dtype=np.int64)
+        missing = live_rows[~seen[live_rows]] if live_rows.size else live_rows
+        if missing.size:
+            problems.append(f"{missing.size} live rows are missing from FAISS (first: {missing[:5].tolist()})")
+        extra = np.nonzero(seen)[0]
+        extra = extra[~np.isin(extra, live_rows)]
+        extra = [r for r in extra.tolist() if r not in dead]
+        if extra:
+            problems.append(f"FAISS holds {len(extra)} rows the manifest does not list (first: {extra[:5]})")
         return problems
 
-    # ------------------------------------------------------------------------------ committing
-    def commit(self, new_paths: list[str], new_hashes: list[str], vectors: np.ndarray,
-               tokens: np.ndarray, removed_rows: Iterable[int] = (),
-               new_stats: list[tuple[int, int]] | None = None) -> None:
-        """Append rows for ``new_paths`` and drop ``removed_rows``, atomically.
+    def _compare_codes(self, name: str, index) -> list[str]:
+        """Stored vectors against what FAISS holds, for every row, where the codes are exact floats."""
+        stored = None
+        try:
+            if hasattr(index, "id_map"):
+                ids = vector_index.segment_ids(index)
+                if not ids.size:
+                    return []
+                inner = faiss_downcast(index.index)
+                if not hasattr(inner, "get_xb") and type(inner).__name__ != "IndexFlatIP":
+                    return []
+                held = faiss_rev(inner, index.ntotal, self.config.dim)
+            elif type(faiss_downcast(index)).__name__ == "IndexIVFFlat":
+                ids, held = ivf_flat_contents(index, self.config.dim)
+            else:
+                return []  # lossy codes (PQ, SQ): ids were checked, vectors cannot be compared exactly
+            if not ids.size:
+                return []
+            stored = self.vectors(ids)
+        except IndexCorrupt as e:
+            return [str(e).split(" (run")[0]]
+        if not np.allclose(stored, held, atol=1e-5):
+            bad = ids[~np.all(np.isclose(stored, held, atol=1e-5), axis=1)]
+            return [f"FAISS vectors differ from the stored embeddings for {bad.size} rows "
+                    f"(first: {bad[:5].tolist()}) in {name}"]
+        return []
 
-        ``new_stats`` gives (size, mtime_ns) per new path, used to notice changed files later.
-        """
-        if self.mode == "r":
-            raise IndexError_("index opened read-only")
-        removed = set(int(r) for r in removed_rows)
-        start = self.n_rows
-        b = len(new_paths)
-        if not (len(new_hashes) == b == vectors.shape[0] == tokens.shape[0]):
-            raise ValueError("commit: paths, hashes, vectors and tokens disagree in length")
-        if b:
-            self.tokens.write(start, tokens)
-            self._vectors.write(start, vectors[:, None, :])
-        rows = np.arange(start, start + b, dtype=np.int64)
-        live = [e.row for e in self.entries if e.row not in removed]
-        if removed:
-            try:
-                self.faiss.remove_ids(np.fromiter(removed, dtype=np.int64))
-            except RuntimeError:
-                # index types that cannot remove (HNSW, ...): rebuild from the stored vectors
-                self.faiss = vector_index.new_index(self.config.factory, self.config.dim)
-                if live:
-                    vector_index.add_vectors(self.faiss, self.vectors(live), np.array(live, dtype=np.int64))
-        if b:
-            vector_index.add_vectors(self.faiss, vectors, rows,
-                                     all_vectors=None if self.faiss.is_trained else
-                                     np.concatenate([self.vectors(live), vectors]) if live else vectors)
-        entries = [e for e in self.entries if e.row not in removed]
-        stats = new_stats or [(-1, -1)] * b
-        entries += [ManifestEntry(int(r), p, h, int(st[0]), int(st[1]))
-                    for r, p, h, st in zip(rows, new_paths, new_hashes, stats)]
-        gen = self.generation + 1
-        vector_index.write_index(self.faiss, self._faiss_path(gen))
-        _atomic_write_text(self._manifest_path(gen),
-                           "".join(json.dumps(dataclasses.asdict(e)) + "\n" for e in entries))
-        _atomic_write_text(self.directory / STATE_FILE,
-                           json.dumps({"generation": gen, "n_rows": start + b}) + "\n")
-        _fsync_dir(self.directory)
-        old = self.generation
-        self.generation, self.n_rows, self.entries = gen, start + b, entries
-        if old > 0:  # readers holding the old generation keep their open file handles
-            for p in (self._faiss_path(old), self._manifest_path(old)):
-                p.unlink(missing_ok=True)
+    def repair(self) -> RepairReport:
+        """Drop rows whose vectors or tokens are unreadable (listed, so build-index embeds them
+        again), rebuild FAISS from the stored vectors, remove stray files. One commit."""
+        self._require_lock()
+        report = RepairReport()
+        snap = self.manifest.snapshot()
+        self.snapshot = snap
+        lost: list[tuple[int, int]] = []
+        replaced: list[tuple[str, int, int]] = []
+        arrays = {"vectors": self._vectors, **self.tokens.arrays}
+        for store, arr in arrays.items():
+            arr.set_segments(snap.segments.get(store, ()))
+            for start, count in arr.segments:
+                try:
+                    arr.check_segment(start, count)
+                except IndexCorrupt:
+                    lost.append((start, count))
+        for start, count in sorted(set(lost)):
+            for store, arr in arrays.items():  # keep the rows tiled: an unreadable range becomes zeros, never live
+                if (start, count) in arr.segments:
+                    arr.write_segment(start, np.zeros((count, *arr.row_shape), arr.dtype))
+                    replaced.append((store, start, count))
+        dead_rows = [e.row for e in self.manifest.iter_live(snap.generation)
+                     if any(s <= e.row < s + n for s, n in lost)]
+        report.dropped = sorted(self.manifest.paths_of_rows(dead_rows).values())
+        self.manifest.commit(generation=snap.generation + 1, n_rows=snap.n_rows, removed=dead_rows,
+                             add_segments=replaced, faiss_segments=[], settings={})
+        self._faiss = {}
+        self._load(self.manifest.snapshot())
+        report.removed_files = self._remove_stray_files()
+        # rebuild FAISS from the stored vectors with the recipe for this size
+        target = self.config.factory if self.config.factory != vector_index.AUTO else \
+            vector_index.choose_recipe(len(self), self.config.dim)
+        if vector_index.training_rows(target) > len(self):
+            target = "Flat"
+        self._retrain(target)
+        report.rebuilt_faiss = True
+        logger.info("repair: %s", report.summary())
+        return report
+
+    def info(self) -> dict:
+        cfg = self.config
+        return {
+            "index": str(self.directory), "images": len(self), "rows": self.n_rows, "generation": self.generation,
+            "factory": cfg.factory, "recipe": self.recipe, "nprobe": self.settings.get("nprobe"),
+            "faiss_segments": len(self._faiss), "dim": cfg.dim, "tokens_per_image": cfg.tokens_per_image,
+            "token_width": cfg.token_width, "token_dtype": cfg.token_dtype,
+            "store": cfg.store_url or "(inside the index)", "model": cfg.model_path,
+            "model_fingerprint": cfg.model_fingerprint,
+        }
+
+
+def resolve_model_path(store: "IndexStore") -> Path:
+    """The index's model directory: relative paths are inside the index (so it can move)."""
+    p = Path(store.config.model_path)
+    return p if p.is_absolute() else store.directory / p
+
+
+def verify_index(directory: str | Path) -> list[str]:
+    """Everything that can be checked without loading the model (no torch import): the store's
+    verify() plus the model's weights against the fingerprint the index was built with."""
+    from ..models.info import read_bundle_info, tensor_fingerprint
+
+    try:
+        store = IndexStore.open(directory)
+    except IndexCorrupt as e:
+        return [str(e)]
+    problems = store.verify()
+    model_dir = resolve_model_path(store)
+    if not model_dir.is_dir():
+        problems.append(f"the model this index was built with is gone: {model_dir}")
+    else:
+        try:
+            read_bundle_info(model_dir)
+            got = tensor_fingerprint(model_dir)
+        except (OSError, ValueError, TypeError) as e:
+            problems.append(f"model {model_dir} is unreadable: {e}")
+        else:
+            if got != store.config.model_fingerprint:
+                problems.append(f"model weights in {model_dir} have fingerprint {got}, the index was built "
+                                f"with {store.config.model_fingerprint}")
+    return problems
+
+
+def read_config(directory: Path) -> IndexConfig:
+    import json
+
+    try:
+        raw = json.loads((directory / CONFIG_FILE).read_text())
+    except (OSError, ValueError) as e:
+        raise IndexCorrupt(f"index at {directory} is corrupt: {CONFIG_FILE}: {e}") from e
+    if raw.get("format_version", 1) < 2:
+        raise IndexCorrupt(f"index at {directory} was written by edje-search 0.1 (format 1); build it again "
+                           f"into a new folder with `edje-search build-index`")
+    try:
+        return load_config(IndexConfig, directory / CONFIG_FILE)
+    except (ValueError, TypeError) as e:
+        raise IndexCorrupt(f"index at {directory} is corrupt: {e}") from e
+
+
+def faiss_clone(index):
+    import faiss
+
+    return faiss.clone_index(index)
+
+
+def faiss_downcast(index):
+    import faiss
+
+    return faiss.downcast_index(index)
+
+
+def faiss_rev(flat, n: int, dim: int) -> np.ndarray:
+    """The raw vectors of a flat index (memory-mapped codes included)."""
+    import faiss
+
+    flat = faiss.downcast_index(flat)
+    return faiss.rev_swig_ptr(flat.get_xb(), n * dim).reshape(n, dim).copy()
+
+
+def ivf_flat_contents(index, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, vectors) stored in an IVF-Flat index's inverted lists."""
+    import faiss
+
+    ivf = faiss.extract_index_ivf(index)
+    inv = ivf.invlists
+    ids, vecs = [], []
+    for li in range(ivf.nlist):
+        size = inv.list_size(li)
+        if size:
+            ids.append(faiss.rev_swig_ptr(inv.get_ids(li), size).copy())
+            codes = faiss.rev_swig_ptr(inv.get_codes(li), size * inv.code_size).copy()
+            vecs.append(codes.view(np.float32).reshape(size, dim))
+    if not ids:
+        return np.zeros(0, np.int64), np.zeros((0, dim), np.float32)
+    return np.concatenate(ids), np.concatenate(vecs)
+
+
+def tune_nprobe(index, rows: np.ndarray, vectors: np.ndarray, recipe: str, *, k: int, target: float,
+                refine: bool, n_queries: int = 200, seed: int = 0) -> tuple[int, float]:
+    """Smallest power-of-two nprobe whose recall@k against exact search reaches ``target``.
+
+    ``rows`` (sorted) are the ids of ``vectors``. Queries are stored vectors with noise added
+    (a query is near, not equal to, an image).
+    """
+    rng = np.random.default_rng(seed)
+    pick = rng.choice(len(vectors), min(n_queries, len(vectors)), replace=False)
+    q = vectors[pick] + rng.normal(0, 0.5 / np.sqrt(vectors.shape[1]), (len(pick), vectors.shape[1])).astype(np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    truth = rows[vector_index.exact_top_k(vectors, q, k)]
+    nlist = vector_index.n_lists(recipe)
+    nprobe, recall = 1, 0.0
+    while True:
+        want = k * REFINE_FACTOR if refine else k
+        _, got = vector_index.search_segments([index], q, want, nprobe=nprobe)
+        if refine:  # exact re-score of the candidates, as IndexStore.search does
+            pos = np.searchsorted(rows, np.clip(got, 0, None))
+            exact = np.einsum("qd,qkd->qk", q, vectors[np.clip(pos, 0, len(rows) - 1)])
+            exact[got < 0] = -np.inf
+            got = np.take_along_axis(got, np.argsort(-exact, axis=1)[:, :k], 1)
+        recall = float(np.mean([len(set(g[:k].tolist()) & set(t.tolist())) / k for g, t in zip(got, truth)]))
+        if recall >= target or nprobe >= nlist:
+            return nprobe, recall
+        nprobe *= 2

@@ -270,3 +270,55 @@ def open_token_store(path: str | Path, *, mode: str = "r"):
     if node == "group":
         return Int8ZarrTokenStore.open(path, mode=mode)
     return ZarrTokenStore.open(path, mode=mode)
+
+
+class SegmentTokenStore:
+    """The index's token store: rows in append-only segments (see segments.py), local or fsspec URL.
+
+    float16/float32 tokens are one segment array; int8 tokens are two (``q`` int8 and one float16
+    scale per token), dequantized on read. ``get`` raises IndexCorrupt for a missing or short
+    segment: a reranker never sees zeros in place of an image.
+    """
+
+    def __init__(self, base_url: str, tokens_per_image: int, width: int, dtype: str,
+                 segments: dict[str, list[tuple[int, int]]] | None = None):
+        from .segments import SegmentArray
+
+        if dtype not in TOKEN_DTYPES:
+            raise ValueError(f"token dtype must be one of {', '.join(TOKEN_DTYPES)}, not {dtype!r}")
+        self.tokens_per_image, self.width, self.token_dtype = tokens_per_image, width, dtype
+        segments = segments or {}
+        base = str(base_url).rstrip("/")
+        if dtype == "int8":
+            self.arrays = {"tokens": SegmentArray(f"{base}/tokens", (tokens_per_image, width), "int8",
+                                                  segments.get("tokens", ())),
+                           "token_scales": SegmentArray(f"{base}/token_scales", (tokens_per_image, 1), "float16",
+                                                        segments.get("token_scales", ()))}
+        else:
+            self.arrays = {"tokens": SegmentArray(f"{base}/tokens", (tokens_per_image, width), dtype,
+                                                  segments.get("tokens", ()))}
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.token_dtype)
+
+    def __len__(self) -> int:
+        return min(len(a) for a in self.arrays.values())
+
+    def set_segments(self, segments: dict[str, list[tuple[int, int]]]) -> None:
+        for name, arr in self.arrays.items():
+            arr.set_segments(segments.get(name, ()))
+
+    def get(self, rows) -> np.ndarray:
+        idx = _check_rows(rows, len(self))
+        if self.token_dtype == "int8":
+            return dequantize(self.arrays["tokens"].get(idx), self.arrays["token_scales"].get(idx))
+        return self.arrays["tokens"].get(idx)
+
+    def write_segment(self, start: int, tokens: np.ndarray) -> list[tuple[str, int, int]]:
+        """Write rows [start, start + b) as new segments; returns the (store, start, count) to commit."""
+        if self.token_dtype == "int8":
+            q, scale = quantize_per_token(tokens)
+            return [("tokens", *self.arrays["tokens"].write_segment(start, q)),
+                    ("token_scales", *self.arrays["token_scales"].write_segment(start, scale))]
+        return [("tokens", *self.arrays["tokens"].write_segment(start, tokens))]

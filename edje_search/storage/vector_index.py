@@ -56,5 +56,145 @@ def write_index(index: faiss.Index, path: str | Path) -> None:
     tmp.replace(path)
 
 
+def write_index_plain(index: faiss.Index, path: str | Path) -> None:
+    """Write without the rename dance (callers wrap it in fsutil.atomic_write)."""
+    faiss.write_index(index, str(path))
+
+
 def read_index(path: str | Path) -> faiss.Index:
     return faiss.read_index(str(path))
+
+
+# ------------------------------------------------------------------------- recipes by size
+AUTO = "auto"
+FLAT_BELOW = 100_000  # exact search is cheap enough below this many vectors (autofaiss uses the same order)
+PQ_FROM = 3_000_000  # beyond this, raw float vectors no longer fit RAM/page cache comfortably: compress
+TRAIN_PER_LIST = 39  # FAISS warns below 39 training points per centroid
+
+
+def _pow2(x: float) -> int:
+    return int(2 ** max(0, round(np.log2(max(x, 1.0)))))
+
+
+def choose_recipe(n: int, dim: int) -> str:
+    """The FAISS factory string for ``n`` vectors of width ``dim`` (the plan autofaiss follows).
+
+    Flat (exact) below 100k; IVF-Flat with about sqrt(n) lists up to a few million (lists are
+    memory-mapped, so RAM does not grow with n); OPQ + IVF-PQ with 4 sqrt(n) lists beyond,
+    whose candidates are re-scored exactly from the stored vectors.
+    """
+    if n < FLAT_BELOW:
+        return "Flat"
+    if n < PQ_FROM:
+        return f"IVF{_pow2(np.sqrt(n))},Flat"
+    m = 64 if dim % 64 == 0 else 32 if dim % 32 == 0 else 16
+    return f"OPQ{m},IVF{_pow2(4 * np.sqrt(n))},PQ{m}"
+
+
+def n_lists(recipe: str) -> int:
+    """Inverted lists of an IVF factory string (0 for non-IVF recipes)."""
+    for part in recipe.split(","):
+        if part.startswith("IVF"):
+            digits = "".join(ch for ch in part[3:] if ch.isdigit())
+            return int(digits) if digits else 0
+    return 0
+
+
+def training_rows(recipe: str) -> int:
+    """Vectors a recipe needs before it can be trained (0 = no training)."""
+    return TRAIN_PER_LIST * n_lists(recipe) if n_lists(recipe) else (256 * 40 if "PQ" in recipe else 0)
+
+
+def needs_refine(recipe: str) -> bool:
+    """Recipes with lossy codes: their candidates are re-scored exactly from the stored vectors."""
+    return "PQ" in recipe or "SQ" in recipe
+
+
+def new_segment_index(recipe: str, dim: int, trained: faiss.Index | None = None) -> faiss.Index:
+    """An empty index for one segment: a copy of the trained template, or a fresh untrained-free one.
+
+    IVF indexes keep ids in their inverted lists (memory-mapped on read); other types get an
+    IndexIDMap wrapper (ids in RAM: only small, flat segments use it).
+    """
+    if trained is not None:
+        return faiss.clone_index(trained)
+    base = faiss.index_factory(dim, recipe, faiss.METRIC_INNER_PRODUCT)
+    if is_ivf(base):
+        return base
+    return faiss.IndexIDMap(base)
+
+
+def is_ivf(index: faiss.Index) -> bool:
+    try:
+        faiss.extract_index_ivf(index)
+        return True
+    except RuntimeError:
+        return False
+
+
+def read_segment(path: str | Path) -> faiss.Index:
+    """Read a segment memory-mapped (inverted lists and flat codes stay on disk, in the page cache)."""
+    return faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY)
+
+
+def segment_ids(index: faiss.Index) -> np.ndarray:
+    """Every id stored in a segment index."""
+    if isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2)) or hasattr(index, "id_map"):
+        return faiss.vector_to_array(index.id_map)
+    ivf = faiss.extract_index_ivf(index)
+    inv = ivf.invlists
+    out = []
+    for li in range(ivf.nlist):
+        size = inv.list_size(li)
+        if size:
+            out.append(faiss.rev_swig_ptr(inv.get_ids(li), size).copy())
+    return np.concatenate(out) if out else np.zeros(0, np.int64)
+
+
+def _params(index: faiss.Index, sel, nprobe: int | None, ef_search: int | None):
+    if is_ivf(index):
+        p = faiss.SearchParametersIVF(sel=sel, nprobe=int(nprobe or 1))
+        if isinstance(index, faiss.IndexPreTransform):
+            return faiss.SearchParametersPreTransform(index_params=p)
+        return p
+    if ef_search and "HNSW" in type(faiss.downcast_index(getattr(index, "index", index))).__name__:
+        return faiss.SearchParametersHNSW(sel=sel, efSearch=int(ef_search))
+    return faiss.SearchParameters(sel=sel) if sel is not None else None
+
+
+def search_segments(segments: list[faiss.Index], queries: np.ndarray, k: int, *, exclude=None,
+                    nprobe: int | None = None, ef_search: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Search every segment and keep the best ``k`` per query: (scores (Q, k), rows (Q, k), -1 padded).
+
+    ``exclude``: rows to leave out (removed rows still present in older segments).
+    """
+    configure_faiss()
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    sel = faiss.IDSelectorNot(faiss.IDSelectorBatch(np.asarray(exclude, dtype=np.int64))) \
+        if exclude is not None and len(exclude) else None
+    scores, rows = [], []
+    for seg in segments:
+        if seg.ntotal == 0:
+            continue
+        d, i = seg.search(q, min(k, seg.ntotal), params=_params(seg, sel, nprobe, ef_search))
+        scores.append(d)
+        rows.append(i)
+    if not scores:
+        return np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64)
+    d = np.concatenate(scores, axis=1)
+    i = np.concatenate(rows, axis=1)
+    d = np.where(i < 0, -np.inf, d)
+    order = np.argsort(-d, axis=1, kind="stable")[:, :k]
+    d, i = np.take_along_axis(d, order, 1), np.take_along_axis(i, order, 1)
+    if d.shape[1] < k:  # fewer candidates than asked: pad like FAISS does
+        pad = k - d.shape[1]
+        d = np.pad(d, ((0, 0), (0, pad)), constant_values=-np.inf)
+        i = np.pad(i, ((0, 0), (0, pad)), constant_values=-1)
+    return d.astype(np.float32), i.astype(np.int64)
+
+
+def exact_top_k(vectors: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    """Row positions of the exact top-k by inner product (recall measurements)."""
+    flat = faiss.IndexFlatIP(vectors.shape[1])
+    flat.add(np.ascontiguousarray(vectors, dtype=np.float32))
+    return flat.search(np.ascontiguousarray(queries, dtype=np.float32), k)[1]

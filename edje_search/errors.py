@@ -1,0 +1,40 @@
+"""The exceptions edje-search raises on purpose, all rooted at :class:`EdjeError`.
+
+Callers catch ``EdjeError`` for "edje-search refused or could not do it"; the subclasses say
+which part was at fault. Each also derives from the builtin a caller would have expected before
+the hierarchy existed (ValueError for bad input, RuntimeError for state), so old ``except``
+clauses keep working.
+"""
+from __future__ import annotations
+
+
+class EdjeError(Exception):
+    """Base of every error edje-search raises deliberately."""
+
+
+class BadQuery(EdjeError, ValueError):
+    """A query or search argument that cannot be served (empty, too long, k out of range)."""
+
+
+class BadInput(EdjeError, ValueError):
+    """Arguments or data handed to the library that it cannot use (shapes, dtypes, options)."""
+
+
+class IndexCorrupt(EdjeError, RuntimeError):
+    """The index directory is missing, incomplete or inconsistent."""
+
+
+class IndexLocked(EdjeError, RuntimeError):
+    """Another process holds the index's writer lock."""
+
+
+class ModelMissing(EdjeError, RuntimeError):
+    """A model that was asked for cannot be found or built here."""
+
+
+class ModelMismatch(EdjeError, RuntimeError):
+    """The index was built with a different model than the one given."""
+
+
+class CheckpointError(EdjeError, ValueError):
+    """A checkpoint file does not have the layout it claims."""

@@ -1,0 +1,271 @@
+"""The manifest: which row holds which file, in SQLite (WAL mode).
+
+Why SQLite rather than Parquet/Arrow segments: the writer needs point lookups by path and by
+content hash on every batch (is this file indexed? is this content already embedded?), and a
+commit must change rows, segment lists and the generation counter together. SQLite gives
+both from one file: B-tree indexes answer a lookup in microseconds at 10^8 rows without
+loading anything, a transaction is the commit point, and WAL mode lets readers keep a
+consistent snapshot while one writer commits. Parquet segments would need their own index
+and their own commit protocol on top.
+
+Rows are never deleted: a row records the generation that ``added`` it and the one that
+``removed`` it, so a reader pinned to generation g sees exactly the rows live at g.
+Paths are stored as bytes (``os.fsencode``) so any file name round-trips.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+from ..errors import IndexCorrupt
+
+MANIFEST_FILE = "manifest.sqlite"
+_PARAMS = 500  # bound parameters per IN (...) query, well below SQLite's limit
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS rows (
+    row INTEGER PRIMARY KEY, path BLOB NOT NULL, sha256 TEXT, size INTEGER, mtime_ns INTEGER,
+    meta TEXT, added INTEGER NOT NULL, removed INTEGER);
+CREATE UNIQUE INDEX IF NOT EXISTS rows_live_path ON rows(path) WHERE removed IS NULL;
+CREATE INDEX IF NOT EXISTS rows_live_sha ON rows(sha256) WHERE removed IS NULL;
+CREATE INDEX IF NOT EXISTS rows_removed ON rows(removed) WHERE removed IS NOT NULL;
+CREATE TABLE IF NOT EXISTS segments (store TEXT NOT NULL, start INTEGER NOT NULL, count INTEGER NOT NULL,
+    PRIMARY KEY (store, start));
+CREATE TABLE IF NOT EXISTS faiss_segments (name TEXT PRIMARY KEY, recipe TEXT NOT NULL, first_row INTEGER NOT NULL,
+    end_row INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+@dataclasses.dataclass(frozen=True)
+class ManifestEntry:
+    row: int
+    path: str
+    sha256: str | None
+    size: int = -1  # file size and mtime when indexed: a cheap "has it changed?" check
+    mtime_ns: int = -1
+    meta: dict | None = None  # caption and other metadata given at ingestion
+
+
+@dataclasses.dataclass(frozen=True)
+class Snapshot:
+    """What a reader sees of one committed generation."""
+
+    generation: int
+    n_rows: int  # rows ever committed (live or removed): the length of the vector and token stores
+    n_live: int
+    segments: dict[str, list[tuple[int, int]]]  # store name -> [(first row, count)]
+    faiss_segments: list[tuple[str, str, int, int]]  # (file name, recipe, first row, end row)
+    settings: dict  # recipe state (trained recipe, nprobe, ...)
+
+
+def _entry(r) -> ManifestEntry:
+    return ManifestEntry(int(r[0]), os.fsdecode(r[1]), r[2], int(r[3]), int(r[4]), json.loads(r[5]) if r[5] else None)
+
+
+_COLS = "row, path, sha256, size, mtime_ns, meta"
+
+
+def _chunks(items: Sequence, n: int = _PARAMS) -> Iterator[Sequence]:
+    for i in range(0, len(items), n):
+        yield items[i:i + n]
+
+
+class Manifest:
+    """One SQLite connection to an index's manifest (thread-safe by a lock; cheap to open)."""
+
+    def __init__(self, path: str | Path, *, readonly: bool = True, create: bool = False):
+        self.path = Path(path)
+        if not create and not self.path.is_file():
+            raise IndexCorrupt(f"manifest missing: {self.path}")
+        uri = f"file:{self.path}?mode={'ro' if readonly else 'rwc'}"
+        try:
+            self._db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False, timeout=30)
+            if not readonly:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=FULL")  # a commit survives power loss
+            if create:
+                self._db.executescript(SCHEMA)
+        except sqlite3.DatabaseError as e:
+            raise IndexCorrupt(f"manifest {self.path} is unreadable: {e}") from e
+        self._lock = threading.RLock()
+
+    def close(self) -> None:
+        self._db.close()
+
+    def _q(self, sql: str, params: Sequence = ()) -> list:
+        with self._lock:
+            try:
+                return self._db.execute(sql, params).fetchall()
+            except sqlite3.DatabaseError as e:
+                raise IndexCorrupt(f"manifest {self.path}: {e}") from e
+
+    # -------------------------------------------------------------------------------- reading
+    def snapshot(self) -> Snapshot:
+        """The latest committed generation, read in one transaction."""
+        with self._lock:
+            try:
+                self._db.execute("BEGIN")
+                try:
+                    state = dict(self._db.execute("SELECT key, value FROM state").fetchall())
+                    segs: dict[str, list[tuple[int, int]]] = {}
+                    for store, start, count in self._db.execute(
+                            "SELECT store, start, count FROM segments ORDER BY store, start"):
+                        segs.setdefault(store, []).append((int(start), int(count)))
+                    faiss_segs = [(n, r, int(a), int(b)) for n, r, a, b in self._db.execute(
+                        "SELECT name, recipe, first_row, end_row FROM faiss_segments ORDER BY first_row")]
+                finally:
+                    self._db.execute("COMMIT")
+            except sqlite3.DatabaseError as e:
+                raise IndexCorrupt(f"manifest {self.path}: {e}") from e
+        if "generation" not in state:
+            raise IndexCorrupt(f"manifest {self.path} has no committed state")
+        return Snapshot(int(state["generation"]), int(state["n_rows"]), int(state["n_live"]), segs, faiss_segs,
+                        json.loads(state.get("settings", "{}")))
+
+    def generation(self) -> int:
+        got = self._q("SELECT value FROM state WHERE key='generation'")
+        return int(got[0][0]) if got else 0
+
+    @staticmethod
+    def _live(g: int) -> str:
+        return f"added <= {int(g)} AND (removed IS NULL OR removed > {int(g)})"
+
+    def paths_of_rows(self, rows: Iterable[int]) -> dict[int, str]:
+        rows = [int(r) for r in rows]
+        out: dict[int, str] = {}
+        for part in _chunks(rows):
+            q = f"SELECT row, path FROM rows WHERE row IN ({','.join('?' * len(part))})"
+            out.update((int(r), os.fsdecode(p)) for r, p in self._q(q, part))
+        return out
+
+    def entries_of_rows(self, rows: Iterable[int]) -> dict[int, ManifestEntry]:
+        rows = [int(r) for r in rows]
+        out = {}
+        for part in _chunks(rows):
+            q = f"SELECT {_COLS} FROM rows WHERE row IN ({','.join('?' * len(part))})"
+            out.update((int(r[0]), _entry(r)) for r in self._q(q, part))
+        return out
+
+    def lookup_paths(self, paths: Sequence[str], generation: int) -> dict[str, ManifestEntry]:
+        """Live entries (at ``generation``) of those of ``paths`` that are indexed."""
+        out = {}
+        keys = [os.fsencode(p) for p in paths]
+        for part in _chunks(keys):
+            q = f"SELECT {_COLS} FROM rows WHERE {self._live(generation)} AND path IN ({','.join('?' * len(part))})"
+            for r in self._q(q, part):
+                e = _entry(r)
+                out[e.path] = e
+        return out
+
+    def row_of_hash(self, sha256: str, generation: int) -> int | None:
+        got = self._q(f"SELECT row FROM rows WHERE {self._live(generation)} AND sha256 = ? LIMIT 1", (sha256,))
+        return int(got[0][0]) if got else None
+
+    def live_under(self, prefix: str, generation: int) -> Iterator[ManifestEntry]:
+        """Live entries whose path starts with ``prefix`` (a range scan on the path index)."""
+        lo = os.fsencode(prefix)
+        hi = lo + b"\xff" * 8
+        yield from (_entry(r) for r in self._q(
+            f"SELECT {_COLS} FROM rows WHERE {self._live(generation)} AND path >= ? AND path < ? ORDER BY row",
+            (lo, hi)))
+
+    def iter_live(self, generation: int, batch: int = 100_000) -> Iterator[ManifestEntry]:
+        """Every live entry in row order, read in pages (verification, rebuilds)."""
+        last = -1
+        while True:
+            page = self._q(f"SELECT {_COLS} FROM rows WHERE {self._live(generation)} AND row > ? "
+                           f"ORDER BY row LIMIT {int(batch)}", (last,))
+            if not page:
+                return
+            yield from (_entry(r) for r in page)
+            last = int(page[-1][0])
+
+    def removed_rows(self, generation: int) -> list[int]:
+        """Rows removed at or before ``generation`` (tombstones for search)."""
+        return [int(r[0]) for r in self._q(
+            "SELECT row FROM rows WHERE removed IS NOT NULL AND removed <= ?", (int(generation),))]
+
+    def count_rows(self) -> tuple[int, int]:
+        """(rows in the table, live rows) by counting: verification only."""
+        total = self._q("SELECT COUNT(*), COALESCE(MAX(row) + 1, 0) FROM rows")[0]
+        live = self._q("SELECT COUNT(*) FROM rows WHERE removed IS NULL")[0][0]
+        return int(total[1]), int(live)
+
+    # -------------------------------------------------------------------------------- writing
+    def commit(self, *, generation: int, n_rows: int, new: Sequence[ManifestEntry] = (),
+               removed: Sequence[int] = (), add_segments: Sequence[tuple[str, int, int]] = (),
+               drop_segments: Sequence[tuple[str, int]] = (),
+               faiss_segments: Sequence[tuple[str, str, int, int]] | None = None,
+               settings: dict | None = None) -> None:
+        """Make ``generation`` the committed state in one transaction (the commit point).
+
+        ``faiss_segments``, when given, replaces the list of FAISS segment files.
+        """
+        with self._lock:
+            db = self._db
+            try:
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    prev = self.generation()
+                    if prev + 1 != generation:
+                        raise IndexCorrupt(f"commit of generation {generation} on top of {prev}: another writer?")
+                    n_live = int(db.execute("SELECT value FROM state WHERE key='n_live'").fetchone()[0])
+                    for part in _chunks(list(removed)):
+                        n_live -= db.execute(f"UPDATE rows SET removed = ? WHERE removed IS NULL AND row IN "
+                                             f"({','.join('?' * len(part))})", (generation, *part)).rowcount
+                    db.executemany(
+                        "INSERT INTO rows (row, path, sha256, size, mtime_ns, meta, added) VALUES (?,?,?,?,?,?,?)",
+                        [(e.row, os.fsencode(e.path), e.sha256, e.size, e.mtime_ns,
+                          json.dumps(e.meta) if e.meta else None, generation) for e in new])
+                    db.executemany("DELETE FROM segments WHERE store = ? AND start = ?", drop_segments)
+                    db.executemany("INSERT OR REPLACE INTO segments (store, start, count) VALUES (?,?,?)",
+                                   add_segments)
+                    if faiss_segments is not None:
+                        db.execute("DELETE FROM faiss_segments")
+                        db.executemany("INSERT INTO faiss_segments VALUES (?,?,?,?)", faiss_segments)
+                    n_live += len(new)
+                    values = {"generation": generation, "n_rows": n_rows, "n_live": n_live}
+                    if settings is not None:
+                        values["settings"] = json.dumps(settings, sort_keys=True)
+                    db.executemany("INSERT OR REPLACE INTO state (key, value) VALUES (?, ?)",
+                                   [(k, str(v) if not isinstance(v, str) else v) for k, v in values.items()])
+                except BaseException:
+                    db.execute("ROLLBACK")
+                    raise
+                db.execute("COMMIT")
+            except sqlite3.IntegrityError as e:
+                raise IndexCorrupt(f"manifest refused the commit: {e}") from e
+
+    def initialise(self) -> None:
+        """Generation 0: no rows, no segments."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.executemany("INSERT OR REPLACE INTO state (key, value) VALUES (?, ?)",
+                                 [("generation", "0"), ("n_rows", "0"), ("n_live", "0"), ("settings", "{}")])
+            self._db.execute("COMMIT")
+
+
+class HashLookup:
+    """``sha256 in lookup``: is this content live in the index? Picklable, so DataLoader workers
+    can skip decoding files whose content is already embedded without a copy of every hash."""
+
+    def __init__(self, manifest_path: str | Path, generation: int):
+        self.manifest_path = str(manifest_path)
+        self.generation = generation
+        self._m: Manifest | None = None
+
+    def __getstate__(self):
+        return {"manifest_path": self.manifest_path, "generation": self.generation, "_m": None}
+
+    def __contains__(self, sha256: object) -> bool:
+        if not isinstance(sha256, str) or self.generation == 0:
+            return False
+        if self._m is None:
+            self._m = Manifest(self.manifest_path)
+        return self._m.row_of_hash(sha256, self.generation) is not None

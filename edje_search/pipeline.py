@@ -26,7 +26,7 @@ def encode_image_files(first_stage, paths: list, *, batch_size: int = 64, num_wo
     device = next(first_stage.parameters()).device
     embs, toks = [], []
     loader = image_loader([str(p) for p in paths], first_stage.preprocess, batch_size, num_workers,
-                          min_size=first_stage.config.image_size)
+                          min_size=first_stage.config.image_size, resize_mode=first_stage.config.resize_mode)
     for batch in tqdm(loader, desc=desc, disable=not progress, unit="batch"):
         if batch["failed"]:
             index, reason = batch["failed"][0]
@@ -52,10 +52,12 @@ class EmbeddedBatch:
 def embed_files(model: EdjeModel, paths: list[str], *, batch_size: int = 32, num_workers: int = 2,
                 token_dtype: str = "float16", progress: bool = True,
                 known_hashes: frozenset[str] = frozenset()) -> Iterator[EmbeddedBatch]:
-    """Decode and embed ``paths`` in order; unreadable files come back in ``failed``, files whose
-    content hash is in ``known_hashes`` come back in ``duplicates`` without running the model."""
+    """Decode and embed ``paths`` in order; unreadable files come back in ``failed`` with a reason
+    (see :class:`~edje_search.images.ImageFileDataset`), files whose content hash is in
+    ``known_hashes`` come back in ``duplicates`` without running the model."""
+    config = model.first_stage.config
     loader = image_loader(paths, model.first_stage.preprocess, batch_size, num_workers, known_hashes,
-                          min_size=model.first_stage.config.image_size)
+                          min_size=config.image_size, resize_mode=config.resize_mode)
     bar = tqdm(total=len(paths), unit="img", desc="indexing", disable=not progress, dynamic_ncols=True)
     try:
         for batch in loader:

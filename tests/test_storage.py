@@ -1,11 +1,14 @@
 """Token stores, the FAISS wrapper and atomic index commits."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
 from edje_search.config import IndexConfig
 from edje_search.storage import vector_index
+from edje_search.errors import BadInput, EdjeError, IndexCorrupt, IndexLocked
 from edje_search.storage.index_store import IndexError_, IndexStore
 from edje_search.storage.token_store import (Int8ZarrTokenStore, MemoryTokenStore, TokenStore, ZarrTokenStore,
                                              bytes_per_image, create_token_store, open_token_store,
@@ -99,73 +102,198 @@ def test_bad_factory_string_is_a_value_error():
 
 def _config(**kw):
     base = dict(factory="Flat", dim=8, tokens_per_image=2, token_width=4, token_dtype="float16",
-                model_path="m", model_fingerprint="f", chunk_rows=4)
+                model_path="m", model_fingerprint="f")
     return IndexConfig(**{**base, **kw})
+
+
+def _commit(store, paths, v, t, removed=()):
+    with store.writing():
+        store.commit(paths, ["h"] * len(paths), v, t, removed_rows=removed)
+
+
+def _unit(rng, n, d=8):
+    v = rng.standard_normal((n, d)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
 
 
 def test_index_store_commit_reopen_and_remove(tmp_path):
     rng = np.random.default_rng(2)
     store = IndexStore.create(tmp_path / "i", _config())
-    v = rng.standard_normal((6, 8)).astype(np.float32)
+    v = _unit(rng, 6)
     t = rng.standard_normal((6, 2, 4)).astype(np.float16)
-    store.commit([f"/p{i}" for i in range(6)], [f"h{i}" for i in range(6)], v, t)
-    store.commit([], [], v[:0], t[:0], removed_rows=[1, 3])
-    assert store.path_of_row == {0: "/p0", 2: "/p2", 4: "/p4", 5: "/p5"}  # follows each commit
+    _commit(store, [f"/p{i}" for i in range(6)], v, t)
+    _commit(store, [], v[:0], t[:0], removed=[1, 3])
+    assert store.paths(range(6)) == {0: "/p0", 2: "/p2", 4: "/p4", 5: "/p5"}  # follows each commit
     again = IndexStore.open(tmp_path / "i")
     assert [e.path for e in again.entries] == ["/p0", "/p2", "/p4", "/p5"]
-    assert again.path_of_row == store.path_of_row
-    assert again.faiss.ntotal == 4
+    assert len(again) == 4 and again.n_rows == 6 and again.generation == 2
     assert np.array_equal(again.tokens.get([4]), t[4:5])
     np.testing.assert_array_equal(again.vectors([5]), v[5:6])
-    assert sorted(p.name for p in (tmp_path / "i").glob("faiss-*")) == ["faiss-2.index"]
+    _, rows = again.search(v[1:2], 6)
+    assert 1 not in rows[0].tolist() and 3 not in rows[0].tolist() and -1 in rows[0].tolist()
 
 
-def test_uncommitted_rows_are_ignored_and_dropped(tmp_path):
+def test_commit_writes_only_the_batch(tmp_path):
+    """O(batch) commits: each commit adds one new file per store and one FAISS segment, and
+    rewrites none of the files an earlier commit wrote."""
+    rng = np.random.default_rng(6)
     store = IndexStore.create(tmp_path / "i", _config())
-    z = np.zeros
-    store.commit(["/a"], ["h"], z((1, 8), np.float32), z((1, 2, 4), np.float16))
-    store.tokens.write(1, np.ones((3, 2, 4), np.float16))  # a commit that died half way
+    v, t = _unit(rng, 30), rng.standard_normal((30, 2, 4)).astype(np.float16)
+    _commit(store, [f"/p{i}" for i in range(10)], v[:10], t[:10])
+    before = {p: (p.stat().st_mtime_ns, p.stat().st_ino) for p in (tmp_path / "i").rglob("*")
+              if p.is_file() and p.suffix in (".npy", ".index")}
+    _commit(store, [f"/p{i}" for i in range(10, 30)], v[10:], t[10:])
+    after = {p: (p.stat().st_mtime_ns, p.stat().st_ino) for p in (tmp_path / "i").rglob("*")
+             if p.is_file() and p.suffix in (".npy", ".index")}
+    assert all(after[p] == before[p] for p in before)
+    assert len(set(after) - set(before)) == 3  # vectors, tokens, FAISS segment of the new batch
+
+
+def test_uncommitted_segments_are_ignored_and_removed(tmp_path):
+    rng = np.random.default_rng(7)
+    store = IndexStore.create(tmp_path / "i", _config())
+    _commit(store, ["/a"], _unit(rng, 1), np.zeros((1, 2, 4), np.float16))
+    store.tokens.arrays["tokens"].write_segment(1, np.ones((3, 2, 4), np.float16))  # a commit that died half way
+    (tmp_path / "i" / "faiss" / "seg-000000000001-g2.index").write_bytes(b"half")
     reopened = IndexStore.open(tmp_path / "i", mode="r+")
-    assert len(reopened.tokens) == 1 and len(reopened) == 1
+    assert len(reopened.tokens) == 1 and len(reopened) == 1 and reopened.verify() == []
+    with reopened.writing():  # the next writer clears the debris
+        pass
+    assert not (tmp_path / "i" / "tokens" / "000000000001.npy").exists()
+    assert not (tmp_path / "i" / "faiss" / "seg-000000000001-g2.index").exists()
 
 
 def test_open_errors_are_clear(tmp_path):
-    with pytest.raises(IndexError_, match="no index"):
+    with pytest.raises(IndexCorrupt, match="no index"):
         IndexStore.open(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(IndexError_, match="not an edje-search index"):
+    with pytest.raises(IndexCorrupt, match="not an edje-search index"):
         IndexStore.open(tmp_path / "empty")
     IndexStore.create(tmp_path / "c", _config())
-    (tmp_path / "c" / "state.json").write_text("{garbage")
-    with pytest.raises(IndexError_, match="corrupt"):
+    (tmp_path / "c" / "index.json").write_text("{garbage")
+    with pytest.raises(IndexCorrupt, match="corrupt"):
         IndexStore.open(tmp_path / "c")
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "index.json").write_text('{"format_version": 1}')
+    with pytest.raises(IndexCorrupt, match="format 1"):
+        IndexStore.open(tmp_path / "old")
+    assert issubclass(IndexCorrupt, EdjeError) and IndexError_ is IndexCorrupt
+
+
+def test_create_is_atomic_and_never_touches_an_existing_index(tmp_path):
+    IndexStore.create(tmp_path / "i", _config())
+    marker = (tmp_path / "i" / "index.json").read_bytes()
+    with pytest.raises(FileExistsError):
+        IndexStore.create(tmp_path / "i", _config(dim=16), populate=lambda d: (d / "model").mkdir())
+    assert (tmp_path / "i" / "index.json").read_bytes() == marker and not (tmp_path / "i" / "model").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["i"]  # no temporary folder left behind
+
+
+def test_commit_needs_the_writer_lock_and_a_second_writer_is_refused(tmp_path):
+    store = IndexStore.create(tmp_path / "i", _config())
+    with pytest.raises(IndexCorrupt, match="writer lock"):
+        store.commit(["/a"], ["h"], np.zeros((1, 8), np.float32), np.zeros((1, 2, 4), np.float16))
+    other = IndexStore.open(tmp_path / "i", mode="r+")
+    with store.writing():
+        with pytest.raises(IndexLocked, match=f"pid {os.getpid()}"):
+            with other.writing():
+                pass
 
 
 def test_verify_reports_agreement_and_disagreement(tmp_path):
     rng = np.random.default_rng(3)
     store = IndexStore.create(tmp_path / "i", _config())
-    v = rng.standard_normal((5, 8)).astype(np.float32)
-    store.commit([f"/p{i}" for i in range(5)], ["h"] * 5, v, rng.standard_normal((5, 2, 4)).astype(np.float16))
+    v = _unit(rng, 300)
+    _commit(store, [f"/p{i}" for i in range(300)], v, rng.standard_normal((300, 2, 4)).astype(np.float16))
     assert IndexStore.open(tmp_path / "i").verify() == []
-    broken = IndexStore.open(tmp_path / "i")
-    broken.faiss.remove_ids(np.array([2], dtype=np.int64))
-    assert any("FAISS holds 4" in p for p in broken.verify())
+    # a stored vector beyond row 256 that no longer matches FAISS
+    seg = tmp_path / "i" / "vectors" / "000000000000.npy"
+    arr = np.load(seg)
+    arr[290] = -arr[290]
+    np.save(seg, arr)
+    assert any("differ" in p and "290" in p for p in IndexStore.open(tmp_path / "i").verify())
 
 
-@pytest.mark.parametrize("factory", ["Flat", "HNSW16,Flat", "IVF4,Flat"])
+def test_damage_is_found_by_verify_and_fixed_by_repair(tmp_path):
+    rng = np.random.default_rng(8)
+    store = IndexStore.create(tmp_path / "i", _config())
+    v, t = _unit(rng, 40), rng.standard_normal((40, 2, 4)).astype(np.float16)
+    for s in range(0, 40, 10):
+        _commit(store, [f"/p{i}" for i in range(s, s + 10)], v[s:s + 10], t[s:s + 10])
+    root = tmp_path / "i"
+    (root / "tokens" / "000000000010.npy").unlink()  # a deleted token segment
+    with open(root / "tokens" / "000000000020.npy", "r+b") as f:  # a truncated one
+        f.truncate(100)
+    problems = IndexStore.open(root).verify()
+    assert any("missing" in p for p in problems) and any("000000000020" in p for p in problems)
+    with pytest.raises(IndexCorrupt, match="missing"):  # never zeros at query time
+        IndexStore.open(root).tokens.get([12])
+    store = IndexStore.open(root, mode="r+")
+    with store.writing():
+        report = store.repair()
+    assert report.dropped == sorted(f"/p{i}" for i in range(10, 30))
+    again = IndexStore.open(root)
+    assert again.verify() == [] and len(again) == 20
+    np.testing.assert_array_equal(again.tokens.get([35]), t[35:36])
+    # a deleted FAISS file: open fails clearly, repair rebuilds it from the stored vectors
+    for p in (root / "faiss").glob("seg-*"):
+        p.unlink()
+    from edje_search.storage.index_store import verify_index
+    assert any("FAISS file missing" in p for p in verify_index(root))
+    with pytest.raises(IndexCorrupt, match="repair"):
+        IndexStore.open(root)
+
+
+@pytest.mark.parametrize("factory", ["Flat", "HNSW16,Flat", "IVF4,Flat", "auto"])
 def test_removal_works_for_every_recipe(tmp_path, factory):
     rng = np.random.default_rng(4)
     store = IndexStore.create(tmp_path / "i", _config(factory=factory))
-    v = rng.standard_normal((40, 8)).astype(np.float32)
-    v /= np.linalg.norm(v, axis=1, keepdims=True)
-    t = rng.standard_normal((40, 2, 4)).astype(np.float16)
-    store.commit([f"/p{i}" for i in range(40)], ["h"] * 40, v, t)
-    store.commit([], [], v[:0], t[:0], removed_rows=[0, 5, 7])
+    v = _unit(rng, 400)
+    t = rng.standard_normal((400, 2, 4)).astype(np.float16)
+    _commit(store, [f"/p{i}" for i in range(400)], v, t)
+    with store.writing():
+        store.optimize()
+    assert store.recipe == ("Flat" if factory == "auto" else factory)
+    _commit(store, [], v[:0], t[:0], removed=[0, 5, 7])
     again = IndexStore.open(tmp_path / "i")
-    assert again.faiss.ntotal == 37 and len(again) == 37
+    assert len(again) == 397
     assert again.verify() == []
-    _, rows = vector_index.search(again.faiss, v[5:6], 37)
+    _, rows = again.search(v[5:6], 397)
     assert 5 not in rows[0].tolist() and 0 not in rows[0].tolist()
+
+
+def test_segments_merge_and_recipes_retrain_as_the_index_grows(tmp_path, monkeypatch):
+    from edje_search.storage import index_store
+    monkeypatch.setattr(vector_index, "FLAT_BELOW", 500)  # a small index stands in for 100k vectors
+    rng = np.random.default_rng(9)
+    centers = _unit(rng, 20, 16)
+    v = centers[rng.integers(0, 20, 2000)] + 0.3 * rng.standard_normal((2000, 16)).astype(np.float32)
+    v = (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float32)
+    t = np.zeros((2000, 2, 4), np.float16)
+    store = IndexStore.create(tmp_path / "i", _config(dim=16, factory="auto"))
+    for s in range(0, 400, 25):  # 16 small commits: merged in runs of MERGE_FANOUT
+        _commit(store, [f"/p{i}" for i in range(s, s + 25)], v[s:s + 25], t[s:s + 25])
+    with store.writing():
+        assert store.optimize()["action"] == "merge"
+    assert len(store.faiss_segments) < 16 and store.recipe == "Flat" and store.verify() == []
+    _commit(store, [f"/p{i}" for i in range(400, 2000)], v[400:], t[400:])
+    with store.writing():
+        done = store.optimize()
+    assert done["action"] == "retrain" and store.recipe.startswith("IVF") and store.settings["nprobe"] >= 1
+    assert done["recall_at_10"] >= index_store.TARGET_RECALL
+    _commit(store, ["/late"], v[:1], t[:1])  # new rows are encoded with the trained recipe
+    reopened = IndexStore.open(tmp_path / "i")
+    assert reopened.verify() == [] and len(reopened) == 2001
+    q = v[rng.choice(2000, 50, replace=False)]
+    _, got = reopened.search(q, 10)
+    truth = vector_index.exact_top_k(np.concatenate([v, v[:1]]), q, 10)
+    recall = np.mean([len(set(g) & set(tr)) / 10 for g, tr in zip(got.tolist(), truth.tolist())])
+    assert recall >= 0.9
+
+
+def test_remote_store_url_must_be_a_url(tmp_path):
+    with pytest.raises(BadInput, match="not a URL"):
+        IndexStore.create(tmp_path / "i", _config(store_url="some/folder"))
 
 
 def test_raw_gather_equals_zarr_gather(tmp_path):

@@ -97,16 +97,16 @@ class IndexStore:
                                f"{len(self.tokens)} token rows, manifest {snap.n_rows} (run `edje-search repair`)")
         self._faiss = {}
         for name, recipe, first, end in snap.faiss_segments:
-            self._faiss[name] = self._read_faiss(name)
+            self._faiss[name] = self._read_faiss(name, recipe)
         self.tombstones = np.asarray(self.manifest.removed_rows(snap.generation), dtype=np.int64)
 
-    def _read_faiss(self, name: str):
+    def _read_faiss(self, name: str, recipe: str):
         path = self.directory / FAISS_DIR / name
         if not path.is_file():
             raise IndexCorrupt(f"FAISS file missing: {path} (run `edje-search repair` to rebuild it "
                                f"from the stored vectors)")
         try:
-            return vector_index.read_segment(path)
+            return vector_index.read_segment(path, recipe)
         except RuntimeError as e:
             raise IndexCorrupt(f"FAISS file unreadable: {path} (run `edje-search repair` to rebuild it "
                                f"from the stored vectors)") from e
@@ -279,7 +279,7 @@ class IndexStore:
         self._vectors.set_segments(seg_map.get("vectors", ()))
         self.tokens.set_segments(seg_map)
         if new_faiss:
-            self._faiss[new_faiss] = self._read_faiss(new_faiss)
+            self._faiss[new_faiss] = self._read_faiss(new_faiss, self.recipe)
         if removed:
             self.tombstones = np.union1d(self.tombstones, np.asarray(removed, dtype=np.int64))
 
@@ -306,8 +306,8 @@ class IndexStore:
         return self._vectors.get(rows)
 
     def paths(self, rows: Iterable[int]) -> dict[int, str]:
-        """Row -> file path for the given rows (one indexed lookup, never a scan)."""
-        return self.manifest.paths_of_rows(rows)
+        """Row -> file path for those of ``rows`` that are live (one indexed lookup, never a scan)."""
+        return self.manifest.paths_of_rows(rows, self.generation)
 
     def entries_of_rows(self, rows: Iterable[int]) -> dict[int, ManifestEntry]:
         return self.manifest.entries_of_rows(rows)
@@ -556,7 +556,7 @@ class IndexStore:
                     replaced.append((store, start, count))
         dead_rows = [e.row for e in self.manifest.iter_live(snap.generation)
                      if any(s <= e.row < s + n for s, n in lost)]
-        report.dropped = sorted(self.manifest.paths_of_rows(dead_rows).values())
+        report.dropped = sorted(self.manifest.paths_of_rows(dead_rows, snap.generation).values())
         self.manifest.commit(generation=snap.generation + 1, n_rows=snap.n_rows, removed=dead_rows,
                              add_segments=replaced, faiss_segments=[], settings={})
         self._faiss = {}

@@ -136,11 +136,12 @@ class Manifest:
     def _live(g: int) -> str:
         return f"added <= {int(g)} AND (removed IS NULL OR removed > {int(g)})"
 
-    def paths_of_rows(self, rows: Iterable[int]) -> dict[int, str]:
+    def paths_of_rows(self, rows: Iterable[int], generation: int) -> dict[int, str]:
+        """Paths of those ``rows`` that are live at ``generation``."""
         rows = [int(r) for r in rows]
         out: dict[int, str] = {}
         for part in _chunks(rows):
-            q = f"SELECT row, path FROM rows WHERE row IN ({','.join('?' * len(part))})"
+            q = f"SELECT row, path FROM rows WHERE {self._live(generation)} AND row IN ({','.join('?' * len(part))})"
             out.update((int(r), os.fsdecode(p)) for r, p in self._q(q, part))
         return out
 

@@ -132,9 +132,12 @@ def is_ivf(index: faiss.Index) -> bool:
         return False
 
 
-def read_segment(path: str | Path) -> faiss.Index:
-    """Read a segment memory-mapped (inverted lists and flat codes stay on disk, in the page cache)."""
-    return faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY)
+def read_segment(path: str | Path, recipe: str) -> faiss.Index:
+    """Read a segment memory-mapped: IVF inverted lists (IO_FLAG_MMAP) or flat codes (IO_FLAG_MMAP_IFC)
+    stay on disk, in the page cache, so RAM does not grow with the index. FAISS takes one flag or
+    the other, not both."""
+    flag = faiss.IO_FLAG_MMAP if n_lists(recipe) else faiss.IO_FLAG_MMAP_IFC
+    return faiss.read_index(str(path), flag | faiss.IO_FLAG_READ_ONLY)
 
 
 def segment_ids(index: faiss.Index) -> np.ndarray:

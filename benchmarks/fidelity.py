@@ -17,9 +17,8 @@ import numpy as np
 import torch
 
 from edje_search.evaluation import (encode_set, first_correct_rank, first_stage_rankings, load_eval_set, pair_scorer,
-                                    project_tokens, recall_at_k, rerank_order, rerank_scores)
+                                    recall_at_k, rerank_order, rerank_scores, served_tokens)
 from edje_search.models.registry import load_model
-from edje_search.storage.token_store import dequantize, quantize_per_token
 
 from .timing import machine
 from .run import RESULTS
@@ -37,10 +36,10 @@ def fidelity(model_dir: str, data_file: str, backends=DEFAULT_BACKENDS, rerank_k
     backends = ("eager",) + tuple(b for b in backends if b != "eager")  # eager is the reference
     model = load_model(model_dir).eval()
     data = load_eval_set(data_file)
-    enc = encode_set(model, data)
+    enc = encode_set(model, data, token_dtype="float32")
     orders, _, targets = first_stage_rankings(enc, data)
-    tokens = project_tokens(model, enc.vision_tokens)
-    int8_tokens = torch.from_numpy(dequantize(*quantize_per_token(tokens.numpy())))
+    tokens = enc.tokens[0]
+    int8_tokens = torch.from_numpy(served_tokens(tokens.numpy(), "int8"))
     cases = [(b, b, tokens) for b in backends] + [("int8 tokens (eager)", "eager", int8_tokens)]
     rows, ref = [], {}
     for name, backend, toks in cases:

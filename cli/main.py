@@ -5,10 +5,9 @@ import json
 import sys
 
 import click
+from edje_search.models.names import BACKENDS  # noqa: F401  (torch-free, so --help stays fast)
 
 DEFAULT_INDEX = "indexes/default"
-# the reranker backends of edje_search.models.backends.BACKENDS (kept here so --help stays fast)
-BACKENDS = ("eager", "bf16", "dynamic-int8", "onnx", "onnx-int8")
 
 
 class FriendlyGroup(click.Group):

@@ -189,6 +189,7 @@ def calibrate_cmd(annotations, image_root, model_name, rerank_k, weights, batch_
     from edje_search import load_model
     from edje_search.devices import pick_device
     from edje_search.evaluation import FUSION_GRID, calibrate_fusion, load_eval_set
+    from edje_search.models.names import is_hub_ref
 
     try:
         grid = [float(w) for w in weights.split(",")] if weights else list(FUSION_GRID)
@@ -197,7 +198,7 @@ def calibrate_cmd(annotations, image_root, model_name, rerank_k, weights, batch_
                                  param_hint="--weights") from None
     if any(w < 0 for w in grid):
         raise click.BadParameter("fusion weights must be >= 0", param_hint="--weights")
-    if model_name.startswith("hf-hub:") and not dry_run:
+    if is_hub_ref(model_name) and not dry_run:
         raise click.UsageError("a hub model lives in the read-only hub cache: copy its directory and calibrate "
                                "the copy, or use --dry-run")
     data = load_eval_set(annotations, image_root)

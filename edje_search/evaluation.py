@@ -2,9 +2,14 @@
 
 Text-to-image: each caption's target is its image. Image-to-text: an image is found at the
 best rank of any of its captions. Reranking reorders the first stage's top ``rerank_k``
-candidates by joint-encoder score (plus ``fusion_weight`` x first-stage similarity when the
-model has one, see :class:`~edje_search.models.bundle.BundleInfo`); candidates below keep their
-first-stage order.
+candidates by the rule of :mod:`edje_search.ranking` (joint-encoder logit plus
+``fusion_weight`` x first-stage similarity); candidates below keep their first-stage order.
+
+Evaluation scores what search serves: images go through the indexing stage
+(:func:`edje_search.pipeline.embed_files`), their tokens through the round trip of a token
+store of the chosen dtype (float16 by default, as ``build-index`` stores them; ``float32``
+for comparison, ``int8`` as ``--token-precision int8``), and pairs through
+:meth:`Reranker.score_pairs`, the engine's own scoring path.
 """
 from __future__ import annotations
 
@@ -14,12 +19,20 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from .data.annotations import CaptionSet
+from .errors import BadInput
 from .models.bundle import EdjeModel
-from .pipeline import encode_image_files
+from .pipeline import embed_files
+from .ranking import rerank_order
+from .storage.token_store import TOKEN_DTYPES, dequantize, quantize_per_token, working_dtype
 from .training.common import autocast
+
+__all__ = [
+    "EncodedSet", "RerankedSet", "calibrate_fusion", "encode_set", "evaluate", "first_correct_rank",
+    "first_stage_rankings", "format_table", "load_eval_set", "pair_scorer", "recall_at_k", "rerank_order",
+    "rerank_scores", "rerank_set", "served_tokens",
+]
 
 KS = (1, 5, 10)
 
@@ -48,49 +61,64 @@ def rerank_scores(order: np.ndarray, rerank_k: int,
     return np.asarray(score_pairs(q_idx, order[:, :k].reshape(-1))).reshape(order.shape[0], k)
 
 
-def rerank_order(order: np.ndarray, scores: np.ndarray, first_scores: np.ndarray | None = None,
-                 fusion_weight: float = 0.0) -> np.ndarray:
-    """Reorder each row's first k = ``scores.shape[1]`` entries by score (+ weight x first-stage score)."""
-    k = scores.shape[1]
-    key = scores + fusion_weight * first_scores[:, :k] if fusion_weight else scores
-    head = np.take_along_axis(order[:, :k], np.argsort(-key, axis=1, kind="stable"), axis=1)
-    return np.concatenate([head, order[:, k:]], axis=1)
+def served_tokens(tokens: np.ndarray, token_dtype: str) -> np.ndarray:
+    """Projected tokens (..., m, d) -> what a token store of ``token_dtype`` gives back for them
+    (float32): the cast the indexing stage applies, then the store's own quantisation."""
+    if token_dtype not in TOKEN_DTYPES:
+        raise BadInput(f"token dtype must be one of {', '.join(TOKEN_DTYPES)}, not {token_dtype!r}")
+    x = np.asarray(tokens).astype(working_dtype(token_dtype))
+    if token_dtype == "int8":
+        return dequantize(*quantize_per_token(x))
+    return x.astype(np.float32)
 
 
 @dataclasses.dataclass
 class EncodedSet:
-    image_emb: torch.Tensor  # (N, E)
-    vision_tokens: torch.Tensor  # (N, n, D_v) float16, on CPU
-    text_emb: torch.Tensor  # (C, E)
+    image_emb: torch.Tensor  # (N, E) float32, normalised
+    text_emb: torch.Tensor  # (C, E) float32, normalised
+    tokens: list[torch.Tensor]  # per model: (N, m, D_lm) float32, as read back from the token store
+    token_dtype: str
 
 
 @torch.no_grad()
-def encode_set(model: EdjeModel, data: CaptionSet, batch_size: int = 64, num_workers: int = 1,
-               progress: bool = True) -> EncodedSet:
-    image_emb, vision_tokens = encode_image_files(model.first_stage, data.images, batch_size=batch_size,
-                                                  num_workers=num_workers, progress=progress)
-    texts = [model.embed_texts(data.captions[s:s + 256]).cpu() for s in range(0, len(data.captions), 256)]
-    return EncodedSet(image_emb, vision_tokens, torch.cat(texts))
+def encode_set(models: EdjeModel | Sequence[EdjeModel], data: CaptionSet, *, token_dtype: str = "float16",
+               batch_size: int = 64, num_workers: int = 1, progress: bool = True) -> EncodedSet:
+    """Embed a labelled set as ``build-index`` would: first-stage vectors from the first model,
+    each model's stored tokens (through a ``token_dtype`` store round trip), caption embeddings.
 
-
-@torch.no_grad()
-def project_tokens(model: EdjeModel, vision_tokens: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    out = [model.reranker.project(vision_tokens[s:s + batch_size].to(model.device).float()).cpu()
-           for s in range(0, len(vision_tokens), batch_size)]
-    return torch.cat(out)
+    Each model runs the indexing stage itself, so its tokens are exactly what its index holds.
+    """
+    models = [models] if isinstance(models, EdjeModel) else list(models)
+    paths = [str(p) for p in data.images]
+    image_emb, tokens = None, []
+    for model in models:
+        vectors, toks, done = [], [], []
+        for batch in embed_files(model, paths, batch_size=batch_size, num_workers=num_workers,
+                                 token_dtype=working_dtype(token_dtype), progress=progress):
+            if batch.failed:
+                path, reason = batch.failed[0]
+                raise BadInput(f"unreadable image: {path}: {reason}")
+            done += batch.paths
+            vectors.append(batch.vectors)
+            toks.append(served_tokens(batch.tokens, token_dtype))
+        if done != paths:
+            raise BadInput("the evaluation set lists an image twice or in a form the indexer changes")
+        image_emb = torch.from_numpy(np.concatenate(vectors)) if image_emb is None else image_emb
+        tokens.append(torch.from_numpy(np.concatenate(toks)))
+    base = models[0]
+    texts = [base.embed_texts(data.captions[s:s + 256]).cpu() for s in range(0, len(data.captions), 256)]
+    return EncodedSet(image_emb, torch.cat(texts), tokens, token_dtype)
 
 
 def pair_scorer(model: EdjeModel, captions: list[str], tokens: torch.Tensor, *, captions_are_queries: bool,
                 batch_size: int = 128, precision: str = "fp32", progress: bool = True):
-    """A ``score_pairs(query_idx, item_idx)`` callable over a caption list and stored tokens."""
+    """A ``score_pairs(query_idx, item_idx)`` callable over a caption list and stored tokens (N, m, d),
+    scoring through :meth:`Reranker.score_pairs` (the engine's path)."""
     def score(q_idx: np.ndarray, item_idx: np.ndarray) -> np.ndarray:
         cap_idx, img_idx = (q_idx, item_idx) if captions_are_queries else (item_idx, q_idx)
-        out = []
-        for s in tqdm(range(0, len(cap_idx), batch_size), desc="reranking", disable=not progress, leave=False):
-            caps = [captions[i] for i in cap_idx[s:s + batch_size]]
-            with torch.inference_mode(), autocast(model.device, precision):
-                out.append(model.reranker.score(caps, projected_tokens=tokens[img_idx[s:s + batch_size]]).cpu())
-        return torch.cat(out).numpy()
+        with autocast(model.device, precision):
+            return model.reranker.score_pairs(captions, tokens, cap_idx, img_idx, batch_size=batch_size,
+                                              progress=progress)
     return score
 
 
@@ -103,9 +131,12 @@ class RerankedSet:
     scores: dict[str, np.ndarray]  # (Q, k) joint-encoder logits of the first k entries
     targets: dict[str, list[set[int]]]
 
+    def order(self, direction: str, fusion_weight: float = 0.0) -> np.ndarray:
+        """Final candidate order per query (Q, N), as search would list it."""
+        return rerank_order(self.orders[direction], self.scores[direction], self.first[direction], fusion_weight)
+
     def recall(self, direction: str, fusion_weight: float = 0.0) -> dict[str, float]:
-        order = rerank_order(self.orders[direction], self.scores[direction], self.first[direction], fusion_weight)
-        return recall_at_k(first_correct_rank(order, self.targets[direction]))
+        return recall_at_k(first_correct_rank(self.order(direction, fusion_weight), self.targets[direction]))
 
 
 def first_stage_rankings(enc: EncodedSet, data: CaptionSet) -> tuple[dict, dict, dict]:
@@ -118,10 +149,10 @@ def first_stage_rankings(enc: EncodedSet, data: CaptionSet) -> tuple[dict, dict,
     return orders, first, targets
 
 
-def rerank_set(model: EdjeModel, data: CaptionSet, enc: EncodedSet, *, rerank_k: int = 10,
+def rerank_set(model: EdjeModel, data: CaptionSet, enc: EncodedSet, tokens: torch.Tensor, *, rerank_k: int = 10,
                precision: str = "fp32", batch_size: int = 128, progress: bool = True) -> RerankedSet:
+    """Score each direction's first-stage top ``rerank_k`` with ``model`` over its stored ``tokens``."""
     orders, first, targets = first_stage_rankings(enc, data)
-    tokens = project_tokens(model, enc.vision_tokens)
     scores = {d: rerank_scores(orders[d], rerank_k,
                                pair_scorer(model, data.captions, tokens, captions_are_queries=d == "t2i",
                                            batch_size=batch_size, precision=precision, progress=progress))
@@ -130,23 +161,26 @@ def rerank_set(model: EdjeModel, data: CaptionSet, enc: EncodedSet, *, rerank_k:
 
 
 def evaluate(models: Sequence[EdjeModel], data: CaptionSet, *, rerank_k: int = 10, precision: str = "fp32",
-             batch_size: int = 128, progress: bool = True) -> dict:
+             batch_size: int = 128, token_dtype: str = "float16", progress: bool = True) -> dict:
     """Recall table for the first stage of ``models[0]`` and for each model's reranker.
 
     All models must share the first stage (as a teacher and its student do). A model with a
     fusion weight gets two rows: the joint encoder alone, then fused with the first stage.
+    Tokens are scored as an index of ``token_dtype`` serves them (``"float32"`` for reference).
     """
     base = models[0]
-    enc = encode_set(base, data, progress=progress)
+    for model in models:
+        if model.first_stage.config != base.first_stage.config:
+            raise BadInput("evaluated rerankers must share the first stage")
+    enc = encode_set(models, data, token_dtype=token_dtype, progress=progress)
     orders, _, targets = first_stage_rankings(enc, data)
     results = {"n_images": len(data.images), "n_captions": len(data.captions), "rerank_k": rerank_k,
+               "token_dtype": token_dtype,
                "rows": [{"name": "first stage", "variant": "embedding",
                          "t2i": recall_at_k(first_correct_rank(orders["t2i"], targets["t2i"])),
                          "i2t": recall_at_k(first_correct_rank(orders["i2t"], targets["i2t"]))}]}
-    for model in models:
-        if model.first_stage.config != base.first_stage.config:
-            raise ValueError("evaluated rerankers must share the first stage")
-        ranked = rerank_set(model, data, enc, rerank_k=rerank_k, precision=precision, batch_size=batch_size,
+    for model, tokens in zip(models, enc.tokens):
+        ranked = rerank_set(model, data, enc, tokens, rerank_k=rerank_k, precision=precision, batch_size=batch_size,
                             progress=progress)
         cfg = model.reranker.config
         for w in sorted({0.0, model.fusion_weight}):
@@ -164,13 +198,14 @@ FUSION_GRID = (0.0, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0)
 
 
 def calibrate_fusion(model: EdjeModel, data: CaptionSet, *, rerank_k: int = 10, weights: Sequence[float] = FUSION_GRID,
-                     batch_size: int = 128, progress: bool = True) -> dict:
+                     batch_size: int = 128, token_dtype: str = "float16", progress: bool = True) -> dict:
     """R@1 for each candidate fusion weight on a validation split; picks the best mean of both directions.
 
     Scores are computed once; each weight only reorders them. Ties go to the smaller weight.
     """
-    enc = encode_set(model, data, progress=progress)
-    ranked = rerank_set(model, data, enc, rerank_k=rerank_k, batch_size=batch_size, progress=progress)
+    enc = encode_set(model, data, token_dtype=token_dtype, progress=progress)
+    ranked = rerank_set(model, data, enc, enc.tokens[0], rerank_k=rerank_k, batch_size=batch_size,
+                        progress=progress)
     rows = [{"fusion_weight": float(w), "t2i": ranked.recall("t2i", w), "i2t": ranked.recall("i2t", w)}
             for w in sorted(set(weights))]
     best = max(rows, key=lambda r: (r["t2i"]["R@1"] + r["i2t"]["R@1"], -r["fusion_weight"]))
@@ -181,7 +216,8 @@ def calibrate_fusion(model: EdjeModel, data: CaptionSet, *, rerank_k: int = 10, 
 def format_table(results: dict) -> str:
     head = f"{'model':<36} {'variant':<11} {'m':>4} | " + " ".join(f"t2i {k:>4}" for k in ("R@1", "R@5", "R@10")) \
         + " | " + " ".join(f"i2t {k:>4}" for k in ("R@1", "R@5", "R@10"))
-    lines = [f"{results['n_images']} images, {results['n_captions']} captions, rerank_k={results['rerank_k']}",
+    lines = [f"{results['n_images']} images, {results['n_captions']} captions, rerank_k={results['rerank_k']}"
+             + (f", {results['token_dtype']} tokens" if results.get("token_dtype") else ""),
              head, "-" * len(head)]
     for row in results["rows"]:
         m = row.get("tokens_per_image", "")
@@ -196,5 +232,5 @@ def load_eval_set(annotation_file: str | Path, image_root: str | Path | None = N
 
     data = read_captions(annotation_file, image_root)
     if not data.images:
-        raise ValueError(f"{annotation_file}: no usable entries")
+        raise BadInput(f"{annotation_file}: no usable entries")
     return data

@@ -2,15 +2,17 @@
 from __future__ import annotations
 
 import json
+import logging
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
+from transformers import BertTokenizerFast
 
-from edje_search import Engine
-from edje_search.models.backends import BACKENDS
-from edje_search.models.registry import build_tiny_model
-from edje_search_cli.main import BACKENDS as CLI_BACKENDS
+from edje_search import BACKENDS, Engine
+from edje_search.models.builders import build_reranker, build_tiny_model, tiny_bert_config
 
 CAPTIONS = ["a red circle", "", "two blue squares left of a big green triangle " * 20, "three small stars"]
 
@@ -18,8 +20,38 @@ CAPTIONS = ["a red circle", "", "two blue squares left of a big green triangle "
 TOLERANCE = {"eager": 0.0, "onnx": 1e-4, "bf16": 0.05, "dynamic-int8": 0.05, "onnx-int8": 0.1}
 
 
-def test_cli_lists_every_backend():
-    assert CLI_BACKENDS == BACKENDS
+def test_package_and_cli_import_without_torch():
+    """`import edje_search` and the CLI's option lists stay torch-free (fast `--help`, `info`, `verify`)."""
+    code = ("import sys, edje_search, edje_search_cli.main as m; from edje_search import EdjeError, BACKENDS; "
+            "assert m.BACKENDS == BACKENDS; print(sorted(x for x in ('torch', 'open_clip', 'transformers') "
+            "if x in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_onnx_export_takes_special_tokens_from_the_tokenizer(tmp_path):
+    """A tokenizer whose whole vocabulary is smaller than BERT's [CLS] id (101) still exports."""
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "circle", "an", "example", "short",
+             "caption", "to", "trace", "blue", "square"]
+    tok = BertTokenizerFast(vocab={w: i for i, w in enumerate(words)})
+    first_stage = build_tiny_model(seed=0).first_stage
+    reranker = build_reranker(first_stage, tiny_bert_config(), tok, variant="compressed", n_queries=4, mlp_dim=64)
+    assert reranker.language_model.config.vocab_size == len(words) + 1 < 101
+    tokens = torch.randn(3, 4, 32)
+    caps = ["a red circle", "blue", "a blue square a red circle"]
+    ref = reranker.score(caps, projected_tokens=tokens)
+    got = reranker.use_backend("onnx", cache_dir=tmp_path / "onnx").score(caps, projected_tokens=tokens)
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_exports_log_and_leave_the_root_logger_alone(tmp_path, caplog):
+    root = logging.getLogger()
+    before = (root.level, list(root.handlers), list(root.filters))
+    with caplog.at_level(logging.INFO, logger="edje_search.models.backends"):
+        build_tiny_model(seed=0).reranker.use_backend("onnx-int8", cache_dir=tmp_path)
+    assert (root.level, list(root.handlers), list(root.filters)) == before
+    said = [r.getMessage() for r in caplog.records if r.name == "edje_search.models.backends"]
+    assert any("ONNX" in m for m in said) and any("int8" in m for m in said)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

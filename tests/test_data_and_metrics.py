@@ -2,13 +2,17 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from edje_search.data.annotations import read_captions
 from edje_search.data.synthetic import make_dataset
-from edje_search.evaluation import first_correct_rank, recall_at_k, rerank_order, rerank_scores
+from edje_search.evaluation import (encode_set, first_correct_rank, load_eval_set, recall_at_k, rerank_order,
+                                    rerank_scores, rerank_set, served_tokens)
+from edje_search.ranking import rank_pool
+from edje_search.storage.token_store import create_token_store
 
 
 def _png(path):
@@ -94,3 +98,56 @@ def test_fusion_adds_the_weighted_first_stage_score():
     # weight 1: 0.9 / 1.5 / 1.3 -> 8, 9, 7; weight 10: 9 / 6 / 2.2 -> the first-stage order
     assert rerank_order(order, scores, first, 1.0).tolist() == [[8, 9, 7]]
     assert rerank_order(order, scores, first, 10.0).tolist() == [[7, 8, 9]]
+
+
+def test_ties_keep_the_first_stage_order():
+    logits = np.array([[1.0, 2.0, 1.0, 2.0]], dtype=np.float32)
+    positions, fused = rank_pool(logits, np.array([[0.4, 0.3, 0.2, 0.1]]), 0.0)
+    assert positions.tolist() == [[1, 3, 0, 2]] and fused.dtype == np.float64
+    # fused ties too: 1 + 1 * 0.5 == 0.5 + 1 * 1.0 -> the earlier (higher first-stage) candidate first
+    positions, _ = rank_pool(np.array([0.5, 1.0]), np.array([1.0, 0.5]), 1.0)
+    assert positions.tolist() == [0, 1]
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32", "int8"])
+def test_served_tokens_are_what_a_token_store_gives_back(tmp_path, dtype):
+    tokens = np.random.default_rng(0).normal(size=(5, 4, 8)).astype(np.float32)
+    store = create_token_store(tmp_path / "t", 4, 8, dtype=dtype, chunk_rows=2)
+    store.write(0, tokens.astype("float16" if dtype == "int8" else dtype))  # as the indexing stage hands them over
+    np.testing.assert_array_equal(served_tokens(tokens, dtype), np.asarray(store.get(range(5)), dtype=np.float32))
+
+
+def _engine_order(engine, captions, data, k):
+    """Image indices and joint-encoder logits of each caption's top k from Engine.search_batch."""
+    index_of = {str(Path(p).resolve()): i for i, p in enumerate(data.images)}
+    hits = engine.search_batch(captions, k=k, rerank_k=k)
+    return (np.array([[index_of[str(Path(h.path).resolve())] for h in q] for q in hits]),
+            np.array([[h.rerank_score for h in q] for q in hits]))
+
+
+@pytest.mark.parametrize("token_dtype", ["float16", "int8"])
+def test_evaluation_ranks_as_engine_search_does(built_index, shapes_dir, tiny_model_dir, tmp_path, token_dtype):
+    """Over an index of the evaluation images, each caption's reranked top k from Engine.search
+    is evaluation's order, with and without a fusion weight, so R@k agree too."""
+    from edje_search import Engine, load_model
+
+    if token_dtype == "float16":
+        engine = Engine.from_pretrained(built_index)
+    else:
+        engine = Engine.create(tmp_path / "idx8", load_model(tiny_model_dir), token_dtype=token_dtype)
+        engine.sync(shapes_dir / "test", num_workers=0, progress=False, batch_size=16)
+    assert engine.store.config.token_dtype == token_dtype
+    data = load_eval_set(shapes_dir / "test.json")
+    k = 8
+    enc = encode_set(engine.model, data, token_dtype=token_dtype, num_workers=0, progress=False)
+    ranked = rerank_set(engine.model, data, enc, enc.tokens[0], rerank_k=k, progress=False)
+    for weight in (0.0, 3.0):
+        engine.model.fusion_weight = weight
+        order, logits = _engine_order(engine, data.captions, data, k)
+        np.testing.assert_array_equal(order, ranked.order("t2i", weight)[:, :k])
+        # the same stored tokens give the same logits (float32 tokens would be off by about 3e-7 here)
+        positions, _ = rank_pool(ranked.scores["t2i"], ranked.first["t2i"][:, :k], weight)
+        np.testing.assert_allclose(logits, np.take_along_axis(ranked.scores["t2i"], positions, axis=1),
+                                   rtol=0, atol=5e-8)
+        engine_r = recall_at_k(first_correct_rank(order, ranked.targets["t2i"]), ks=(1, 5))
+        assert engine_r == {key: ranked.recall("t2i", weight)[key] for key in ("R@1", "R@5")}

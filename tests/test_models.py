@@ -1,11 +1,13 @@
 """Model parts: shapes, the pair layout, the three scoring inputs, save/load round trips."""
 from __future__ import annotations
 
+import numpy as np
+import pytest
 import torch
 
+from edje_search import EdjeModel, ModelMissing, Reranker
 from edje_search.models.adapter import TokenCompressor, local_projector
-from edje_search.models.bundle import EdjeModel
-from edje_search.models.registry import build_tiny_model
+from edje_search.models.builders import build_tiny_model
 
 
 def test_compressor_shapes_and_official_names():
@@ -121,3 +123,50 @@ def test_local_variant_stores_every_vision_token():
     model = build_tiny_model(variant="local")
     _, tokens = model.embed_images(torch.randn(1, 3, 32, 32))
     assert tokens.shape == (1, 16, 32)
+
+
+def test_vision_token_count_comes_from_the_config():
+    model = build_tiny_model()
+    _, tokens = model.first_stage.encode_image(torch.randn(1, 3, 32, 32))
+    assert model.first_stage.n_vision_tokens == tokens.shape[1] == 16
+    assert model.reranker.config.n_vision_tokens == 16
+
+
+@pytest.mark.parametrize("sub", ["", "reranker"])
+def test_reranker_from_a_model_directory_scores_all_three_inputs(tiny_model_dir, sub):
+    model = EdjeModel.from_pretrained(tiny_model_dir)
+    reranker = Reranker.from_pretrained(tiny_model_dir / sub if sub else tiny_model_dir)
+    px = torch.randn(2, 3, 32, 32)
+    caps = ["a red circle", "two blue squares"]
+    vt = model.first_stage.encode_image(px)[1]
+    want = model.reranker.score(caps, pixel_values=px)
+    for got in (reranker.score(caps, pixel_values=px), reranker.score(caps, vision_tokens=vt),
+                reranker.score(caps, projected_tokens=reranker.project(vt))):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_score_is_a_plain_tensor_without_grad():
+    reranker = build_tiny_model().reranker.train()  # even in training mode and outside no_grad
+    out = reranker.score(["a cat", "a dog"], projected_tokens=torch.randn(2, 4, 32, requires_grad=True))
+    assert out.shape == (2,) and out.dtype == torch.float32
+    assert not out.requires_grad and out.grad_fn is None and not out.is_inference()
+    assert out.numpy().shape == (2,)
+
+
+def test_a_bare_reranker_directory_refuses_pixels(tiny_model_dir, tmp_path):
+    bare = Reranker.from_reranker_dir(tiny_model_dir / "reranker")
+    with pytest.raises(ModelMissing, match="vision tower"):
+        bare.score(["a cat"], pixel_values=torch.randn(1, 3, 32, 32))
+    with pytest.raises(ModelMissing):
+        Reranker.from_pretrained(tmp_path)  # neither a model nor a reranker directory
+
+
+def test_score_pairs_equals_scoring_each_pair_alone():
+    reranker = build_tiny_model().reranker
+    captions = ["a cat", "a much longer caption about a dog in the snow", "two squares"]
+    tokens = torch.randn(5, 4, 32)
+    cap_idx, tok_idx = np.array([1, 0, 2, 1, 0, 2, 1]), np.array([0, 4, 3, 2, 1, 0, 4])
+    got = reranker.score_pairs(captions, tokens, cap_idx, tok_idx, batch_size=3)
+    alone = [reranker.score([captions[c]], projected_tokens=tokens[t:t + 1]).item() for c, t in zip(cap_idx, tok_idx)]
+    assert got.dtype == np.float32 and got.shape == (7,)
+    np.testing.assert_allclose(got, alone, atol=1e-5, rtol=1e-5)

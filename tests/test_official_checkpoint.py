@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoTokenizer, BertConfig, BertForMaskedLM, BertModel, SiglipConfig, SiglipModel
 
+from edje_search import EdjeModel, Reranker
 from edje_search.convert import CheckpointError, convert_official
-from edje_search.models.bundle import EdjeModel
-from edje_search.models.registry import bundled_minilm_dir
+from edje_search.models.builders import bundled_minilm_dir
 
 M, MLP, DV, H = 4, 48, 32, 32
 CAPTIONS = ["a small red circle left of a large blue square", "", "word " * 120]
@@ -119,6 +119,12 @@ def test_converted_checkpoint_matches_the_reference(dirs, tmp_path, variant):
         assert got.shape == (len(CAPTIONS),)
         torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(emb, F.normalize(siglip.vision_model(pixel_values=pixels).pooler_output, dim=-1))
+    # the public entry point, from the model directory and from its reranker/ sub-directory
+    for where in (tmp_path / "model", tmp_path / "model" / "reranker"):
+        reranker = Reranker.from_pretrained(where)
+        for got, kwargs in ((got_px, {"pixel_values": pixels}), (got_vt, {"vision_tokens": vision}),
+                            (got_pt, {"projected_tokens": projected})):
+            torch.testing.assert_close(reranker.score(CAPTIONS, **kwargs), got, atol=1e-5, rtol=1e-5)
 
 
 def test_non_checkpoints_are_rejected(dirs, tmp_path):

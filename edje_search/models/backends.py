@@ -11,25 +11,30 @@ every backend sees identical inputs and can be compared logit for logit against 
 - ``onnx-int8``: that graph with ONNX Runtime's dynamic int8 quantisation of MatMuls.
 
 ONNX files are cached under ``$EDJE_HOME/cache/onnx/<weights hash>/`` (export takes seconds).
+The export traces the graph on a real pair encoding from the reranker's tokenizer, so the
+special-token ids in the example are the model's own.
 """
 from __future__ import annotations
 
 import copy
 import hashlib
 import logging
-import os
-import tempfile
 import warnings
 from pathlib import Path
-from typing import Protocol
+from typing import Mapping, Protocol
 
 import numpy as np
 import torch
 from torch import nn
 
+from ..errors import BadInput
+from ..fsutil import atomic_write
 from .joint_encoder import JointEncoder
+from .names import BACKENDS, edje_home
 
-BACKENDS = ("eager", "bf16", "dynamic-int8", "onnx", "onnx-int8")
+logger = logging.getLogger(__name__)
+
+CPU_ONLY = ("dynamic-int8", "onnx", "onnx-int8")  # quantised torch kernels, ONNX Runtime's CPU provider
 
 
 class PairScorer(Protocol):
@@ -103,64 +108,71 @@ def weights_hash(module: nn.Module) -> str:
 
 
 def onnx_cache_dir() -> Path:
-    return Path(os.environ.get("EDJE_HOME", Path.home() / ".cache" / "edje-search")) / "cache" / "onnx"
+    return edje_home() / "cache" / "onnx"
 
 
-def export_onnx(joint: JointEncoder, path: Path, n_image_tokens: int) -> Path:
-    """Export the fp32 scoring graph with dynamic batch and sequence length (atomic write)."""
+def export_onnx(joint: JointEncoder, path: Path, example: Mapping[str, torch.Tensor]) -> Path:
+    """Export the fp32 scoring graph with dynamic batch and sequence length (atomic write).
+
+    ``example``: a pair encoding (input_ids, attention_mask, token_type_ids, each (B, L)) from
+    the model's tokenizer, of at least two pairs with one right-padded, so the traced graph
+    keeps the padding mask; random image tokens fill its <image> slots.
+    """
     graph = _ScoreGraph(copy.deepcopy(joint).float().eval())
-    # two pair sequences, the second right-padded, so the traced graph keeps the padding mask
-    m, img = n_image_tokens, joint.image_token_id
-    ids = torch.tensor([[101, 2000, 2001, 102] + [img] * m + [102], [101, 2000, 102] + [img] * m + [102, 0]])
-    mask = (torch.arange(ids.shape[1]) < torch.tensor([[ids.shape[1]], [ids.shape[1] - 1]])).long()
-    types = torch.zeros_like(ids)
-    types[0, 4:] = 1
-    types[1, 3:-1] = 1
-    example = (ids, mask, types, torch.randn(2, m, joint.hidden_size))
+    ids = example["input_ids"].cpu()
+    if ids.shape[0] < 2 or bool(example["attention_mask"].all()):
+        raise BadInput("the ONNX export example needs two or more pairs, one of them padded")
+    m = int((ids[0] == joint.image_token_id).sum())
+    inputs = (ids, example["attention_mask"].cpu(), example["token_type_ids"].cpu(),
+              torch.randn(ids.shape[0], m, joint.hidden_size))
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-        tmp_file = Path(tmp) / path.name
+    logger.info("exporting the reranker's scoring graph to ONNX: %s", path)
+
+    def write(tmp: Path) -> None:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tracer notes about shape-dependent Python branches
-            torch.onnx.export(graph, example, str(tmp_file), dynamo=False, opset_version=17,
+            torch.onnx.export(graph, inputs, str(tmp), dynamo=False, opset_version=17,
                               input_names=["input_ids", "attention_mask", "token_type_ids", "image_tokens"],
                               output_names=["logits"],
                               dynamic_axes={"input_ids": {0: "batch", 1: "length"},
                                             "attention_mask": {0: "batch", 1: "length"},
                                             "token_type_ids": {0: "batch", 1: "length"},
                                             "image_tokens": {0: "batch"}, "logits": {0: "batch"}})
-        os.replace(tmp_file, path)
+
+    atomic_write(path, write)
     return path
 
 
 def quantize_onnx(src: Path, dst: Path) -> Path:
-    """ONNX Runtime dynamic quantisation: int8 weights, activations quantised on the fly."""
+    """ONNX Runtime dynamic quantisation: int8 weights, activations quantised on the fly.
+
+    ONNX Runtime logs advice to pre-process the model through the root logger; it is left
+    to the application's logging configuration (this library never touches the root logger).
+    """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    with tempfile.TemporaryDirectory(dir=dst.parent) as tmp:
-        tmp_file = Path(tmp) / dst.name
-        root = logging.getLogger()
-        level, root.level = root.level, logging.ERROR  # its advice to pre-process does not apply here
-        try:
-            # per-channel weight scales, and 7-bit activations: AVX2 without VNNI multiplies u8 x s8
-            # pairs into saturating 16-bit sums, which full-range activations overflow
-            quantize_dynamic(str(src), str(tmp_file), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
-                             per_channel=True, reduce_range=True)
-        finally:
-            root.setLevel(level)
-        os.replace(tmp_file, dst)
+    logger.info("quantising %s to int8 (ONNX Runtime dynamic quantisation): %s", src.name, dst)
+    # per-channel weight scales, and 7-bit activations: AVX2 without VNNI multiplies u8 x s8
+    # pairs into saturating 16-bit sums, which full-range activations overflow
+    atomic_write(dst, lambda tmp: quantize_dynamic(str(src), str(tmp), weight_type=QuantType.QInt8,
+                                                   op_types_to_quantize=["MatMul"], per_channel=True,
+                                                   reduce_range=True))
     return dst
 
 
-def make_scorer(joint: JointEncoder, backend: str, n_image_tokens: int, *,
+def make_scorer(joint: JointEncoder, backend: str, example: Mapping[str, torch.Tensor], *,
                 cache_dir: Path | None = None) -> PairScorer:
-    """A scorer of ``backend`` (one of BACKENDS) for this joint encoder."""
+    """A scorer of ``backend`` (one of BACKENDS) for this joint encoder; ``example`` is a pair
+    encoding from its tokenizer, traced by the ONNX backends (see :func:`export_onnx`)."""
     if backend not in BACKENDS:
-        raise ValueError(f"unknown reranker backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        raise BadInput(f"unknown reranker backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend == "eager":
         return TorchScorer("eager", _ScoreGraph(joint))
     if backend == "bf16":
         return TorchScorer("bf16", _ScoreGraph(joint), torch.bfloat16)
+    device = next(joint.parameters()).device
+    if backend in CPU_ONLY and device.type != "cpu":
+        logger.warning("the %s backend runs on the CPU only: reranking moves off %s", backend, device)
     if backend == "dynamic-int8":
         quantized = torch.ao.quantization.quantize_dynamic(
             copy.deepcopy(_ScoreGraph(joint)).float().cpu(),
@@ -169,7 +181,7 @@ def make_scorer(joint: JointEncoder, backend: str, n_image_tokens: int, *,
     folder = (cache_dir or onnx_cache_dir()) / weights_hash(joint)
     fp32 = folder / "scorer.onnx"
     if not fp32.is_file():
-        export_onnx(joint, fp32, n_image_tokens)
+        export_onnx(joint, fp32, example)
     if backend == "onnx":
         return OnnxScorer("onnx", fp32)
     int8 = folder / "scorer-int8-pc.onnx"  # per-channel, reduced range (see quantize_onnx)

@@ -97,9 +97,11 @@ class FirstStage(nn.Module):
 
     @property
     def n_vision_tokens(self) -> int:
-        with torch.no_grad():
-            x = torch.zeros(1, 3, self.config.image_size, self.config.image_size)
-            return int(self.encode_image(x)[1].shape[1])
+        """Tokens per image that :meth:`encode_image` returns: the patch grid (prefix tokens dropped)."""
+        visual = self.clip.visual
+        if isinstance(visual, TimmModel):
+            return int(visual.trunk.patch_embed.num_patches)
+        return int(visual.grid_size[0] * visual.grid_size[1])
 
     # ------------------------------------------------------------------------------- encoders
     def _make_tokenizer(self):

@@ -7,21 +7,16 @@ cache holds is used and anything missing is named in one :class:`ModelNotAvailab
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
 from ..config import FirstStageConfig
 from .first_stage import TOKENIZER_DIR, FirstStage
-from .registry import ModelNotAvailable
+from .names import ModelNotAvailable, is_hub_ref, split_hub_ref
 
-HUB_PREFIX = "hf-hub:"
+logger = logging.getLogger(__name__)
 OPENAI_CLIP_DEFAULTS = {"mean": (0.48145466, 0.4578275, 0.40821073), "std": (0.26862954, 0.26130258, 0.27577711)}
-
-
-def _split_ref(ref: str) -> tuple[str, str | None]:
-    repo = ref[len(HUB_PREFIX):] if ref.startswith(HUB_PREFIX) else ref
-    repo, _, revision = repo.partition("@")
-    return repo.strip("/"), revision or None
 
 
 def _missing(what: str, repo: str, err: Exception) -> ModelNotAvailable:
@@ -38,7 +33,7 @@ def hub_snapshot(ref: str) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-    repo, revision = _split_ref(ref)
+    repo, revision = split_hub_ref(ref)
     try:
         return Path(snapshot_download(repo, revision=revision))
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
@@ -61,7 +56,7 @@ def _cache_first(auto_class, repo: str, what: str):
     try:
         return auto_class.from_pretrained(repo, local_files_only=True)
     except OSError:
-        pass
+        logger.info("%s %s is not in the Hugging Face cache; asking the hub", what, repo)
     try:
         return auto_class.from_pretrained(repo)
     except OSError as e:
@@ -72,8 +67,8 @@ def _open_clip_configs(name: str, pretrained: str | None) -> tuple[dict, dict]:
     """(model_cfg, preprocess_cfg) of an open_clip architecture or ``hf-hub:`` repo."""
     import open_clip
 
-    if name.startswith(HUB_PREFIX):
-        repo, revision = _split_ref(name)
+    if is_hub_ref(name):
+        repo, revision = split_hub_ref(name)
         cfg = json.loads(_hub_file(repo, "open_clip_config.json", revision).read_text())
         return cfg["model_cfg"], cfg.get("preprocess_cfg", {})
     model_cfg = open_clip.get_model_config(name)
@@ -122,7 +117,7 @@ def _write_open_clip_first_stage(name: str, out_dir: Path, pretrained: str | Non
             _cache_first(AutoConfig, text_cfg["hf_model_name"], "text tower config").save_pretrained(
                 str(tokenizer_dir))
     try:
-        if name.startswith(HUB_PREFIX):  # without require_pretrained, missing weights only warn
+        if is_hub_ref(name):  # without require_pretrained, missing weights only warn
             source = open_clip.create_model(name, require_pretrained=True)
         else:
             source = open_clip.create_model(name, pretrained=open_clip.download_pretrained(pre))

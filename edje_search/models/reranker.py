@@ -1,15 +1,23 @@
-"""The reranker: adapter (vision tokens -> stored tokens) + joint encoder + tokenizer."""
+"""The reranker: adapter (vision tokens -> stored tokens) + joint encoder + tokenizer.
+
+    reranker = Reranker.from_pretrained(MODEL_DIR)             # or MODEL_DIR/reranker
+    reranker.score(captions, projected_tokens=stored)          # (B, m, D_lm) -> (B,) logits
+"""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import Sequence
 
+import numpy as np
 import torch
 from safetensors.torch import load_model, save_model
 from torch import nn
+from tqdm.auto import tqdm
 from transformers import AutoTokenizer, BertConfig, PreTrainedTokenizerBase
 
 from ..config import RerankerConfig, load_config, save_config
+from ..errors import BadInput, ModelMissing
+from ..fsutil import atomic_write, atomic_write_text
 from .adapter import TokenCompressor, local_projector
 from .backends import PairScorer, make_scorer
 from .joint_encoder import JointEncoder, check_image_slots, encode_pairs
@@ -56,9 +64,28 @@ class Reranker(nn.Module):
         self.classification_head = encoder.classification_head
         self.text_projection = encoder.text_projection
         self._encoder = [encoder]  # not a submodule: its parameters are the three above
-        # Optional pixels -> vision tokens callable, attached by the model bundle.
-        self.vision_encoder: Callable[[torch.Tensor], torch.Tensor] | None = None
+        # The first stage whose vision tower turns pixel_values into vision tokens, when attached;
+        # held outside the module tree, so this reranker's state dict stays the reranker's own.
+        self._vision: list[nn.Module] = []
         self._scorer: PairScorer | None = None  # None: eager, straight through the modules
+
+    # ---------------------------------------------------------------------------- vision tower
+    def attach_vision_encoder(self, first_stage: nn.Module) -> "Reranker":
+        """Let ``score(pixel_values=...)`` run ``first_stage.encode_image``; returns self."""
+        self._vision = [first_stage]
+        return self
+
+    @property
+    def vision_encoder(self) -> nn.Module | None:
+        """The attached first stage (see :meth:`attach_vision_encoder`), or None."""
+        return self._vision[0] if self._vision else None
+
+    def to(self, *args, **kwargs) -> "Reranker":
+        """``nn.Module.to``, applied to the attached vision tower as well."""
+        super().to(*args, **kwargs)
+        for first_stage in self._vision:
+            first_stage.to(*args, **kwargs)
+        return self
 
     # ------------------------------------------------------------------------------- backends
     @property
@@ -67,8 +94,9 @@ class Reranker(nn.Module):
 
     def use_backend(self, backend: str, *, cache_dir: str | Path | None = None) -> "Reranker":
         """Run scoring through ``backend`` (see :mod:`edje_search.models.backends`); returns self."""
+        example = self.encode_text(["an example caption to trace", "short"])  # the second is padded
         self._scorer = None if backend == "eager" else make_scorer(
-            self.joint, backend, self.config.tokens_per_image, cache_dir=Path(cache_dir) if cache_dir else None)
+            self.joint, backend, example, cache_dir=Path(cache_dir) if cache_dir else None)
         return self
 
     @property
@@ -107,26 +135,44 @@ class Reranker(nn.Module):
         projected_tokens: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """One logit per (caption, image) pair, as a 1-D tensor of length B.
+        """One logit per (caption, image) pair, as a 1-D float tensor of length B (no grad).
 
         Give exactly one of ``vision_tokens`` (B, n, D_v), ``projected_tokens`` (B, m, D_lm)
-        or ``pixel_values`` (B, 3, H, W; needs an attached vision encoder).
+        or ``pixel_values`` (B, 3, H, W; needs the vision tower, attached when loaded from a
+        model directory). Runs in eval mode (no dropout, even on a module left in training mode)
+        under ``torch.inference_mode()``; the result is an ordinary tensor, so ``.numpy()`` and
+        later autograd code can use it.
         """
         given = [x is not None for x in (vision_tokens, projected_tokens, pixel_values)]
         if sum(given) != 1:
-            raise ValueError("give exactly one of vision_tokens, projected_tokens, pixel_values")
+            raise BadInput("give exactly one of vision_tokens, projected_tokens, pixel_values")
         if len(captions) == 0:
             return torch.empty(0)
+        was_training = self.training
+        try:
+            if was_training:
+                self.eval()
+            with torch.inference_mode():
+                logits = self._score(list(captions), vision_tokens, projected_tokens, pixel_values)
+        finally:
+            if was_training:
+                self.train()
+        return logits if torch.is_inference_mode_enabled() else logits.clone()  # clone: a normal tensor
+
+    def _score(self, captions: list[str], vision_tokens: torch.Tensor | None, projected_tokens: torch.Tensor | None,
+               pixel_values: torch.Tensor | None) -> torch.Tensor:
         if pixel_values is not None:
             if self.vision_encoder is None:
-                raise RuntimeError("this reranker has no vision encoder attached; load it with the full model")
-            vision_tokens = self.vision_encoder(pixel_values.to(self.device))
+                raise ModelMissing("this reranker has no vision tower attached: load it with "
+                                   "Reranker.from_pretrained(MODEL_DIR) or load_model(MODEL_DIR)")
+            first_stage = self.vision_encoder
+            vision_tokens = first_stage.encode_image(pixel_values.to(next(first_stage.parameters()).device))[1]
         if vision_tokens is not None:
             projected_tokens = self.project(vision_tokens.to(self.device))
         param_dtype = next(self.parameters()).dtype
         projected_tokens = projected_tokens.to(self.device, param_dtype)
         if projected_tokens.shape[0] != len(captions):
-            raise ValueError(f"{len(captions)} captions but {projected_tokens.shape[0]} images")
+            raise BadInput(f"{len(captions)} captions but {projected_tokens.shape[0]} images")
         if self._scorer is None:
             hidden, _ = self.pair_hidden(list(captions), projected_tokens)
             return self.joint.score_hidden(hidden).float()
@@ -134,17 +180,61 @@ class Reranker(nn.Module):
         check_image_slots(batch["input_ids"], self.joint.image_token_id, projected_tokens.shape[1])
         return self._scorer(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], projected_tokens)
 
+    def score_pairs(self, captions: Sequence[str], tokens: torch.Tensor, caption_idx: np.ndarray,
+                    token_idx: np.ndarray, *, batch_size: int = 64, progress: bool = False) -> np.ndarray:
+        """Logits of the pairs (``captions[caption_idx[i]]``, ``tokens[token_idx[i]]``) -> (P,) float32.
+
+        ``tokens`` (U, m, D_lm) are stored tokens. The one pair-scoring path of search and
+        evaluation: pairs go through :meth:`score` in batches sorted by caption length, so a
+        batch pads to little.
+        """
+        caption_idx = np.asarray(caption_idx, dtype=np.int64).reshape(-1)
+        token_idx = np.asarray(token_idx, dtype=np.int64).reshape(-1)
+        if caption_idx.shape != token_idx.shape:
+            raise BadInput(f"{caption_idx.size} caption indices but {token_idx.size} token indices")
+        used = np.unique(caption_idx)
+        lengths = np.zeros(len(captions), dtype=np.int64)
+        lengths[used] = [len(ids) for ids in self.tokenizer([str(captions[i]) for i in used])["input_ids"]]
+        order = np.argsort(lengths[caption_idx], kind="stable")
+        out = np.empty(len(order), dtype=np.float32)
+        for s in tqdm(range(0, len(order), batch_size), desc="reranking", disable=not progress, leave=False):
+            sl = order[s:s + batch_size]
+            caps = [captions[i] for i in caption_idx[sl]]
+            out[sl] = self.score(caps, projected_tokens=tokens[torch.from_numpy(token_idx[sl])]).cpu().numpy()
+        return out
+
     # ---------------------------------------------------------------------------- persistence
     def save_pretrained(self, directory: str | Path) -> None:
+        """Write a reranker directory (config, BERT config, tokenizer, weights); not the vision tower."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         save_config(self.config, directory / CONFIG_NAME)
-        self.language_model.config.to_json_file(str(directory / BERT_CONFIG_NAME))
+        atomic_write_text(directory / BERT_CONFIG_NAME, self.language_model.config.to_json_string())
         self.tokenizer.save_pretrained(str(directory / TOKENIZER_DIR))
-        save_model(self, str(directory / WEIGHTS_NAME))
+        atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_model(self, str(tmp)))
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> "Reranker":
+        """Load from a model directory (``edje.json``, ``first_stage/``, ``reranker/``) or from its
+        ``reranker/`` sub-directory. The first stage's vision tower is attached whenever the
+        model directory has one, so all three inputs of :meth:`score` work."""
+        from .bundle import EdjeModel, is_model_dir  # the bundle imports this module
+        from .first_stage import FirstStage
+
+        directory = Path(directory)
+        if is_model_dir(directory):
+            return EdjeModel.from_pretrained(directory).reranker
+        if not (directory / CONFIG_NAME).is_file():
+            raise ModelMissing(f"{directory} is neither a model directory (no edje.json) nor a reranker "
+                               f"directory (no {CONFIG_NAME})")
+        reranker = cls.from_reranker_dir(directory)
+        if is_model_dir(directory.parent) and (directory.parent / "first_stage").is_dir():
+            reranker.attach_vision_encoder(FirstStage.from_pretrained(directory.parent / "first_stage"))
+        return reranker
+
+    @classmethod
+    def from_reranker_dir(cls, directory: str | Path) -> "Reranker":
+        """Load a reranker directory alone (no vision tower: ``score(pixel_values=...)`` is refused)."""
         directory = Path(directory)
         config = load_config(RerankerConfig, directory / CONFIG_NAME)
         bert_config = BertConfig.from_json_file(str(directory / BERT_CONFIG_NAME))

@@ -1,0 +1,39 @@
+"""The ranking rule of reranked candidates, used by search, evaluation and calibration alike.
+
+A reranked candidate is ranked by ``logit + fusion_weight * first_stage`` (the joint encoder's
+logit plus the model's fusion weight times the first-stage similarity; weight 0 is the EDJE
+paper's ranking, ALBEF and BLIP add their similarity the same way). Equal scores keep the
+first-stage order. Candidates beyond the reranked pool keep their first-stage order below it.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def fused_scores(logits: np.ndarray, first_stage: np.ndarray, fusion_weight: float) -> np.ndarray:
+    """``logits + fusion_weight * first_stage`` in float64 (same shapes in, same shape out)."""
+    logits = np.asarray(logits, dtype=np.float64)
+    if not fusion_weight:
+        return logits
+    return logits + float(fusion_weight) * np.asarray(first_stage, dtype=np.float64)
+
+
+def rank_pool(logits: np.ndarray, first_stage: np.ndarray, fusion_weight: float) -> tuple[np.ndarray, np.ndarray]:
+    """Order of a reranked pool: (..., k) logits and first-stage scores, the pool listed in
+    first-stage order -> (positions of the pool best first (..., k), fused scores (..., k))."""
+    fused = fused_scores(logits, first_stage, fusion_weight)
+    return np.argsort(-fused, axis=-1, kind="stable"), fused  # stable: ties keep first-stage order
+
+
+def rerank_order(order: np.ndarray, logits: np.ndarray, first_stage: np.ndarray | None = None,
+                 fusion_weight: float = 0.0) -> np.ndarray:
+    """Each row of ``order`` (Q, N) (candidates in first-stage order) with its first
+    k = ``logits.shape[1]`` entries reordered by the rule; ``first_stage`` (Q, >= k) holds their
+    first-stage similarities (needed only with a fusion weight)."""
+    k = logits.shape[1]
+    if fusion_weight and first_stage is None:
+        raise ValueError("a fusion weight needs the first-stage scores")
+    head_first = first_stage[:, :k] if first_stage is not None else None
+    positions, _ = rank_pool(logits, head_first, fusion_weight)
+    head = np.take_along_axis(order[:, :k], positions, axis=1)
+    return np.concatenate([head, order[:, k:]], axis=1)

@@ -144,10 +144,15 @@ def train_reranker_cmd(annotations, image_root, first_stage_dir, out_dir, varian
 @click.option("--batch-size", default=128, show_default=True, help="Pairs per joint-encoder batch.")
 @click.option("--backend", type=click.Choice(BACKENDS), default="eager", show_default=True,
               help="How the rerankers run (see `edje-search query --help`).")
+@click.option("--token-precision", type=click.Choice(["float16", "int8", "float32"]), default="float16",
+              show_default=True,
+              help="Score the stored tokens as an index of this precision holds them (build-index's "
+                   "--token-precision); float32 for comparison.")
 @click.option("--out", "out_file", default=None, type=click.Path(dir_okay=False),
               help="Also write the results as JSON to this file.")
 @json_option
-def eval_cmd(annotations, image_root, models, rerank_k, precision, batch_size, backend, out_file, as_json):
+def eval_cmd(annotations, image_root, models, rerank_k, precision, batch_size, backend, token_precision, out_file,
+             as_json):
     """Recall@1/5/10, text-to-image and image-to-text, first stage vs reranked."""
     from edje_search import load_model
     from edje_search.evaluation import evaluate, format_table, load_eval_set
@@ -157,7 +162,8 @@ def eval_cmd(annotations, image_root, models, rerank_k, precision, batch_size, b
     loaded = [load_model(m).to(pick_device()).eval() for m in models]
     for m in loaded:
         m.reranker.use_backend(backend)
-    results = evaluate(loaded, data, rerank_k=rerank_k, precision=precision, batch_size=batch_size)
+    results = evaluate(loaded, data, rerank_k=rerank_k, precision=precision, batch_size=batch_size,
+                       token_dtype=token_precision)
     results["data"] = str(annotations)
     if out_file:
         Path(out_file).parent.mkdir(parents=True, exist_ok=True)

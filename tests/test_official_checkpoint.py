@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,9 +17,8 @@ M, MLP, DV, H = 4, 48, 32, 32
 CAPTIONS = ["a small red circle left of a large blue square", "", "word " * 120]
 
 
-@pytest.fixture(scope="module")
-def dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("official")
+def official_layout_dirs(root: Path) -> tuple[Path, SiglipModel, object]:
+    """Tiny random SigLIP and BERT directories under ``root``, as convert-official takes them."""
     tok = AutoTokenizer.from_pretrained(str(bundled_minilm_dir()))
     torch.manual_seed(0)
     siglip = SiglipModel(SiglipConfig(
@@ -33,6 +33,11 @@ def dirs(tmp_path_factory):
     BertForMaskedLM(bert_cfg).save_pretrained(root / "bert")
     tok.save_pretrained(root / "bert")
     return root, siglip, tok
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    return official_layout_dirs(tmp_path_factory.mktemp("official"))
 
 
 def official_state(siglip: SiglipModel, tok, variant: str) -> dict:

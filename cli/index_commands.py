@@ -1,22 +1,62 @@
-"""build-index, add, remove, query, info."""
+"""build-index, add, remove, query, info, verify, repair.
+
+Commands import the library inside their bodies, and `info`, `verify` (without --deep) and
+`repair` never import torch, so they start in well under a second.
+"""
 from __future__ import annotations
 
 import dataclasses
-import json
+import os
 from pathlib import Path
 
 import click
 
-from .main import BACKENDS, cli, emit_json, index_option, json_option
+from .main import BACKENDS, Failure, cli, echo_text, emit_json, index_option, json_option, to_json
+
+SKIPPED_FILE = "skipped.jsonl"
+SHOW_SKIPPED = 10  # skipped files named on stderr after a build; the rest are in skipped.jsonl
+
+
+class ImageFilesCommand(click.Command):
+    """A command whose --help ends with the image extensions (looked up only when help is shown)."""
+
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        from edje_search.images import HEIF_AVAILABLE, describe_extensions
+
+        heif = "" if HEIF_AVAILABLE else " (.heic/.heif too once pillow-heif is installed)"
+        formatter.write_paragraph()
+        formatter.write_text(f"Image files are those named {describe_extensions()}, in any letter case{heif}; "
+                             f"build-index, add and sync agree on this list. Files that cannot be used (not "
+                             f"regular files, unreadable, over {_limits_text()}) are skipped and listed with "
+                             f"the reason in INDEX/{SKIPPED_FILE}.")
+        super().format_epilog(ctx, formatter)
+
+
+def _limits_text() -> str:
+    from edje_search.images import MAX_FILE_BYTES, MAX_PIXELS
+
+    return f"{MAX_FILE_BYTES // 2**20} MiB or {MAX_PIXELS / 1e6:.0f} Mpx, extreme aspect ratios, corrupt"
+
+
+def wait_option(f):
+    return click.option("--wait", "wait", default=0.0, show_default=True, type=click.FloatRange(0),
+                        help="Seconds to wait while another process writes to the index "
+                             "(0: fail at once, naming its pid).")(f)
+
+
+def loader_options(f):
+    f = click.option("--workers", default=2, show_default=True, type=click.IntRange(0),
+                     help="Image-decoding worker processes.")(f)
+    return click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1),
+                        help="Images per model forward pass.")(f)
 
 
 def _write_skipped(index_dir: Path, skipped: list[tuple[str, str]]) -> Path:
-    path = index_dir / "skipped.jsonl"
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for p, reason in skipped:
-            f.write(json.dumps({"path": p, "reason": reason}) + "\n")
-    tmp.replace(path)
+    """INDEX/skipped.jsonl: one {"path", "reason"} per file the last build could not use."""
+    from edje_search.fsutil import atomic_write_text
+
+    path = index_dir / SKIPPED_FILE
+    atomic_write_text(path, "".join(to_json({"path": p, "reason": r}, indent=None) + "\n" for p, r in skipped))
     return path
 
 
@@ -26,57 +66,72 @@ def _report_build(engine, report, as_json: bool) -> None:
         emit_json({**dataclasses.asdict(report), "skipped": [{"path": p, "reason": r} for p, r in report.skipped],
                    "images": len(engine.store), "index": str(engine.store.directory)})
         return
+    for p, reason in report.skipped[:SHOW_SKIPPED]:
+        echo_text(f"skipped {p}: {reason}", err=True)
+    if len(report.skipped) > SHOW_SKIPPED:
+        click.echo(f"... and {len(report.skipped) - SHOW_SKIPPED} more", err=True)
     click.echo(f"{report.summary()}; index {engine.store.directory} holds {len(engine.store)} images")
     if report.skipped:
         click.echo(f"skipped files and reasons: {skipped_file}")
 
 
-@cli.command("build-index")
+@cli.command("build-index", cls=ImageFilesCommand)
 @click.argument("images_dir", type=click.Path(exists=True))
 @index_option
 @click.option("--model", default="edje-demo", show_default=True,
-              help="Model directory or registered model name (see `edje-search models`). "
-                   "Used when creating the index; an existing index keeps its model.")
-@click.option("--factory", default="Flat", show_default=True,
-              help='FAISS index-factory string for the first stage, e.g. "Flat" or "HNSW32,Flat".')
+              help="Model directory or registered model name (see `edje-search models`) for a new index. "
+                   "An existing index keeps its own model; given explicitly, it must be that model "
+                   "(e.g. after the model directory moved).")
+@click.option("--factory", default="auto", show_default=True,
+              help='FAISS recipe for the first stage: "auto" (chosen by size as the index grows) or a '
+                   'factory string such as "Flat" or "HNSW32,Flat". Used when creating the index.')
 @click.option("--token-precision", type=click.Choice(["float16", "int8"]), default="float16", show_default=True,
               help="Storage of the reranker tokens: int8 (one scale per token) halves the bytes per image. "
                    "Used when creating the index.")
-@click.option("--batch-size", default=32, show_default=True, help="Images per model forward pass.")
-@click.option("--workers", default=2, show_default=True, help="Image-decoding worker processes.")
-@click.option("--commit-every", default=512, show_default=True,
+@loader_options
+@click.option("--commit-every", default=512, show_default=True, type=click.IntRange(1),
               help="Images per atomic commit (an interrupted build keeps what was committed).")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+@wait_option
 @json_option
-def build_index(images_dir, index_dir, model, factory, token_precision, batch_size, workers, commit_every, no_progress,
-                as_json):
+@click.pass_context
+def build_index(ctx, images_dir, index_dir, model, factory, token_precision, batch_size, workers, commit_every,
+                no_progress, wait, as_json):
     """Index every image under IMAGES_DIR (new or changed files only on re-runs; deleted files are dropped)."""
-    from edje_search import Engine, load_model
+    from edje_search.engine import Engine
     from edje_search.storage.index_store import CONFIG_FILE
 
-    index_path = Path(index_dir)
-    if (index_path / CONFIG_FILE).is_file():
-        engine = Engine.from_pretrained(index_path, writable=True)
-    else:
-        engine = Engine.create(index_path, load_model(model), factory=factory, token_dtype=token_precision)
+    explicit = ctx.get_parameter_source("model") is not click.core.ParameterSource.DEFAULT
+    exists = (Path(index_dir) / CONFIG_FILE).is_file()
+    engine = Engine.create_or_open(index_dir, model if explicit or not exists else None, lock_wait=wait,
+                                   factory=factory, token_dtype=token_precision)
     report = engine.sync(images_dir, batch_size=batch_size, num_workers=workers,
                          commit_every=commit_every, progress=not no_progress)
     _report_build(engine, report, as_json)
 
 
-@cli.command("add")
+@cli.command("add", cls=ImageFilesCommand)
 @click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True))
 @index_option
-@click.option("--batch-size", default=32, show_default=True, help="Images per model forward pass.")
-@click.option("--workers", default=2, show_default=True, help="Image-decoding worker processes.")
+@click.option("--model", default=None, help="Open the index with this model (default: its own; must be the same "
+                                            "weights).")
+@loader_options
+@wait_option
 @json_option
-def add(paths, index_dir, batch_size, workers, as_json):
-    """Add image files or folders to an existing index."""
-    from edje_search import Engine
-    from edje_search.images import iter_image_files
+def add(paths, index_dir, model, batch_size, workers, wait, as_json):
+    """Add image files, or every image under the folders given, to an existing index."""
+    from edje_search.errors import BadInput
+    from edje_search.images import describe_extensions, is_image_path, iter_image_files
 
-    engine = Engine.from_pretrained(index_dir, writable=True)
+    not_images = [p for p in paths if not os.path.isdir(p) and not is_image_path(p)]
+    if not_images:
+        raise BadInput(f"{not_images[0]} is not an image file name (image files end in {describe_extensions()})")
     files = [str(f) for p in paths for f in iter_image_files(p)]
+    if not files:
+        raise Failure(f"no image files under {', '.join(paths)} (image files end in {describe_extensions()})")
+    from edje_search.engine import Engine
+
+    engine = Engine.from_pretrained(index_dir, model=model, writable=True, lock_wait=wait)
     report = engine.add(files, batch_size=batch_size, num_workers=workers)
     _report_build(engine, report, as_json)
 
@@ -84,13 +139,17 @@ def add(paths, index_dir, batch_size, workers, as_json):
 @cli.command("remove")
 @click.argument("paths", nargs=-1, required=True)
 @index_option
+@wait_option
 @json_option
-def remove(paths, index_dir, as_json):
-    """Remove image files from an index (the files themselves are not touched)."""
-    from edje_search import Engine
+def remove(paths, index_dir, wait, as_json):
+    """Remove files, or everything under the folders given, from an index (the files themselves
+    are not touched; they need not exist any more). Exits 1 if nothing indexed matched."""
+    from edje_search.engine import Engine
 
-    engine = Engine.from_pretrained(index_dir, writable=True)
+    engine = Engine.from_pretrained(index_dir, writable=True, lock_wait=wait)
     n = engine.remove(paths)
+    if n == 0:
+        raise Failure(f"nothing in the index {index_dir} matches {' '.join(paths)} (give indexed files or folders)")
     if as_json:
         emit_json({"removed": n, "images": len(engine.store)})
     else:
@@ -100,7 +159,8 @@ def remove(paths, index_dir, as_json):
 @cli.command("query")
 @click.argument("text", nargs=-1, required=True)
 @index_option
-@click.option("-k", "k", default=10, show_default=True, help="Number of results.")
+@click.option("-k", "k", default=10, show_default=True,
+              help="Number of results (an index with fewer images returns them all, with a note on stderr).")
 @click.option("--rerank-k", default=20, show_default=True,
               help="First-stage candidates rescored by the joint encoder (0 = no reranking).")
 @click.option("--model", default=None, help="Model to query with (default: the index's own model).")
@@ -114,17 +174,21 @@ def query(text, index_dir, k, rerank_k, model, backend, compare, as_json):
     The first stage's top --rerank-k are reordered by score = joint-encoder logit (rerank) +
     the model's fusion weight x first-stage similarity (first); the weight is 0 unless
     `edje-search calibrate` set it. Hits below --rerank-k keep their first-stage order."""
-    from edje_search import Engine
+    from edje_search.errors import BadInput
 
     if k <= 0:
-        raise click.BadParameter("must be at least 1", param_hint="-k")
+        raise BadInput("-k must be at least 1")
     if rerank_k < 0:
-        raise click.BadParameter("must be 0 or more", param_hint="--rerank-k")
+        raise BadInput("--rerank-k must be 0 or more")
+    from edje_search.engine import Engine
+
     engine = Engine.from_pretrained(index_dir, model=model, backend=backend)
-    if len(engine.store) == 0:
-        raise click.ClickException(f"the index {index_dir} is empty: add images with `edje-search build-index`")
-    if k > len(engine.store):
-        raise click.BadParameter(f"the index holds only {len(engine.store)} images", param_hint="-k")
+    n = len(engine.store)
+    if n == 0:
+        raise Failure(f"the index {index_dir} is empty: add images with `edje-search build-index`")
+    if k > n:
+        click.echo(f"note: the index holds only {n} image{'s' if n != 1 else ''}; showing all of them", err=True)
+        k = n
     results = engine.search_batch(list(text), k=k, rerank_k=rerank_k)
     if compare:
         plain = engine.search_batch(list(text), k=k, rerank_k=0)
@@ -143,7 +207,7 @@ def query(text, index_dir, k, rerank_k, model, backend, compare, as_json):
         click.echo(f"{'rank':>4}  {'score':>8}  {'rerank':>8}  {'first':>7}  path")
         for h in hits:
             sc, rr = (f"{x:8.3f}" if x is not None else f"{'-':>8}" for x in (h.score, h.rerank_score))
-            click.echo(f"{h.rank:>4}  {sc}  {rr}  {h.first_stage_score:7.4f}  {h.path}")
+            echo_text(f"{h.rank:>4}  {sc}  {rr}  {h.first_stage_score:7.4f}  {h.path}")
 
 
 def _short(path: str, width: int = 34) -> str:
@@ -155,40 +219,92 @@ def _print_side_by_side(q, plain, reranked) -> None:
     click.echo(f"{'rank':>4}  {'first stage only':<34} {'score':>7}   {'reranked':<34} {'score':>7}")
     for a, b in zip(plain, reranked):
         rr = f"{b.score:7.3f}" if b.score is not None else f"{'-':>7}"
-        click.echo(f"{a.rank:>4}  {_short(a.path):<34} {a.first_stage_score:7.4f}   {_short(b.path):<34} {rr}")
+        echo_text(f"{a.rank:>4}  {_short(a.path):<34} {a.first_stage_score:7.4f}   {_short(b.path):<34} {rr}")
     click.echo("")
+
+
+def index_info(index_dir) -> dict:
+    """What `info` shows, read from the index and the model's edje.json without loading the model."""
+    from edje_search.models.info import read_bundle_info
+    from edje_search.storage.index_store import IndexStore, resolve_model_path
+    from edje_search.storage.token_store import bytes_per_image
+
+    store = IndexStore.open(index_dir)
+    data = store.info()
+    cfg = store.config
+    data["bytes_per_image"] = bytes_per_image(cfg.tokens_per_image, cfg.token_width, cfg.token_dtype)
+    model_dir = resolve_model_path(store)
+    try:
+        bundle = read_bundle_info(model_dir)
+    except (OSError, ValueError, TypeError) as e:
+        data["model_name"] = f"(unreadable: {e})"
+    else:
+        data["model_name"], data["fusion_weight"] = bundle.name, bundle.fusion_weight
+    return data
 
 
 @cli.command("info")
 @index_option
 @json_option
 def info(index_dir, as_json):
-    """Describe an index: size, FAISS recipe, token shape and the model that built it."""
-    from edje_search import Engine
-
-    data = Engine.from_pretrained(index_dir).info()
+    """Describe an index: size, FAISS recipe, token shape and the model that built it (loads no model)."""
+    data = index_info(index_dir)
     if as_json:
         emit_json(data)
     else:
         for key, value in data.items():
-            click.echo(f"{key:>18}: {value}")
+            echo_text(f"{key:>18}: {value}")
 
 
 @cli.command("verify")
 @index_option
+@click.option("--deep", default=0, show_default=True, type=click.IntRange(0),
+              help="Also re-embed this many indexed files (a fixed sample) and compare them with their stored "
+                   "vectors and tokens; loads the model.")
 @json_option
-def verify(index_dir, as_json):
-    """Check that an index's manifest, FAISS ids and token/vector stores agree (exit 1 if not)."""
-    from edje_search.storage.index_store import IndexStore
+def verify(index_dir, deep, as_json):
+    """Check every manifest row against FAISS, the stored vectors and tokens, and the model's
+    fingerprint (exit 1 with the problems if anything is wrong; `edje-search repair` fixes what it can)."""
+    from edje_search.storage.index_store import IndexStore, verify_index
 
-    store = IndexStore.open(index_dir)
-    problems = store.verify()
+    store = IndexStore.open(index_dir)  # a missing or unreadable index is an error, not a problem list
+    if deep:
+        from edje_search.engine import Engine
+
+        problems = Engine.from_pretrained(index_dir).verify(deep=deep)
+    else:
+        problems = verify_index(index_dir)
     if as_json:
         emit_json({"index": str(index_dir), "images": len(store), "ok": not problems, "problems": problems})
     elif problems:
         for p in problems:
-            click.echo(f"problem: {p}", err=True)
+            echo_text(f"problem: {p}", err=True)
     else:
         click.echo(f"ok: {len(store)} images, generation {store.generation}")
+    if problems:
+        raise SystemExit(1)
+
+
+@cli.command("repair")
+@index_option
+@wait_option
+@json_option
+def repair(index_dir, wait, as_json):
+    """Rebuild FAISS from the stored vectors, drop rows whose vectors or tokens are unreadable
+    (listed; run build-index again to embed those files anew) and remove stray files. Loads no model."""
+    from edje_search.storage.index_store import IndexStore, verify_index
+
+    store = IndexStore.open(index_dir, mode="r+", lock_wait=wait)
+    with store.writing():
+        report = store.repair()
+    problems = verify_index(index_dir)
+    if as_json:
+        emit_json({**dataclasses.asdict(report), "images": len(store), "problems_left": problems})
+    else:
+        for p in report.dropped:
+            echo_text(f"dropped {p}", err=True)
+        click.echo(f"{report.summary()}; index holds {len(store)} images")
+        for p in problems:
+            echo_text(f"problem left: {p}", err=True)
     if problems:
         raise SystemExit(1)

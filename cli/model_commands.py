@@ -10,7 +10,7 @@ from .main import cli, emit_json, json_option
 @json_option
 def models(as_json):
     """List registered model names usable with --model (a model directory also works)."""
-    from edje_search.models.registry import list_recipes
+    from edje_search.models.recipes import list_recipes
 
     recipes = list_recipes()
     if as_json:

@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 from click.testing import CliRunner
@@ -35,7 +38,8 @@ def test_build_query_info(tmp_path, tiny_model_dir, shapes_dir):
     human = run("query", "two blue squares", "--index", index, "-k", "3").stdout
     assert "rerank" in human and human.count(".png") == 3
     info = json.loads(run("info", "--index", index, "--json").stdout)
-    assert info["images"] == 40 and info["factory"] == "Flat" and info["tokens_per_image"] == 4
+    assert info["images"] == 40 and info["factory"] == "auto" and info["recipe"] == "Flat"
+    assert info["tokens_per_image"] == 4 and info["model_name"] and info["fusion_weight"] == 0.0
     assert json.loads(run("verify", "--index", index, "--json").stdout)["ok"] is True
     again = json.loads(run("build-index", shapes_dir / "test", "--index", index, "--no-progress",
                            "--workers", "0", "--json").stdout)
@@ -46,16 +50,21 @@ def test_build_query_info(tmp_path, tiny_model_dir, shapes_dir):
     (["query", "x", "--index", "{missing}"], "no index"),
     (["query", "", "--index", "{index}"], "empty query"),
     (["query", "cat", "--index", "{index}", "-k", "0"], "at least 1"),
-    (["query", "cat", "--index", "{index}", "-k", "1000"], "holds only"),
+    (["query", "cat", "--index", "{index}", "--rerank-k", "-1"], "0 or more"),
+    (["add", "{tmp}/notes.txt", "--index", "{index}"], "not an image file name"),
+    (["remove", "{tmp}/elsewhere", "--index", "{index}"], "nothing in the index"),
+    (["repair", "--index", "{missing}"], "no index"),
     (["info", "--index", "{tmp}"], "not an edje-search index"),
     (["build-index", "{tmp}", "--index", "{tmp}/new", "--model", "no-such-model"], "neither a model directory"),
 ])
 def test_errors_are_one_line_with_nonzero_exit(built_index, tmp_path, args, needle):
+    (tmp_path / "notes.txt").write_text("not a picture")
     args = [a.format(missing=tmp_path / "missing", index=built_index, tmp=tmp_path) for a in args]
     result = run(*args, ok=False)
     assert result.exit_code != 0
     assert needle in result.output
     assert "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output
 
 
 def test_build_index_with_int8_tokens(tmp_path, tiny_model_dir, shapes_dir):
@@ -112,3 +121,88 @@ def test_calibrate_writes_the_best_fusion_weight_and_eval_reports_it(tiny_model_
     assert fused["t2i"] == first["t2i"] and fused["i2t"] == first["i2t"]
     bad = run("calibrate", "--data", data, "--model", model, "--weights", "1,x", ok=False)
     assert bad.exit_code != 0 and "comma-separated" in bad.output
+
+
+def test_k_larger_than_the_index_returns_every_image_with_a_note(built_index):
+    result = run("query", "a red circle", "--index", built_index, "-k", "1000", "--rerank-k", "5", "--json")
+    hits = json.loads(result.stdout)[0]["hits"]
+    assert [h["rank"] for h in hits] == list(range(1, 41))
+    assert len({h["path"] for h in hits}) == 40
+    assert "holds only 40 images" in result.stderr
+
+
+def test_json_is_valid_utf8_for_file_names_that_are_not(tmp_path, tiny_model_dir, shapes_dir):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    raw = os.fsencode(str(photos)) + b"/caf\xe9-\xff.png"  # Latin-1 bytes: not valid UTF-8
+    shutil.copy(shapes_dir / "test" / "000000.png", raw)
+    shutil.copy(shapes_dir / "test" / "000001.png", photos / "写真.png")
+    index = tmp_path / "idx"
+    build = run("build-index", photos, "--index", index, "--model", tiny_model_dir, "--workers", "0",
+                "--no-progress", "--json")
+    assert json.loads(build.stdout_bytes.decode("utf-8"))["added"] == 2
+    out = run("query", "a red circle", "--index", index, "-k", "2", "--json").stdout_bytes
+    paths = {h["path"] for h in json.loads(out.decode("utf-8"))[0]["hits"]}  # strict UTF-8: must not raise
+    assert {os.fsencode(p) for p in paths} == {raw, os.fsencode(str(photos / "写真.png"))}
+    assert "写真" in out.decode("utf-8") and b"\\udcff" in out  # readable Unicode kept; bad bytes escaped
+    human = run("query", "a red circle", "--index", index, "-k", "2").stdout_bytes
+    assert raw in human  # plain output gives the file name's own bytes back
+
+
+def test_remove_a_folder_removes_everything_under_it(built_index, shapes_dir):
+    out = json.loads(run("remove", shapes_dir / "test", "--index", built_index, "--json").stdout)
+    assert out == {"removed": 40, "images": 0}
+    again = run("remove", shapes_dir / "test", "--index", built_index, ok=False)
+    assert again.exit_code == 1 and "nothing in the index" in again.output
+
+
+def test_add_takes_only_image_names(built_index, tmp_path, shapes_dir):
+    import io
+
+    from PIL import Image
+
+    folder = tmp_path / "new"
+    folder.mkdir()
+    Image.new("RGB", (32, 32), (200, 0, 0)).save(folder / "red.avif")
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), (0, 0, 200)).save(buf, "JPEG")
+    (folder / "blue.jpg.txt").write_bytes(buf.getvalue())  # a JPEG by content, not by name
+    refused = run("add", folder / "blue.jpg.txt", "--index", built_index, ok=False)
+    assert refused.exit_code == 2 and "not an image file name" in refused.output
+    added = json.loads(run("add", folder, "--index", built_index, "--workers", "0", "--json").stdout)
+    assert added["added"] == 1 and added["images"] == 41
+    # the next build of the same folder agrees: nothing to add, nothing to drop
+    again = json.loads(run("build-index", folder, "--index", built_index, "--workers", "0", "--no-progress",
+                           "--json").stdout)
+    assert (again["added"], again["unchanged"], again["removed"]) == (0, 1, 0)
+
+
+def test_help_lists_the_image_extensions():
+    from edje_search.images import IMAGE_EXTENSIONS
+
+    for command in ("build-index", "add"):
+        text = " ".join(run(command, "--help").stdout.split())
+        assert all(ext in text for ext in IMAGE_EXTENSIONS) and ".avif" in text
+    assert "surrogate escapes" in " ".join(run("query", "--help").stdout.split())
+
+
+def test_commands_that_need_no_model_do_not_import_torch(built_index):
+    """`info`, `verify`, `repair`, `models` and `--help` start without torch or open_clip."""
+    code = (
+        "import sys\n"
+        "from edje_search_cli.main import cli, register_commands\n"
+        "register_commands()\n"
+        "for args in sys.argv[1:]:\n"
+        "    try:\n"
+        "        cli.main(args.split('|'), standalone_mode=False)\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "heavy = sorted(m for m in ('torch', 'open_clip', 'transformers') if m in sys.modules)\n"
+        "print('HEAVY', heavy)\n"
+    )
+    commands = [f"info|--index|{built_index}", f"verify|--index|{built_index}", f"repair|--index|{built_index}",
+                "models", "--help", "build-index|--help", "query|--help"]
+    proc = subprocess.run([sys.executable, "-c", code, *commands], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "HEAVY []" in proc.stdout, proc.stdout + proc.stderr
+    assert "ok: 40 images" in proc.stdout and "tiny-random" in proc.stdout

@@ -1,17 +1,20 @@
 """Named models: what ``--model NAME`` can be, and where each one's weights come from.
 
 A recipe only says how to obtain a model; :mod:`edje_search.models.builders` assembles parts
-and :func:`edje_search.models.registry.load_model` applies the naming rule.
+and :func:`edje_search.models.registry.load_model` applies the naming rule. Listing recipes
+imports no torch (`edje-search models` starts fast); loading one imports the model code.
 """
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-from .bundle import EdjeModel, is_model_dir
-from .builders import build_tiny_model
+from .info import is_model_dir
 from .names import ModelNotAvailable, edje_home
+
+if TYPE_CHECKING:
+    from .bundle import EdjeModel
 
 
 def model_home() -> Path:
@@ -69,6 +72,8 @@ def get_recipe(name: str) -> Recipe:
 def _trained(name: str) -> Callable[[], EdjeModel]:
     """A model that exists once training on this machine has written it to ``model_home()/name``."""
     def load() -> EdjeModel:
+        from .bundle import EdjeModel
+
         path = model_home() / name
         if not is_model_dir(path):
             raise ModelNotAvailable(
@@ -84,6 +89,8 @@ def _paper(name: str) -> Callable[[], EdjeModel]:
     arch = PAPER_ARCHITECTURES[name]
 
     def load() -> EdjeModel:
+        from .bundle import EdjeModel
+
         path = model_home() / name
         if is_model_dir(path):
             return EdjeModel.from_pretrained(path)
@@ -95,8 +102,13 @@ def _paper(name: str) -> Callable[[], EdjeModel]:
     return load
 
 
-register(Recipe("tiny-random", "tiny random model of the full architecture (tests; no training)",
-                lambda: build_tiny_model(0)))
+def _tiny() -> EdjeModel:
+    from .builders import build_tiny_model
+
+    return build_tiny_model(0)
+
+
+register(Recipe("tiny-random", "tiny random model of the full architecture (tests; no training)", _tiny))
 register(Recipe("edje-demo", "small model trained offline by `make demo` on generated scenes",
                 _trained("edje-demo")))
 register(Recipe("edje-siglip2-l16-384", "paper: SigLIP2 ViT-L/16-384 + MiniLM-L12, 64 tokens x 384 (49,152 B/image)",

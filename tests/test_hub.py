@@ -13,7 +13,8 @@ from safetensors.torch import save_file
 from edje_search import load_model
 from edje_search.models.first_stage import FirstStage
 from edje_search.models.hub import save_open_clip_first_stage
-from edje_search.models.registry import ModelNotAvailable, build_tiny_model, bundled_minilm_dir
+from edje_search.models.builders import build_tiny_model, bundled_minilm_dir
+from edje_search.models.names import ModelNotAvailable, model_arg_kind, split_hub_ref
 
 REVISION = "0123456789abcdef0123456789abcdef01234567"
 
@@ -125,3 +126,15 @@ def test_failed_import_leaves_no_directory(hub_cache, tmp_path):
     with pytest.raises(ModelNotAvailable, match="weights"):
         save_open_clip_first_stage("hf-hub:edje-test/no-weights", out)
     assert not out.exists()
+
+
+def test_model_arguments_resolve_by_an_explicit_rule(tmp_path):
+    assert split_hub_ref("hf-hub:org/name@abc") == ("org/name", "abc")
+    assert split_hub_ref("hf-hub:org/name") == ("org/name", None)
+    assert model_arg_kind("hf-hub:org/name") == "hub"
+    assert model_arg_kind(tmp_path) == "directory" and model_arg_kind(str(tmp_path)) == "directory"
+    assert model_arg_kind("edje-demo") == "recipe"
+    # the prefix decides, never a substring
+    assert model_arg_kind("my-hf-hub:copy") == "recipe"
+    with pytest.raises(ModelNotAvailable, match="edje-demox"):
+        load_model("edje-demox")

@@ -11,7 +11,7 @@ from edje_search import Engine
 from edje_search.config import FirstStageConfig
 from edje_search.models.bundle import EdjeModel
 from edje_search.models.first_stage import FirstStage
-from edje_search.models.registry import build_reranker, build_tiny_model
+from edje_search.models.builders import build_reranker, build_tiny_model
 
 
 @register_model
@@ -39,6 +39,7 @@ def test_tiny_siglip_style_model_indexes_and_queries(tmp_path, shapes_dir):
     fs = tiny_siglip_first_stage()
     emb, tokens = fs.encode_image(torch.randn(2, 3, 32, 32))
     assert emb.shape == (2, 32) and tokens.shape == (2, 16, 32)  # 16 patch tokens, no prefix token
+    assert fs.n_vision_tokens == 16  # read from the timm tower's patch grid, not a forward pass
     tiny = build_tiny_model().reranker  # borrow its tiny BERT config and tokenizer
     reranker = build_reranker(fs, tiny.language_model.config, tiny.tokenizer, variant="compressed",
                               n_queries=4, mlp_dim=64)

@@ -127,6 +127,12 @@ class Reranker(nn.Module):
                             projected_tokens)
         return hidden, batch
 
+    def pair_logits(self, captions: list[str], projected_tokens: torch.Tensor) -> torch.Tensor:
+        """Logits (B,) float32 of (caption, stored tokens (B, m, D_lm)) pairs through the modules, with
+        autograd as the caller has it: the eager pass of :meth:`score`, and what training optimises."""
+        hidden, _ = self.pair_hidden(captions, projected_tokens)
+        return self.joint.score_hidden(hidden).float()
+
     def score(
         self,
         captions: list[str],
@@ -174,8 +180,7 @@ class Reranker(nn.Module):
         if projected_tokens.shape[0] != len(captions):
             raise BadInput(f"{len(captions)} captions but {projected_tokens.shape[0]} images")
         if self._scorer is None:
-            hidden, _ = self.pair_hidden(list(captions), projected_tokens)
-            return self.joint.score_hidden(hidden).float()
+            return self.pair_logits(captions, projected_tokens)
         batch = self.encode_text(list(captions), projected_tokens.shape[1]).to(projected_tokens.device)
         check_image_slots(batch["input_ids"], self.joint.image_token_id, projected_tokens.shape[1])
         return self._scorer(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], projected_tokens)

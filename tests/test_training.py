@@ -19,7 +19,10 @@ from edje_search.training.batches import PairBatches, first_stage_neighbours
 from edje_search.training.losses import (distillation_loss, itm_loss, mask_caption_tokens, mlm_loss,
                                          recovery_loss)
 from edje_search.training.mining import match_groups, mine_hard_negatives
-from edje_search.training.reranker import RerankerTrainConfig, _mining_pool, train_reranker
+from edje_search.training.common import TrainLog, set_threads
+from edje_search.training.first_stage import FirstStageTrainConfig, planned_steps, warn_if_at_chance
+from edje_search.training.reranker import RerankerTrainConfig, _mining_pool, load_bert_weights, train_reranker
+from edje_search.training.warmup import caption_word_targets, warm_up_adapter
 
 
 # ------------------------------------------------------------------------------------ mining
@@ -244,3 +247,124 @@ dist.destroy_process_group()
     assert out.returncode == 0, out.stderr[-3000:]
     assert "RANK_OK 0 2" in out.stdout and "RANK_OK 1 2" in out.stdout
     assert (tmp_path / "run" / "model" / "edje.json").is_file()
+
+
+# ------------------------------------------------------------------ score head, loading, warm-up
+def _tiny_reranker(score_head: str = "pooler"):
+    import dataclasses
+
+    from edje_search.models.reranker import Reranker
+
+    base = build_tiny_model(seed=0).reranker
+    cfg = dataclasses.replace(base.config, score_head=score_head)
+    torch.manual_seed(0)
+    return Reranker(cfg, base.language_model.config, base.tokenizer).eval()
+
+
+def test_mean_score_head_ignores_padding_and_keeps_the_state_dict_layout():
+    pooler, mean = _tiny_reranker("pooler"), _tiny_reranker("mean")
+    assert pooler.state_dict().keys() == mean.state_dict().keys()  # same files, same converter keys
+    mean.load_state_dict(pooler.state_dict())
+    tokens = torch.randn(2, 4, mean.token_width)
+    caps = ["a red circle", "a small blue square left of a large green triangle"]
+    together = mean.score(caps, projected_tokens=tokens)  # the first pair is padded in this batch
+    alone = torch.cat([mean.score([c], projected_tokens=t[None]) for c, t in zip(caps, tokens)])
+    assert torch.allclose(together, alone, atol=1e-5)
+    # the head reads the masked mean, not the first position
+    hidden, batch = mean.pair_hidden(caps, tokens)
+    dense, linear = mean.classification_head[0], mean.classification_head[1]
+    m = batch["attention_mask"].float().unsqueeze(-1)
+    expected = linear(torch.tanh(dense.dense((hidden * m).sum(1) / m.sum(1)))).squeeze(-1)
+    assert torch.allclose(together, expected, atol=1e-5)
+    assert not torch.allclose(pooler.score(caps, projected_tokens=tokens), together, atol=1e-3)
+
+
+def test_load_bert_weights_copies_the_body_and_starts_the_image_row_at_the_mean(tiny_lm_dir, caplog):
+    reranker = _tiny_reranker()
+    source = BertForMaskedLM.from_pretrained(str(tiny_lm_dir))
+    with caplog.at_level("INFO", logger="edje_search.training"):
+        load_bert_weights(reranker.language_model, tiny_lm_dir)
+    got, want = reranker.language_model.state_dict(), source.state_dict()
+    for key in ("bert.encoder.layer.1.output.dense.weight", "cls.predictions.transform.dense.weight"):
+        assert torch.equal(got[key], want[key]), key
+    emb, old = got["bert.embeddings.word_embeddings.weight"], want["bert.embeddings.word_embeddings.weight"]
+    assert emb.shape[0] == old.shape[0] + 1 and torch.equal(emb[:-1], old)
+    assert torch.allclose(emb[-1], old.mean(dim=0))
+    lm = reranker.language_model  # the decoder stays tied to the word embeddings
+    assert lm.cls.predictions.decoder.weight.data_ptr() == lm.bert.embeddings.word_embeddings.weight.data_ptr()
+    assert len([r for r in caplog.records if "tensors loaded" in r.getMessage()]) == 1
+
+
+def test_caption_word_targets_count_each_caption_s_word_pieces():
+    tok = AutoTokenizer.from_pretrained(str(bundled_minilm_dir()))
+    vocab, targets = caption_word_targets(tok, ["a red circle", "a blue circle", "a red square"], max_vocab=3)
+    words = tok.convert_ids_to_tokens(vocab.tolist())
+    assert words[:2] == ["a", "circle"] or set(words[:3]) >= {"a", "circle", "red"}
+    assert targets.shape == (3, 3) and targets[0].sum() == 3  # "a red circle": all three kept words
+
+
+def test_adapter_warm_up_lowers_its_loss_and_changes_only_the_adapter():
+    reranker = _tiny_reranker().train()
+    before = {k: v.clone() for k, v in reranker.state_dict().items()}
+    n = 16
+    vision = torch.randn(n, reranker.config.n_vision_tokens, reranker.config.vision_width)
+    colors = ["red", "blue", "green", "yellow"]
+    captions = [f"a {colors[i % 4]} circle" for i in range(n)]
+    vision[:, :, 0] += torch.arange(n).remainder(4).float()[:, None] * 3  # colour readable from the tokens
+    losses = warm_up_adapter(reranker, vision, captions, np.arange(n), steps=60, lr=3e-3, batch_size=16)
+    assert np.mean(losses[-5:]) < np.mean(losses[:5])
+    after = reranker.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("vision_projection.") for k in changed)
+
+
+def test_train_reranker_with_mean_head_and_warm_up(tmp_path, shapes_dir, tiny_lm_dir, tiny_first_stage_dir):
+    data = read_captions(shapes_dir / "train.json")
+    cfg = RerankerTrainConfig(n_queries=4, mlp_dim=64, steps=2, batch_size=8, lr=1e-3, score_head="mean",
+                              adapter_warmup=3, w_mlm=0, w_recovery=0)
+    train_reranker(tiny_first_stage_dir, data, tmp_path / "run", cfg, lm_dir=tiny_lm_dir, progress=False)
+    loaded = EdjeModel.from_pretrained(tmp_path / "run" / "model")
+    assert loaded.reranker.config.score_head == "mean"
+    log = [json.loads(x) for x in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in log] == [1, 2] and set(log[0]) == {"step", "time", "itm"}
+
+
+# ------------------------------------------------------------------------- usability plumbing
+def test_train_log_resume_drops_redone_steps_and_keeps_the_clock(tmp_path):
+    path = tmp_path / "train_log.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "time": 10.0 * s, "itm": 0.5}) + "\n" for s in range(1, 8))
+                    + '{"step": 8, "ti')  # the interrupted run died mid-line
+    log = TrainLog(path, resume_step=4)
+    log.write(5, itm=0.4)
+    entries = [json.loads(x) for x in path.read_text().splitlines()]
+    assert [e["step"] for e in entries] == [1, 2, 3, 4, 5]
+    assert 40.0 <= entries[-1]["time"] < 45.0
+    fresh = TrainLog(tmp_path / "new.jsonl")
+    fresh.write(1, itm=0.7)
+    assert json.loads((tmp_path / "new.jsonl").read_text())["time"] < 5.0
+
+
+def test_first_stage_schedule_in_steps_or_epochs_and_the_chance_warning(caplog):
+    assert planned_steps(FirstStageTrainConfig(steps=123), 10_000) == 123
+    assert planned_steps(FirstStageTrainConfig(steps=None, epochs=2.0, batch_size=100), 1_000) == 20
+    with pytest.raises(ValueError):
+        planned_steps(FirstStageTrainConfig(steps=10, epochs=1.0), 1_000)
+    with caplog.at_level("WARNING", logger="edje_search.training.first_stage"):
+        warn_if_at_chance([5.5, 5.5], batch_size=256, steps=69)
+        assert "near chance" in caplog.text
+        caplog.clear()
+        warn_if_at_chance([1.2, 1.1], batch_size=256, steps=400)
+        assert caplog.text == ""
+
+
+def test_set_threads():
+    before = torch.get_num_threads()
+    try:
+        set_threads(1)
+        assert torch.get_num_threads() == 1
+        set_threads(None)
+        assert torch.get_num_threads() == 1
+        with pytest.raises(ValueError):
+            set_threads(0)
+    finally:
+        torch.set_num_threads(before)

@@ -54,7 +54,8 @@ class _ScoreGraph(nn.Module):
         self.joint = joint
 
     def forward(self, input_ids, attention_mask, token_type_ids, image_tokens):
-        return self.joint.score_hidden(self.joint(input_ids, attention_mask, token_type_ids, image_tokens))
+        return self.joint.score_hidden(self.joint(input_ids, attention_mask, token_type_ids, image_tokens),
+                                       attention_mask)
 
 
 class TorchScorer:

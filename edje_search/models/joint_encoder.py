@@ -44,11 +44,33 @@ def check_image_slots(input_ids: torch.Tensor, image_token_id: int, n_image_toke
         raise ValueError(f"each sequence needs {n_image_tokens} <image> positions, got {counts.tolist()}")
 
 
-class JointEncoder(nn.Module):
-    """BERT masked-LM body + pooler/linear score head + text-embedding recovery head."""
+SCORE_HEADS = ("pooler", "mean")
 
-    def __init__(self, bert_config: BertConfig, image_token_id: int, text_embed_dim: int = 0):
+
+def masked_mean(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean of ``hidden`` (B, L, H) over the positions where ``attention_mask`` (B, L) is 1 -> (B, H)."""
+    if attention_mask is None:
+        return hidden.mean(dim=1)
+    weights = attention_mask.to(hidden.dtype).unsqueeze(-1)  # (B, L, 1)
+    return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+
+
+class JointEncoder(nn.Module):
+    """BERT masked-LM body + pooler/linear score head + text-embedding recovery head.
+
+    ``score_head`` picks what the head reads: ``"pooler"`` (the paper, and every converted
+    checkpoint) is the BERT pooler on the first position; ``"mean"`` feeds the same dense +
+    tanh + linear the mean over every unmasked position. A sentence model trained with mean
+    pooling (all-MiniLM-L6) carries its meaning in the mean from the first step, while its
+    first-position state is nearly constant and must be retrained before matching can learn.
+    """
+
+    def __init__(self, bert_config: BertConfig, image_token_id: int, text_embed_dim: int = 0,
+                 score_head: str = "pooler"):
         super().__init__()
+        if score_head not in SCORE_HEADS:
+            raise ValueError(f"score_head must be one of {SCORE_HEADS}, got {score_head!r}")
+        self.score_head = score_head
         self.image_token_id = image_token_id
         self.language_model = BertForMaskedLM(bert_config)
         hidden = bert_config.hidden_size
@@ -91,9 +113,15 @@ class JointEncoder(nn.Module):
         )
         return out.last_hidden_state
 
-    def score_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
-        """One logit per pair: (B, L, H) -> (B,)."""
-        return self.classification_head(hidden).squeeze(-1)
+    def score_hidden(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """One logit per pair: (B, L, H) -> (B,); the mean head needs the pairs' ``attention_mask`` (B, L)."""
+        if self.score_head == "pooler":
+            return self.classification_head(hidden).squeeze(-1)
+        pooler, linear = self.classification_head
+        if attention_mask is None:
+            raise ValueError("the mean score head needs the attention mask of the pairs")
+        pooled = pooler.activation(pooler.dense(masked_mean(hidden, attention_mask)))  # (B, H)
+        return linear(pooled).squeeze(-1)
 
     def mlm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Masked-LM vocabulary logits (B, L, V)."""

@@ -58,7 +58,7 @@ class Reranker(nn.Module):
             raise ValueError(f"BERT vocab {bert_config.vocab_size} != tokenizer size {len(tokenizer)} "
                              f"(the <image> token must be in both)")
         self.vision_projection = build_adapter(config, bert_config.hidden_size)
-        encoder = JointEncoder(bert_config, image_token_id, config.text_embed_dim)
+        encoder = JointEncoder(bert_config, image_token_id, config.text_embed_dim, config.score_head)
         # Registered flat so the state dict reads language_model.*, classification_head.*, ...
         self.language_model = encoder.language_model
         self.classification_head = encoder.classification_head
@@ -130,8 +130,8 @@ class Reranker(nn.Module):
     def pair_logits(self, captions: list[str], projected_tokens: torch.Tensor) -> torch.Tensor:
         """Logits (B,) float32 of (caption, stored tokens (B, m, D_lm)) pairs through the modules, with
         autograd as the caller has it: the eager pass of :meth:`score`, and what training optimises."""
-        hidden, _ = self.pair_hidden(captions, projected_tokens)
-        return self.joint.score_hidden(hidden).float()
+        hidden, batch = self.pair_hidden(captions, projected_tokens)
+        return self.joint.score_hidden(hidden, batch["attention_mask"]).float()
 
     def score(
         self,

@@ -2,14 +2,29 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from transformers import get_cosine_schedule_with_warmup
+
+
+def set_threads(threads: int | None) -> None:
+    """Use ``threads`` CPU threads for torch's intra-op work (None: leave torch's default).
+
+    torch starts one thread per core; on a machine others share, that oversubscribes the cores
+    and a training step can run several times slower than with one or two threads.
+    """
+    if threads is None:
+        return
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    torch.set_num_threads(threads)
 
 
 def seed_everything(seed: int) -> None:
@@ -43,6 +58,38 @@ def make_optimizer(params, lr: float, weight_decay: float, warmup_steps: int, to
                    {"params": [p for p in chosen if p.ndim < 2], "weight_decay": 0.0, "lr": group_lr}]
     opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
     return opt, get_cosine_schedule_with_warmup(opt, warmup_steps, max(total_steps, 1))
+
+
+class TrainLog:
+    """``train_log.jsonl``: one JSON line per optimizer step, with the seconds spent training so far.
+
+    On resume from a checkpoint taken at step S, lines after S (written by the interrupted run
+    after its last checkpoint, and about to be redone) are dropped, and the clock goes on from
+    the time logged at S, so the file reads as one uninterrupted run.
+    """
+
+    def __init__(self, path: Path, resume_step: int = 0):
+        self.path = Path(path)
+        kept: list[str] = []
+        if resume_step and self.path.is_file():
+            for line in self.path.read_text().splitlines():
+                try:
+                    entry = json.loads(line)
+                except ValueError:
+                    continue  # a line cut short by the interruption
+                if entry.get("step", 0) <= resume_step:
+                    kept.append(line)
+        self.offset = json.loads(kept[-1]).get("time", 0.0) if kept else 0.0
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text("".join(line + "\n" for line in kept))
+        self.start = time.time()
+
+    def elapsed(self) -> float:
+        return self.offset + time.time() - self.start
+
+    def write(self, step: int, **values: float) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, "time": round(self.elapsed(), 2), **values}) + "\n")
 
 
 def save_checkpoint(path: Path, **state) -> None:

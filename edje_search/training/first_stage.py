@@ -7,6 +7,7 @@ per caption and cached.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,8 @@ from ..models.first_stage import FirstStage
 from ..models.registry import bundled_minilm_dir
 from .common import autocast, load_checkpoint, make_optimizer, save_checkpoint, seed_everything
 
+logger = logging.getLogger(__name__)
+
 
 @dataclasses.dataclass(frozen=True)
 class FirstStageTrainConfig:
@@ -34,7 +37,8 @@ class FirstStageTrainConfig:
     head_width: int = 32
     embed_dim: int = 128
     context_length: int = 16
-    epochs: float = 4.0
+    steps: int | None = 400  # optimizer steps; None: ``epochs`` passes over the captions
+    epochs: float | None = None
     batch_size: int = 256
     lr: float = 1e-3
     weight_decay: float = 0.05
@@ -102,8 +106,7 @@ def train_first_stage(data: CaptionSet, out_dir: str | Path, cfg: FirstStageTrai
     text_feats = locked_text_features(model, unique.tolist(), progress=progress)[torch.from_numpy(caption_key)]
     pixels = load_pixels(data.images, model.preprocess, progress=progress)
     n_caps = len(data.captions)
-    steps_per_epoch = max(n_caps // cfg.batch_size, 1)
-    total = int(cfg.epochs * steps_per_epoch)
+    total = planned_steps(cfg, n_caps)
     opt, sched = make_optimizer(model.parameters(), cfg.lr, cfg.weight_decay, int(cfg.warmup_fraction * total), total)
     loss_fn = ClipLoss()
     ckpt_path = out_dir / "train_state.pt"
@@ -116,8 +119,10 @@ def train_first_stage(data: CaptionSet, out_dir: str | Path, cfg: FirstStageTrai
         step = state["step"]
     caption_image = torch.tensor(data.caption_image)
     gen = torch.Generator().manual_seed(cfg.seed)
-    order = torch.cat([torch.randperm(n_caps, generator=gen) for _ in range(int(np.ceil(cfg.epochs)) + 1)])
+    passes = int(np.ceil(total * cfg.batch_size / n_caps)) + 1
+    order = torch.cat([torch.randperm(n_caps, generator=gen) for _ in range(passes)])
     model.train()
+    recent: list[float] = []
     bar = tqdm(total=total, initial=step, desc="first stage", disable=not progress, dynamic_ncols=True)
     while step < total:
         idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
@@ -139,9 +144,31 @@ def train_first_stage(data: CaptionSet, out_dir: str | Path, cfg: FirstStageTrai
         step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}")
+        recent = (recent + [loss.item()])[-20:]
         if step % 200 == 0 or step == total:
             save_checkpoint(ckpt_path, model=model.clip.state_dict(), optimizer=opt.state_dict(),
                             scheduler=sched.state_dict(), step=step)
     bar.close()
+    warn_if_at_chance(recent, cfg.batch_size, total)
     model.eval()
     return model
+
+
+def planned_steps(cfg: FirstStageTrainConfig, n_captions: int) -> int:
+    """Optimizer steps of a run: ``cfg.steps``, or ``cfg.epochs`` passes of ``cfg.batch_size`` captions."""
+    if (cfg.steps is None) == (cfg.epochs is None):
+        raise ValueError("give exactly one of steps and epochs")
+    if cfg.steps is not None:
+        return cfg.steps
+    return max(int(cfg.epochs * n_captions / cfg.batch_size), 1)
+
+
+def warn_if_at_chance(recent_losses: list[float], batch_size: int, steps: int) -> None:
+    """Warn when the contrastive loss ended near chance, ln(batch): the first stage has learnt little."""
+    if not recent_losses:
+        return
+    chance = float(np.log(batch_size))
+    final = float(np.mean(recent_losses))
+    if final > 0.8 * chance:
+        logger.warning("first stage: the loss ended at %.2f, near chance (ln %d = %.2f) after %d steps; it has "
+                       "learnt little: train for more steps (--steps)", final, batch_size, chance, steps)

@@ -7,29 +7,33 @@ ITM + MLM + text-embedding recovery (+ distillation from a trained teacher).
 from __future__ import annotations
 
 import dataclasses
-import json
-import time
+import logging
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
 
 from ..data.annotations import CaptionSet
 from ..devices import pick_device
+from ..errors import CheckpointError
 from ..models.bundle import EdjeModel
 from ..models.first_stage import FirstStage
 from ..models.registry import build_reranker, bundled_minilm_dir
 from ..models.reranker import Reranker
-from .common import (all_gather_cat, autocast, average_gradients, broadcast_parameters, init_distributed,
-                     is_main_process,
-                     load_checkpoint, make_optimizer, save_checkpoint, seed_everything)
+from .common import (TrainLog, all_gather_cat, autocast, average_gradients, broadcast_parameters,
+                     init_distributed, is_main_process, load_checkpoint, make_optimizer, save_checkpoint,
+                     seed_everything)
 from .batches import PairBatches, first_stage_neighbours
 from .features import compute_features
 from .losses import distillation_loss, itm_loss, mask_caption_tokens, mlm_loss, recovery_loss
 from .mining import match_groups, mine_hard_negatives
+from .warmup import warm_up_adapter
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +42,9 @@ class RerankerTrainConfig:
     n_queries: int = 16
     mlp_dim: int = 8192
     lm_layers: int | None = None  # keep only the first N layers of the language model (None = all)
+    score_head: str = "pooler"  # "pooler" (the paper) or "mean" (see JointEncoder)
+    adapter_warmup: int = 0  # steps of caption-word warm-up of a fresh adapter (training/warmup.py)
+    adapter_warmup_lr: float = 1e-3
     max_text_len: int = 64
     steps: int = 1000
     batch_size: int = 32  # pairs per process per micro-batch
@@ -67,13 +74,61 @@ def new_reranker(first_stage: FirstStage, cfg: RerankerTrainConfig, lm_dir: Path
         bert_config.num_hidden_layers = cfg.lm_layers
     reranker = build_reranker(first_stage, bert_config, tokenizer, variant=cfg.variant, n_queries=cfg.n_queries,
                               mlp_dim=cfg.mlp_dim, max_text_len=cfg.max_text_len)
-    overrides = {"num_hidden_layers": cfg.lm_layers} if cfg.lm_layers else {}
-    pretrained = BertForMaskedLM.from_pretrained(str(lm_dir), **overrides)
-    pretrained.resize_token_embeddings(len(tokenizer))  # one new row for <image>
-    missing, unexpected = reranker.language_model.load_state_dict(pretrained.state_dict(), strict=False)
-    if unexpected:
-        raise ValueError(f"language model weights do not fit: unexpected {unexpected[:5]}")
+    if cfg.score_head != reranker.config.score_head:
+        reranker = Reranker(dataclasses.replace(reranker.config, score_head=cfg.score_head), bert_config, tokenizer)
+    load_bert_weights(reranker.language_model, lm_dir)
     return reranker
+
+
+def _read_weights(lm_dir: Path) -> dict[str, torch.Tensor]:
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        path = lm_dir / name
+        if path.is_file():
+            return load_file(str(path)) if name.endswith(".safetensors") else torch.load(
+                path, map_location="cpu", weights_only=True)
+    raise CheckpointError(f"{lm_dir}: no model.safetensors or pytorch_model.bin")
+
+
+_VOCAB_SIZED = ("bert.embeddings.word_embeddings.weight", "cls.predictions.bias", "cls.predictions.decoder.bias")
+
+
+def load_bert_weights(language_model: BertForMaskedLM, lm_dir: Path) -> None:
+    """Copy a BERT checkpoint (a sentence model's ``BertModel`` or a ``BertForMaskedLM``) into ``language_model``.
+
+    Done by hand instead of ``from_pretrained`` so that the expected differences are one log
+    line, not transformers' load report: a sentence model has no masked-LM head (it starts
+    fresh, its decoder tied to the word embeddings), its BERT pooler is unused (the score head
+    has its own), layers beyond ``num_hidden_layers`` are dropped, and the ``<image>`` row of
+    the word embeddings starts at the mean of the others.
+    """
+    weights = {k.removeprefix("bert."): v for k, v in _read_weights(lm_dir).items()}
+    target = language_model.state_dict()
+    loaded, dropped = {}, []
+    for key, value in weights.items():
+        name = key if key.startswith("cls.") else "bert." + key
+        if key.endswith("position_ids"):  # a buffer older checkpoints saved; rebuilt by the model
+            continue
+        if name not in target:
+            dropped.append(key)
+            continue
+        if name in _VOCAB_SIZED and value.shape[0] < target[name].shape[0]:  # rows for the added <image>
+            extra = target[name].shape[0] - value.shape[0]
+            fill = value.mean(dim=0, keepdim=True) if value.ndim == 2 else torch.zeros(1, dtype=value.dtype)
+            value = torch.cat([value, fill.expand(extra, *value.shape[1:])])
+        if value.shape != target[name].shape:
+            raise CheckpointError(f"{lm_dir}: {key} has shape {tuple(value.shape)}, the joint encoder "
+                                  f"needs {tuple(target[name].shape)}")
+        loaded[name] = value
+    missing = [k for k in target if k not in loaded and k not in ("cls.predictions.decoder.weight",
+                                                                   "cls.predictions.decoder.bias")]
+    if any(k.startswith("bert.") for k in missing):
+        raise CheckpointError(f"{lm_dir}: no weights for {[k for k in missing if k.startswith('bert.')][:5]}")
+    language_model.load_state_dict(loaded, strict=False)
+    language_model.tie_weights()
+    logger.info("joint encoder from %s: %d tensors loaded; starting fresh: %s; unused: %s", lm_dir, len(loaded),
+                sorted({".".join(k.split(".")[:2]) for k in missing}) or "nothing",
+                sorted({".".join(k.split(".")[:3]) if k.startswith("encoder.layer.") else k.split(".")[0]
+                        for k in dropped}) or "nothing")
 
 
 def _special_mask(tokenizer, ids: torch.Tensor) -> torch.Tensor:
@@ -102,6 +157,11 @@ def train_reranker(first_stage_dir: str | Path, data: CaptionSet, out_dir: str |
 
     reranker = (EdjeModel.from_pretrained(init_from).reranker if init_from else new_reranker(first_stage, cfg, lm_dir))
     reranker.to(dev).train()
+    state_path = out_dir / "train_state.pt"
+    state = load_checkpoint(state_path)
+    if cfg.adapter_warmup and init_from is None and state is None:
+        warm_up_adapter(reranker, feats.vision_tokens, data.captions, np.asarray(data.caption_image),
+                        steps=cfg.adapter_warmup, lr=cfg.adapter_warmup_lr, seed=cfg.seed)
     broadcast_parameters(reranker)
     seed_everything(cfg.seed + rank)  # identical replicas, different dropout and MLM masks
     teacher = None
@@ -113,9 +173,7 @@ def train_reranker(first_stage_dir: str | Path, data: CaptionSet, out_dir: str |
     opt, sched = make_optimizer(reranker.parameters(), cfg.lr, cfg.weight_decay,
                                 int(cfg.warmup_fraction * cfg.steps), cfg.steps,
                                 fast_params=[] if init_from else fresh, fast_lr_scale=cfg.new_module_lr_scale)
-    state_path = out_dir / "train_state.pt"
     step = 0
-    state = load_checkpoint(state_path)
     neighbours = (first_stage_neighbours(feats.text_emb, feats.image_emb, 4 * cfg.neighbour_group)
                   if cfg.neighbour_group > 1 else None)
     batches = PairBatches(np.asarray(data.caption_image), cfg.batch_size * world, cfg.seed,
@@ -130,10 +188,9 @@ def train_reranker(first_stage_dir: str | Path, data: CaptionSet, out_dir: str |
     groups = torch.from_numpy(match_groups(data.image_ids, data.caption_image, data.captions))
     caption_image = torch.tensor(data.caption_image)
     tok = reranker.tokenizer
-    log_path = out_dir / "train_log.jsonl"
+    log = TrainLog(out_dir / "train_log.jsonl", step) if is_main_process() else None
     bar = tqdm(total=cfg.steps, initial=step, desc=f"reranker ({cfg.variant})", dynamic_ncols=True,
                disable=not (progress and is_main_process()))
-    t0 = time.time()
     while step < cfg.steps:
         opt.zero_grad(set_to_none=True)
         logs: dict[str, float] = {}
@@ -156,9 +213,8 @@ def train_reranker(first_stage_dir: str | Path, data: CaptionSet, out_dir: str |
         step += 1
         bar.update(1)
         bar.set_postfix({k: f"{v:.3f}" for k, v in logs.items()})
-        if is_main_process():
-            with open(log_path, "a") as f:
-                f.write(json.dumps({"step": step, "time": round(time.time() - t0, 2), **logs}) + "\n")
+        if log is not None:
+            log.write(step, **logs)
         if is_main_process() and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
             save_checkpoint(state_path, model=reranker.state_dict(), optimizer=opt.state_dict(),
                             scheduler=sched.state_dict(), step=step, batch_rng=batches.rng.bit_generator.state,
@@ -205,8 +261,8 @@ def _step_losses(reranker: Reranker, teacher: Reranker | None, feats, captions: 
     losses: dict[str, torch.Tensor] = {}
     with autocast(dev, cfg.precision):
         projected = reranker.project(vision)  # (3B, m, H)
-        hidden, _ = reranker.pair_hidden(pair_caps, projected)
-        logits = reranker.joint.score_hidden(hidden).float()  # (3B,)
+        hidden, pair_batch = reranker.pair_hidden(pair_caps, projected)
+        logits = reranker.joint.score_hidden(hidden, pair_batch["attention_mask"]).float()  # (3B,)
         pos, n_img, n_cap = logits[:b], logits[b:2 * b], logits[2 * b:]
         if cfg.w_itm:
             losses["itm"] = cfg.w_itm * itm_loss(pos, n_img, n_cap)

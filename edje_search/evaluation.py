@@ -209,8 +209,9 @@ def calibrate_fusion(model: EdjeModel, data: CaptionSet, *, rerank_k: int = 10, 
     rows = [{"fusion_weight": float(w), "t2i": ranked.recall("t2i", w), "i2t": ranked.recall("i2t", w)}
             for w in sorted(set(weights))]
     best = max(rows, key=lambda r: (r["t2i"]["R@1"] + r["i2t"]["R@1"], -r["fusion_weight"]))
+    first = {d: recall_at_k(first_correct_rank(ranked.orders[d], ranked.targets[d])) for d in ("t2i", "i2t")}
     return {"n_images": len(data.images), "n_captions": len(data.captions), "rerank_k": rerank_k,
-            "rows": rows, "best": best["fusion_weight"]}
+            "first_stage": first, "rows": rows, "best": best["fusion_weight"]}
 
 
 def format_table(results: dict) -> str:

@@ -305,7 +305,10 @@ class ImageFileDataset:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> dict:
-        path = self.paths[i]
+        return self.load(i, self.paths[i])
+
+    def load(self, i: int, path: str) -> dict:
+        """Item ``i`` from ``path``: the dict :meth:`__getitem__` returns (for feeds of paths)."""
         try:
             with time_limit(self.limits.seconds):
                 return self._load(i, path)

@@ -44,6 +44,11 @@ def wait_option(f):
                              "(0: fail at once, naming its pid).")(f)
 
 
+def device_option(f):
+    return click.option("--device", default="auto", show_default=True,
+                        help='Where the model runs: "auto" (CUDA when present), "cpu", "cuda" or "cuda:N".')(f)
+
+
 def loader_options(f):
     f = click.option("--workers", default=2, show_default=True, type=click.IntRange(0),
                      help="Image-decoding worker processes.")(f)
@@ -92,11 +97,18 @@ def _report_build(engine, report, as_json: bool) -> None:
 @click.option("--commit-every", default=512, show_default=True, type=click.IntRange(1),
               help="Images per atomic commit (an interrupted build keeps what was committed).")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+@device_option
+@click.option("--ray", "ray_address", is_flag=False, flag_value="", default=None, metavar="[ADDRESS]",
+              help="Build on a Ray cluster (pip install 'edje-search[ray]'): --ray alone joins the running "
+                   "cluster or starts a local one; --ray HOST:PORT joins that one. IMAGES_DIR may then also be "
+                   "a file list (.txt) or webdataset .tar shards (a .tar, or a folder of them).")
+@click.option("--actors", default=None, type=click.IntRange(1),
+              help="With --ray: model copies (default: one per GPU of the cluster, else 1).")
 @wait_option
 @json_option
 @click.pass_context
 def build_index(ctx, images_dir, index_dir, model, factory, token_precision, batch_size, workers, commit_every,
-                no_progress, wait, as_json):
+                no_progress, device, ray_address, actors, wait, as_json):
     """Index every image under IMAGES_DIR (new or changed files only on re-runs; deleted files are dropped)."""
     from edje_search.engine import Engine
     from edje_search.storage.index_store import CONFIG_FILE
@@ -104,9 +116,16 @@ def build_index(ctx, images_dir, index_dir, model, factory, token_precision, bat
     explicit = ctx.get_parameter_source("model") is not click.core.ParameterSource.DEFAULT
     exists = (Path(index_dir) / CONFIG_FILE).is_file()
     engine = Engine.create_or_open(index_dir, model if explicit or not exists else None, lock_wait=wait,
+                                   device="cpu" if ray_address is not None else device,  # Ray: actors embed
                                    factory=factory, token_dtype=token_precision)
-    report = engine.sync(images_dir, batch_size=batch_size, num_workers=workers,
-                         commit_every=commit_every, progress=not no_progress)
+    if ray_address is not None:
+        from edje_search.distributed import ray_build_index
+
+        report = ray_build_index(engine, images_dir, address=ray_address or None, actors=actors, device=device,
+                                 batch_size=batch_size, commit_every=commit_every, progress=not no_progress)
+    else:
+        report = engine.sync(images_dir, batch_size=batch_size, num_workers=workers,
+                             commit_every=commit_every, progress=not no_progress)
     _report_build(engine, report, as_json)
 
 
@@ -116,9 +135,10 @@ def build_index(ctx, images_dir, index_dir, model, factory, token_precision, bat
 @click.option("--model", default=None, help="Open the index with this model (default: its own; must be the same "
                                             "weights).")
 @loader_options
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 @wait_option
 @json_option
-def add(paths, index_dir, model, batch_size, workers, wait, as_json):
+def add(paths, index_dir, model, batch_size, workers, no_progress, wait, as_json):
     """Add image files, or every image under the folders given, to an existing index."""
     from edje_search.errors import BadInput
     from edje_search.images import describe_extensions, is_image_path, iter_image_files
@@ -132,7 +152,7 @@ def add(paths, index_dir, model, batch_size, workers, wait, as_json):
     from edje_search.engine import Engine
 
     engine = Engine.from_pretrained(index_dir, model=model, writable=True, lock_wait=wait)
-    report = engine.add(files, batch_size=batch_size, num_workers=workers)
+    report = engine.add(files, batch_size=batch_size, num_workers=workers, progress=not no_progress)
     _report_build(engine, report, as_json)
 
 
@@ -167,8 +187,9 @@ def remove(paths, index_dir, wait, as_json):
 @click.option("--backend", type=click.Choice(BACKENDS), default="eager", show_default=True,
               help="How the reranker runs; onnx-int8 is the fastest on CPUs (see the README's fidelity table).")
 @click.option("--compare", is_flag=True, help="Show first-stage and reranked top-k side by side.")
+@device_option
 @json_option
-def query(text, index_dir, k, rerank_k, model, backend, compare, as_json):
+def query(text, index_dir, k, rerank_k, model, backend, compare, device, as_json):
     """Search the index for TEXT; each TEXT argument is one query.
 
     The first stage's top --rerank-k are reordered by score = joint-encoder logit (rerank) +
@@ -182,7 +203,7 @@ def query(text, index_dir, k, rerank_k, model, backend, compare, as_json):
         raise BadInput("--rerank-k must be 0 or more")
     from edje_search.engine import Engine
 
-    engine = Engine.from_pretrained(index_dir, model=model, backend=backend)
+    engine = Engine.from_pretrained(index_dir, model=model, backend=backend, device=device)
     n = len(engine.store)
     if n == 0:
         raise Failure(f"the index {index_dir} is empty: add images with `edje-search build-index`")

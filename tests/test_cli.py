@@ -169,7 +169,7 @@ def test_add_takes_only_image_names(built_index, tmp_path, shapes_dir):
     (folder / "blue.jpg.txt").write_bytes(buf.getvalue())  # a JPEG by content, not by name
     refused = run("add", folder / "blue.jpg.txt", "--index", built_index, ok=False)
     assert refused.exit_code == 2 and "not an image file name" in refused.output
-    added = json.loads(run("add", folder, "--index", built_index, "--workers", "0", "--json").stdout)
+    added = json.loads(run("add", folder, "--index", built_index, "--workers", "0", "--no-progress", "--json").stdout)
     assert added["added"] == 1 and added["images"] == 41
     # the next build of the same folder agrees: nothing to add, nothing to drop
     again = json.loads(run("build-index", folder, "--index", built_index, "--workers", "0", "--no-progress",

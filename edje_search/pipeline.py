@@ -13,7 +13,7 @@ import dataclasses
 import logging
 import queue
 import threading
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -212,14 +212,3 @@ class BackgroundCommits:
             self._queue.put(None)
             self._thread.join()
 
-
-def batched(items: Iterable, size: int) -> Iterator[list]:
-    """Lists of ``size`` consecutive items (the last may be shorter)."""
-    chunk: list = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) >= size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk

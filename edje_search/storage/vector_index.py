@@ -5,8 +5,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import faiss
 import numpy as np
+
+try:
+    import faiss
+except ImportError as e:  # FAISS is an extra: exactly one of faiss-cpu / faiss-gpu (setup.cfg says why)
+    raise ImportError("FAISS is not installed: pip install 'edje-search[cpu]', or 'edje-search[gpu]' on a "
+                      "CUDA machine (one of the two, never both: they ship the same module)") from e
 
 
 def configure_faiss() -> None:

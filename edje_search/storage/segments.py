@@ -39,8 +39,9 @@ def segment_name(start: int) -> str:
 def _header_and_offset(head: bytes) -> tuple[tuple, np.dtype, int]:
     """Parse an .npy header: (shape, dtype, data offset)."""
     f = io.BytesIO(head)
-    version = np.lib.format.read_magic(f)
-    shape, fortran, dtype = np.lib.format._read_array_header(f, version)  # noqa: SLF001 - numpy's own parser
+    major, _ = np.lib.format.read_magic(f)
+    read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = read_header(f)
     if fortran:
         raise IndexCorrupt("segment stored in Fortran order")
     return shape, dtype, f.tell()

@@ -191,6 +191,14 @@ def test_decoding_has_a_time_limit(tmp_path):
     item = _dataset(tmp_path, slow, seconds=0.3)[0]
     assert time.monotonic() - t0 < 10
     assert "took longer than 0.3 s" in item["error"]
+    # in a DataLoader worker process too (each worker arms its own alarm)
+    from edje_search.images import image_loader
+
+    t0 = time.monotonic()
+    batches = list(image_loader([str(tmp_path / "a.png")] * 2, slow, 2, 1, min_size=32, resize_mode="shortest",
+                                limits=DecodeLimits(seconds=0.3)))
+    assert time.monotonic() - t0 < 20
+    assert [reason for b in batches for _, reason in b["failed"]] == ["took longer than 0.3 s to read and decode"] * 2
     with time_limit(5) as armed:  # the alarm is put back as it was
         assert armed
     import signal

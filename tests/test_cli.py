@@ -209,3 +209,16 @@ def test_commands_that_need_no_model_do_not_import_torch(built_index):
     assert proc.returncode == 0, proc.stderr
     assert "HEAVY []" in proc.stdout, proc.stdout + proc.stderr
     assert "ok: 40 images" in proc.stdout and "tiny-random" in proc.stdout
+
+
+def test_a_second_writer_gets_one_line_naming_the_holder_and_exit_75(built_index, shapes_dir):
+    from edje_search.storage.lock import WriterLock
+
+    with WriterLock(built_index):  # this process writes; another one tries to
+        proc = subprocess.run([sys.executable, "-m", "edje_search_cli", "remove", str(shapes_dir / "test"),
+                               "--index", str(built_index), "--wait", "0.5"],
+                              capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 75, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"pid {os.getpid()}" in lines[0] and "waiting 0.5 s" in lines[0], lines
+    assert json.loads(run("info", "--index", built_index, "--json").stdout)["images"] == 40

@@ -58,11 +58,15 @@ def _read_training_data(annotations: str, image_root: str | None):
 @click.option("--test", "n_test", default=1000, show_default=True, help="Test images.")
 @click.option("--image-size", default=48, show_default=True, help="Side of the square images in pixels.")
 @click.option("--seed", default=0, show_default=True, help="Random seed (same seed, same data set).")
-def make_dataset_cmd(out_dir, n_train, n_val, n_test, image_size, seed):
+@click.option("--style", type=click.Choice(["shapes", "heldout"]), default="shapes", show_default=True,
+              help="shapes: the project's generator; heldout: other shapes, colours, backgrounds, layouts and "
+                   "caption templates, for checking that a training recipe carries over to unseen data.")
+def make_dataset_cmd(out_dir, n_train, n_val, n_test, image_size, seed, style):
     """Render the generated compositional shapes data set (train/val/test + annotation JSON)."""
     from edje_search.data.synthetic import make_dataset
 
-    files = make_dataset(out_dir, n_train=n_train, n_val=n_val, n_test=n_test, image_size=image_size, seed=seed)
+    files = make_dataset(out_dir, n_train=n_train, n_val=n_val, n_test=n_test, image_size=image_size, seed=seed,
+                         style=style)
     for split, path in files.items():
         click.echo(f"{split}: {path}")
 

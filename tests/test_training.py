@@ -368,3 +368,36 @@ def test_set_threads():
             set_threads(0)
     finally:
         torch.set_num_threads(before)
+
+
+def test_calibrate_prints_the_first_stage_beside_each_weight(tiny_model_dir, shapes_dir):
+    from click.testing import CliRunner
+
+    from edje_search_cli.main import cli, register_commands
+
+    register_commands()
+    args = ["calibrate", "--data", str(shapes_dir / "test.json"), "--model", str(tiny_model_dir), "--weights",
+            "0,1e6", "--dry-run", "--threads", "1"]
+    as_json = json.loads(CliRunner().invoke(cli, args + ["--json"]).stdout)
+    human = CliRunner().invoke(cli, args).stdout
+    first = as_json["first_stage"]
+    # a huge weight ranks as the first stage alone
+    assert as_json["rows"][1]["t2i"]["R@1"] == first["t2i"]["R@1"]
+    line = next(x for x in human.splitlines() if x.strip().startswith("first stage"))
+    assert f"{first['t2i']['R@1']:.1f}" in line and f"{first['i2t']['R@1']:.1f}" in line
+    assert "+0.0   +0.0" in next(x for x in human.splitlines() if x.strip().startswith("1e+06"))
+
+
+def test_heldout_generator_shares_no_words_for_objects_with_the_shapes_generator(tmp_path):
+    from edje_search.data import synthetic
+
+    files = synthetic.make_dataset(tmp_path / "a", n_train=8, n_val=0, n_test=4, image_size=32, seed=1,
+                                   progress=False, style="heldout")
+    again = synthetic.make_dataset(tmp_path / "b", n_train=8, n_val=0, n_test=4, image_size=32, seed=1,
+                                   progress=False, style="heldout")
+    assert files["train"].read_text() == again["train"].read_text()  # deterministic by seed
+    words = {w for e in json.loads(files["train"].read_text()) for w in e["caption"].split()}
+    old = set(synthetic.COLORS) | set(synthetic.SHAPES) | set(synthetic.SIZES) | {"above", "below"}
+    assert words and not words & old
+    with pytest.raises(ValueError):
+        synthetic.make_dataset(tmp_path / "c", n_train=1, n_val=0, n_test=0, style="nope", progress=False)

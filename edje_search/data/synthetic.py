@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import random
 from pathlib import Path
 
@@ -106,14 +107,130 @@ def render_count_scene(rng: random.Random, side: int) -> tuple[Image.Image, list
     return img, captions
 
 
+# ------------------------------------------------------------------------ held-out variant
+# A second generator that shares nothing with the one above but the idea (binding, relations,
+# counting): other shapes, colours, size words, backgrounds, layouts and caption templates.
+# Recipes are checked on it so that they are tuned for the method, not for one generator.
+HELDOUT_COLORS = {
+    "pink": (250, 120, 180), "brown": (130, 75, 30), "black": (15, 15, 15), "lime": (170, 235, 40),
+    "navy": (20, 30, 120), "teal": (0, 130, 130), "magenta": (210, 0, 210), "beige": (230, 205, 160),
+}
+HELDOUT_SHAPES = ("star", "cross", "hexagon", "ring", "heart")
+HELDOUT_SIZES = {"tiny": 0.11, "big": 0.24}
+HELDOUT_RELATIONS = {"to the left of": "to the right of", "to the right of": "to the left of",
+                     "on top of": "underneath", "underneath": "on top of"}
+HELDOUT_NUMBERS = {1: "one", 2: "a pair of", 3: "three", 4: "four"}
+
+
+def _polygon(cx: float, cy: float, radii: list[float], turn: float = -math.pi / 2) -> list[tuple[float, float]]:
+    n = len(radii)
+    return [(cx + r * math.cos(turn + 2 * math.pi * i / n), cy + r * math.sin(turn + 2 * math.pi * i / n))
+            for i, r in enumerate(radii)]
+
+
+def _draw_heldout(draw: ImageDraw.ImageDraw, size: str, color: str, shape: str, cx: float, cy: float,
+                  side: int) -> None:
+    r = HELDOUT_SIZES[size] * side / 2 * 1.7
+    fill = HELDOUT_COLORS[color]
+    if shape == "star":
+        draw.polygon(_polygon(cx, cy, [r, r * 0.45] * 5), fill=fill)
+    elif shape == "hexagon":
+        draw.polygon(_polygon(cx, cy, [r] * 6, 0.0), fill=fill)
+    elif shape == "ring":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=fill, width=max(2, int(r * 0.4)))
+    elif shape == "cross":
+        w = r * 0.35
+        draw.rectangle([cx - r, cy - w, cx + r, cy + w], fill=fill)
+        draw.rectangle([cx - w, cy - r, cx + w, cy + r], fill=fill)
+    else:  # heart: two lobes and a point
+        lobe = r * 0.5
+        draw.ellipse([cx - r, cy - r * 0.7, cx - r + 2 * lobe, cy - r * 0.7 + 2 * lobe], fill=fill)
+        draw.ellipse([cx + r - 2 * lobe, cy - r * 0.7, cx + r, cy - r * 0.7 + 2 * lobe], fill=fill)
+        draw.polygon([(cx - r, cy - r * 0.2), (cx + r, cy - r * 0.2), (cx, cy + r)], fill=fill)
+
+
+def _heldout_background(rng: random.Random, side: int) -> Image.Image:
+    """A light two-colour vertical gradient (the other generator uses grey speckle)."""
+    top = [rng.randint(150, 235) for _ in range(3)]
+    bottom = [min(255, max(0, c + rng.randint(-50, 50))) for c in top]
+    img = Image.new("RGB", (side, side))
+    draw = ImageDraw.Draw(img)
+    for y in range(side):
+        t = y / max(side - 1, 1)
+        draw.line([(0, y), (side, y)], fill=tuple(int(a + (b - a) * t) for a, b in zip(top, bottom)))
+    return img
+
+
+def _heldout_thing(rng: random.Random, size: str | None = None) -> tuple[str, str, str]:
+    return (size or rng.choice(list(HELDOUT_SIZES)), rng.choice(list(HELDOUT_COLORS)), rng.choice(HELDOUT_SHAPES))
+
+
+def _heldout_phrase(thing: tuple[str, str, str], count: int = 1) -> str:
+    size, color, shape = thing
+    noun = shape + ("es" if shape == "cross" and count > 1 else "s" if count > 1 else "")
+    det = "a" if count == 1 else HELDOUT_NUMBERS[count]
+    return f"{det} {size} {color} {noun}"
+
+
+def render_heldout_relation_scene(rng: random.Random, side: int) -> tuple[Image.Image, list[str]]:
+    """Two objects placed in opposite halves (with vertical or horizontal jitter across them)."""
+    a, b = _heldout_thing(rng), _heldout_thing(rng)
+    while b == a:
+        b = _heldout_thing(rng)
+    rel = rng.choice(list(HELDOUT_RELATIONS))
+    near, far = rng.uniform(0.18, 0.38) * side, rng.uniform(0.62, 0.82) * side
+    first, second = (near, far) if rel in ("to the left of", "on top of") else (far, near)
+    across_a, across_b = rng.uniform(0.2, 0.8) * side, rng.uniform(0.2, 0.8) * side
+    horizontal = rel in ("to the left of", "to the right of")
+    pa = (first, across_a) if horizontal else (across_a, first)
+    pb = (second, across_b) if horizontal else (across_b, second)
+    img = _heldout_background(rng, side)
+    draw = ImageDraw.Draw(img)
+    for thing, (x, y) in sorted([(a, pa), (b, pb)], key=lambda t: -HELDOUT_SIZES[t[0][0]]):
+        _draw_heldout(draw, *thing, x, y, side)
+    pa_s, pb_s = _heldout_phrase(a), _heldout_phrase(b)
+    captions = [f"there is {pa_s} {rel} {pb_s}", f"{pb_s} sits {HELDOUT_RELATIONS[rel]} {pa_s}"]
+    return img, captions
+
+
+def render_heldout_count_scene(rng: random.Random, side: int) -> tuple[Image.Image, list[str]]:
+    """1-4 tiny copies of one object in a ring around the centre, one big other object in the middle."""
+    a = _heldout_thing(rng, "tiny")
+    b = _heldout_thing(rng, "big")
+    while b[1:] == a[1:]:
+        b = _heldout_thing(rng, "big")
+    n = rng.randint(1, 4)
+    img = _heldout_background(rng, side)
+    draw = ImageDraw.Draw(img)
+    _draw_heldout(draw, *b, side / 2, side / 2, side)
+    start = rng.uniform(0, 2 * math.pi)
+    for i in range(n):
+        angle = start + 2 * math.pi * i / 4
+        _draw_heldout(draw, *a, side / 2 + 0.36 * side * math.cos(angle), side / 2 + 0.36 * side * math.sin(angle),
+                      side)
+    captions = [f"{_heldout_phrase(a, n)} around {_heldout_phrase(b)}",
+                f"an image with {_heldout_phrase(b)} in the middle and {_heldout_phrase(a, n)}"]
+    return img, captions
+
+
+STYLES = {"shapes": (render_relation_scene, render_count_scene),
+          "heldout": (render_heldout_relation_scene, render_heldout_count_scene)}
+
+
 def make_dataset(out_dir: str | Path, *, n_train: int = 20000, n_val: int = 500, n_test: int = 1000,
                  image_size: int = 64, seed: int = 0, count_fraction: float = 0.25,
-                 progress: bool = True) -> dict[str, Path]:
+                 progress: bool = True, style: str = "shapes") -> dict[str, Path]:
     """Render the splits under ``out_dir``; returns the annotation file of each split.
+
+    ``style`` picks the generator: ``"shapes"`` (the project's) or ``"heldout"`` (other shapes,
+    colours, backgrounds, layouts and caption templates, for checking that a recipe carries over).
 
     Train entries get one caption each (image_id groups captions of the same image); val and
     test entries list every caption of the image.
     """
+    if style not in STYLES:
+        raise ValueError(f"style must be one of {sorted(STYLES)}, got {style!r}")
+    relation_scene, count_scene = STYLES[style]
     out_dir = Path(out_dir)
     files = {}
     for split, n, offset in (("train", n_train, 0), ("val", n_val, 1), ("test", n_test, 2)):
@@ -121,7 +238,7 @@ def make_dataset(out_dir: str | Path, *, n_train: int = 20000, n_val: int = 500,
         (out_dir / split).mkdir(parents=True, exist_ok=True)
         entries = []
         for i in tqdm(range(n), desc=f"rendering {split}", disable=not progress, unit="img"):
-            render = render_count_scene if rng.random() < count_fraction else render_relation_scene
+            render = count_scene if rng.random() < count_fraction else relation_scene
             img, captions = render(rng, image_size)
             rel = f"{split}/{i:06d}.png"
             img.save(out_dir / rel)

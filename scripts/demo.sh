@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The offline demo: generated data -> first stage -> local teacher -> compressed student ->
-# index the test images -> side-by-side queries -> evaluation table.
+# The offline demo: generated data -> first stage -> compressed reranker -> fusion weight on val ->
+# index the test images -> side-by-side queries -> evaluation table on the 1,000 test images.
 # Every stage is skipped when its output exists, so a second run reuses the first one's work.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,47 +10,53 @@ DATA="$RUN/data"
 : "${EDJE_HOME:=$PWD/runs/home}"; export EDJE_HOME
 # Sizes of the demo recipe (override from the environment for a longer or shorter run).
 TRAIN_IMAGES="${TRAIN_IMAGES:-10000}"
-FS_EPOCHS="${FS_EPOCHS:-2}"
-TEACHER_STEPS="${TEACHER_STEPS:-80}"
-STUDENT_STEPS="${STUDENT_STEPS:-80}"
-EVAL_SPLIT="${EVAL_SPLIT:-val}"
-LM_LAYERS="${LM_LAYERS:-6}"
-COMMON=(--batch-size 24 --lr 1e-4 --mlp-dim 512 --lm-layers "$LM_LAYERS")
+FS_STEPS="${FS_STEPS:-150}"            # first-stage steps of 256 captions
+RR_STEPS="${RR_STEPS:-600}"            # reranker steps of 24 pairs (+ a hard negative image and caption each)
+WARMUP="${WARMUP:-300}"                # caption-word warm-up steps of the adapter (no joint-encoder pass)
+LM_LAYERS="${LM_LAYERS:-3}"            # first layers of MiniLM-L6 kept in the joint encoder
+SEED="${SEED:-0}"
+THREADS="${THREADS:-2}"                # torch threads; 1 on a machine others are using
+EVAL_SPLIT="${EVAL_SPLIT:-test}"
+STYLE="${STYLE:-shapes}"               # make-dataset --style (heldout: the other generator)
+INDEX="${DEMO_INDEX:-indexes/demo}"
 start=$(date +%s)
 stamp() { echo "[demo $(( $(date +%s) - start ))s] $*"; }
 
 if [ ! -f "$DATA/test.json" ]; then
   stamp "rendering the shapes data set"
-  $ES make-dataset "$DATA" --train "$TRAIN_IMAGES" --val 200 --test 1000 --image-size 48
+  $ES make-dataset "$DATA" --train "$TRAIN_IMAGES" --val 200 --test 1000 --image-size 48 --style "$STYLE"
 fi
 if [ ! -f "$RUN/first/first_stage/first_stage.json" ]; then
-  stamp "training the first stage (ViT vs locked MiniLM-L6)"
-  $ES train first-stage --data "$DATA/train.json" --out "$RUN/first" --epochs "$FS_EPOCHS"
+  stamp "training the first stage (ViT vs locked MiniLM-L6), $FS_STEPS steps"
+  $ES train first-stage --data "$DATA/train.json" --out "$RUN/first" --steps "$FS_STEPS" --seed "$SEED" \
+    --threads "$THREADS"
 fi
-if [ ! -f "$RUN/teacher/model/edje.json" ]; then
-  stamp "training the local reranker (teacher, every vision token)"
-  $ES train reranker --data "$DATA/train.json" --first-stage "$RUN/first/first_stage" --out "$RUN/teacher" \
-    --variant local --steps "$TEACHER_STEPS" --name edje-demo-local "${COMMON[@]}"
-fi
-if [ ! -f "$RUN/student/model/edje.json" ]; then
-  stamp "training the compressed reranker (student, 12 tokens, distilled from the teacher)"
-  $ES train reranker --data "$DATA/train.json" --first-stage "$RUN/first/first_stage" --out "$RUN/student" \
-    --variant compressed --n-queries 12 --teacher "$RUN/teacher/model" --steps "$STUDENT_STEPS" \
-    --name edje-demo "${COMMON[@]}"
+if [ ! -f "$RUN/reranker/model/edje.json" ]; then
+  stamp "training the compressed reranker (12 stored tokens, MiniLM-L6's first $LM_LAYERS layers), $RR_STEPS steps"
+  $ES train reranker --data "$DATA/train.json" --first-stage "$RUN/first/first_stage" --out "$RUN/reranker" \
+    --variant compressed --n-queries 12 --mlp-dim 512 --lm-layers "$LM_LAYERS" --score-head mean \
+    --adapter-warmup "$WARMUP" --w-mlm 0 --w-recovery 0 --batch-size 24 --lr 2e-4 --steps "$RR_STEPS" \
+    --name edje-demo --seed "$SEED" --threads "$THREADS"
 fi
 mkdir -p "$EDJE_HOME/models"
-rm -rf "$EDJE_HOME/models/edje-demo" && cp -r "$RUN/student/model" "$EDJE_HOME/models/edje-demo"
+rm -rf "$EDJE_HOME/models/edje-demo" && cp -r "$RUN/reranker/model" "$EDJE_HOME/models/edje-demo"
 
+stamp "choosing the fusion weight on the validation split"
+$ES calibrate --data "$DATA/val.json" --model edje-demo --threads "$THREADS"
 stamp "indexing the test images"
-rm -rf indexes/demo
-$ES build-index "$DATA/test" --index indexes/demo --model edje-demo
-$ES info --index indexes/demo
+rm -rf "$INDEX"
+$ES build-index "$DATA/test" --index "$INDEX" --model edje-demo
+$ES info --index "$INDEX"
 stamp "queries: first stage vs reranked"
-$ES query --index indexes/demo -k 5 --rerank-k 20 --compare \
-  "a small red circle left of a large blue square" \
-  "a large yellow triangle above a small green diamond" \
-  "three small white circles and a small purple square"
+if [ "$STYLE" = shapes ]; then
+  QUERIES=("a small red circle left of a large blue square" "a large yellow triangle above a small green diamond"
+           "three small white circles and a small purple square")
+else
+  QUERIES=("there is a big pink star to the left of a tiny teal ring" "a tiny black cross sits underneath a big lime heart"
+           "three tiny navy hexagons around a big beige star")
+fi
+$ES query --index "$INDEX" -k 5 --rerank-k 10 --compare "${QUERIES[@]}"
 stamp "evaluating on the $EVAL_SPLIT split"
-$ES eval --data "$DATA/$EVAL_SPLIT.json" --model "$EDJE_HOME/models/edje-demo" --model "$RUN/teacher/model" \
-  --rerank-k 10 --out "$RUN/eval_$EVAL_SPLIT.json"
+$ES eval --data "$DATA/$EVAL_SPLIT.json" --model edje-demo --rerank-k 10 --threads "$THREADS" \
+  --out "$RUN/eval_$EVAL_SPLIT.json"
 stamp "done"

@@ -242,7 +242,8 @@ dist.destroy_process_group()
 """)
     torchrun = Path(sys.executable).parent / "torchrun"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", "29517", str(script)],
+    # --standalone: a rendezvous on a free local port, so parallel runs never collide on a fixed one
+    out = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", str(script)],
                          capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "RANK_OK 0 2" in out.stdout and "RANK_OK 1 2" in out.stdout

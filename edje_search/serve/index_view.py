@@ -44,7 +44,8 @@ def row_vectors(engine: Engine, rows: list[int]) -> np.ndarray:
     return np.asarray(engine.store.vectors(rows), dtype=np.float32)
 
 
-def nearest_rows(engine: Engine, vectors: np.ndarray, k: int, exclude: list[int | None]) -> list[list[tuple[int, float]]]:
+def nearest_rows(engine: Engine, vectors: np.ndarray, k: int,
+                 exclude: list[int | None]) -> list[list[tuple[int, float]]]:
     """Top ``k`` (row, similarity) per query vector, leaving out ``exclude[i]`` (the query's own row)."""
     n = len(engine.store)
     if n == 0:

@@ -1,0 +1,57 @@
+"""serve: the HTTP API and web gallery over one index (needs `pip install edje-search[serve]`)."""
+from __future__ import annotations
+
+import click
+
+from .main import BACKENDS, cli, index_option
+
+
+@cli.command("serve")
+@index_option
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind. Anything but a loopback address exposes the index to the network: "
+                   "set --token too.")
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535), help="TCP port.")
+@click.option("--backend", type=click.Choice(BACKENDS), default="eager", show_default=True,
+              help="How the reranker runs (see the README's fidelity table).")
+@click.option("--device", default=None, help="torch device for the model (default: CUDA when present, else CPU).")
+@click.option("--token", envvar="EDJE_TOKEN", show_envvar=True, default=None,
+              help="Require 'Authorization: Bearer TOKEN' on every request (browsers: open /?token=TOKEN once).")
+@click.option("--max-batch", default=32, show_default=True, type=click.IntRange(1),
+              help="Queries gathered into one engine call.")
+@click.option("--max-wait-ms", default=5.0, show_default=True, type=click.FloatRange(0),
+              help="How long an idle engine waits for more queries to join a batch.")
+@click.option("--max-queue", default=256, show_default=True, type=click.IntRange(1),
+              help="Queued queries beyond which requests get 503 with Retry-After.")
+@click.option("--no-batching", is_flag=True, help="One request per engine call (for comparison).")
+@click.option("--refresh-interval", default=1.0, show_default=True, type=click.FloatRange(0),
+              help="Seconds between checks for a newer index generation (e.g. after `edje-search add`).")
+@click.option("--max-k", default=100, show_default=True, type=click.IntRange(1), help="Largest k a request may ask.")
+@click.option("--max-rerank-k", default=200, show_default=True, type=click.IntRange(0),
+              help="Largest rerank_k a request may ask.")
+@click.option("--max-upload-mb", default=20.0, show_default=True, type=click.FloatRange(0.001),
+              help="Largest image upload, in MiB.")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
+              show_default=True)
+def serve(index_dir, host, port, backend, device, token, max_batch, max_wait_ms, max_queue, no_batching,
+          refresh_interval, max_k, max_rerank_k, max_upload_mb, log_level):
+    """Serve INDEX over HTTP: JSON API (docs at /docs) and a web gallery at /."""
+    try:
+        from edje_search.serve import BatchSettings, ServeLimits, create_app, is_loopback, run
+    except ImportError as e:
+        raise click.ClickException(f"serving needs the [serve] extra: pip install 'edje-search[serve]' ({e})") from e
+    from edje_search import Engine
+
+    if token is not None and not token.strip():
+        raise click.BadParameter("must not be empty", param_hint="--token")
+    if not is_loopback(host) and token is None:
+        click.echo(f"warning: serving on {host} without --token: anyone who can reach it can search and "
+                   f"download the indexed images", err=True)
+    batching = BatchSettings.off(max_queue) if no_batching else BatchSettings(max_batch, max_wait_ms, max_queue)
+    limits = ServeLimits(max_k=max_k, max_rerank_k=max_rerank_k, max_upload_bytes=int(max_upload_mb * 2**20))
+    engine = Engine.from_pretrained(index_dir, device=device, backend=backend)
+    app = create_app(engine, limits=limits, batching=batching, token=token, refresh_interval_s=refresh_interval)
+    shown = "localhost" if host in ("127.0.0.1", "::1") else host
+    click.echo(f"serving {index_dir} ({len(engine.store)} images) on http://{shown}:{port}/ "
+               f"(API docs at /docs{'; browsers open /?token=TOKEN once' if token else ''})")
+    run(app, host=host, port=port, log_level=log_level)

@@ -1,0 +1,56 @@
+"""What one request may ask for, checked before any work is queued.
+
+Every limit is a field of :class:`ServeLimits`, so `edje-search serve` options and tests set
+them in one place, and ``GET /info`` reports them to clients.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+from ..engine import MAX_QUERY_CHARS
+from ..errors import BadQuery
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeLimits:
+    max_query_chars: int = 500
+    max_k: int = 100
+    max_rerank_k: int = 200
+    max_batch_queries: int = 32  # queries in one POST /search
+    max_upload_bytes: int = 20 * 1024 * 1024  # body of POST /search/image
+    max_json_bytes: int = 256 * 1024  # any other request body
+
+    def __post_init__(self):
+        if not 1 <= self.max_query_chars <= MAX_QUERY_CHARS:
+            raise ValueError(f"max_query_chars must be between 1 and the engine's {MAX_QUERY_CHARS}")
+        for name in ("max_k", "max_rerank_k", "max_batch_queries", "max_upload_bytes", "max_json_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive")
+
+    def check_query(self, text: str) -> str:
+        if not isinstance(text, str) or not text.strip():
+            raise BadQuery("empty query: give some text to search for")
+        if len(text) > self.max_query_chars:
+            raise BadQuery(f"query too long ({len(text)} characters; this server allows {self.max_query_chars})")
+        if "\x00" in text:
+            raise BadQuery("query contains a NUL character")
+        return text
+
+    def check_queries(self, queries: Sequence[str]) -> list[str]:
+        if not queries:
+            raise BadQuery("no queries: give at least one")
+        if len(queries) > self.max_batch_queries:
+            raise BadQuery(f"too many queries in one request ({len(queries)}; this server allows "
+                           f"{self.max_batch_queries})")
+        return [self.check_query(q) for q in queries]
+
+    def check_k(self, k: int) -> int:
+        if not 1 <= k <= self.max_k:
+            raise BadQuery(f"k must be between 1 and {self.max_k} (got {k})")
+        return k
+
+    def check_rerank_k(self, rerank_k: int) -> int:
+        if not 0 <= rerank_k <= self.max_rerank_k:
+            raise BadQuery(f"rerank_k must be between 0 and {self.max_rerank_k} (got {rerank_k})")
+        return rerank_k

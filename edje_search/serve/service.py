@@ -1,0 +1,125 @@
+"""What the engine thread does for the server: batched text and image searches, and keeping
+the index at the latest committed generation."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Hashable
+
+import numpy as np
+import torch
+
+from ..engine import Engine, Hit, StageClock
+from . import index_view
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class TextJob:
+    queries: list[str]
+    k: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageJob:
+    k: int
+    pixels: torch.Tensor | None = None  # (3, H, W) preprocessed upload
+    row: int | None = None  # or an indexed row
+
+
+class RowGone(LookupError):
+    """The row asked for is not in the index (any more)."""
+
+
+def text_key(rerank_k: int) -> Hashable:
+    """Text searches share an engine call when their rerank_k agrees (k only trims the results)."""
+    return ("text", rerank_k)
+
+
+IMAGE_KEY: Hashable = ("image",)
+
+
+def _hit_dict(hit: Hit, first_stage_rank: int, rank: int) -> dict:
+    return {"rank": rank, "first_stage_rank": first_stage_rank, "row": hit.row, "path": hit.path,
+            "first_stage_score": hit.first_stage_score, "rerank_score": hit.rerank_score, "score": hit.score}
+
+
+def both_orders(pool: list[Hit], k: int) -> dict:
+    """The reranked top k and the first-stage top k of one query's candidate pool, each hit
+    carrying its position in both orders (how far reranking moved it)."""
+    by_first = sorted(pool, key=lambda h: (-h.first_stage_score, h.row))
+    first_rank = {h.row: i + 1 for i, h in enumerate(by_first)}
+    return {"hits": [_hit_dict(h, first_rank[h.row], h.rank) for h in pool[:k]],
+            "first_stage": [_hit_dict(h, first_rank[h.row], h.rank) for h in by_first[:k]]}
+
+
+class SearchService:
+    """Runs batches for :class:`~edje_search.serve.batching.MicroBatcher`, in its one engine thread."""
+
+    def __init__(self, engine: Engine, refresh_interval_s: float = 1.0):
+        self.engine = engine
+        self.refresh_interval_s = refresh_interval_s
+        self._last_refresh = time.monotonic()
+
+    def maybe_refresh(self) -> None:
+        """Open a newer committed generation if one exists (checked at most every refresh_interval_s)."""
+        now = time.monotonic()
+        if now - self._last_refresh < self.refresh_interval_s:
+            return
+        self._last_refresh = now
+        if self.engine.refresh():
+            logger.info("index refreshed: generation %d, %d images", index_view.generation(self.engine),
+                        index_view.image_count(self.engine))
+
+    def run(self, key: Hashable, jobs: list) -> list:
+        if key == IMAGE_KEY:
+            return self._image_batch(jobs)
+        return self._text_batch(key[1], jobs)
+
+    def _text_batch(self, rerank_k: int, jobs: list[TextJob]) -> list[tuple[list[dict], dict]]:
+        queries = [q for job in jobs for q in job.queries]
+        if index_view.image_count(self.engine) == 0:
+            return [([{"query": q, "hits": [], "first_stage": []} for q in job.queries], {}) for job in jobs]
+        # the whole candidate pool comes back, so both orders can be shown
+        pool_k = max(rerank_k, max(job.k for job in jobs))
+        pools = self.engine.search_batch(queries, k=pool_k, rerank_k=rerank_k)
+        stages = dict(self.engine.last_timings)
+        out, i = [], 0
+        for job in jobs:
+            results = []
+            for q in job.queries:
+                results.append({"query": q, **both_orders(pools[i], job.k)})
+                i += 1
+            out.append((results, stages))
+        return out
+
+    @torch.inference_mode()
+    def _image_batch(self, jobs: list[ImageJob]) -> list:
+        clock = StageClock()
+        uploads = [i for i, job in enumerate(jobs) if job.pixels is not None]
+        vectors = [None] * len(jobs)
+        if uploads:
+            embedded = index_view.embed_pixels(self.engine, torch.stack([jobs[i].pixels for i in uploads]))
+            for i, v in zip(uploads, embedded):
+                vectors[i] = v
+        clock.lap("image_embed")
+        results: list = [None] * len(jobs)
+        for i, job in enumerate(jobs):
+            if job.row is not None:
+                if index_view.path_of_row(self.engine, job.row) is None:
+                    results[i] = RowGone(f"row {job.row} is not in the index")
+                    continue
+                vectors[i] = index_view.row_vectors(self.engine, [job.row])[0]
+        clock.lap("gather")
+        live = [i for i in range(len(jobs)) if results[i] is None]
+        if live:
+            found = index_view.nearest_rows(self.engine, np.stack([vectors[i] for i in live]),
+                                            max(jobs[i].k for i in live), [jobs[i].row for i in live])
+            clock.lap("faiss")
+            for i, hits in zip(live, found):
+                results[i] = [{"rank": r + 1, "row": row, "path": index_view.path_of_row(self.engine, row),
+                               "first_stage_score": score} for r, (row, score) in enumerate(hits[:jobs[i].k])]
+        stages = {**clock.ms, "total": sum(clock.ms.values())}
+        return [(r, stages) for r in results]

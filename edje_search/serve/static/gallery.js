@@ -1,0 +1,193 @@
+// edje-search gallery: text or image search, reranked vs first-stage order, a viewer per image.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const state = { result: null, order: "reranked", kind: "text" };
+
+function fmt(x, digits = 3) {
+  return x === null || x === undefined ? "–" : Number(x).toFixed(digits);
+}
+
+function setStatus(text, isError = false) {
+  $("status").textContent = text;
+  $("status").classList.toggle("error", isError);
+}
+
+async function api(url, options) {
+  const response = await fetch(url, options);
+  let body = null;
+  try { body = await response.json(); } catch (e) { /* not JSON */ }
+  if (!response.ok) {
+    const message = body && body.error ? body.error : `HTTP ${response.status}`;
+    const retry = response.headers.get("Retry-After");
+    throw new Error(retry ? `${message} (retry after ${retry} s)` : message);
+  }
+  return body;
+}
+
+async function loadInfo() {
+  try {
+    const info = await api("info");
+    $("index-info").textContent = `${info.images} images · model ${info.model_name} · generation ${info.generation}`;
+    $("query").maxLength = info.limits.max_query_chars;
+    $("k").max = info.limits.max_k;
+    $("rerank-k").max = info.limits.max_rerank_k;
+  } catch (e) {
+    setStatus(`cannot reach the server: ${e.message}`, true);
+  }
+}
+
+function moveBadge(hit) {
+  // reranked view: how many places reranking moved the image (first-stage rank -> reranked rank)
+  const span = document.createElement("span");
+  span.className = "move";
+  if (state.kind !== "text") return span;
+  if (state.order === "reranked") {
+    const d = hit.first_stage_rank - hit.rank;
+    span.classList.add(d > 0 ? "up" : d < 0 ? "down" : "same");
+    span.textContent = d > 0 ? `▲ ${d}` : d < 0 ? `▼ ${-d}` : "=";
+    span.title = `first stage #${hit.first_stage_rank} → reranked #${hit.rank}`;
+  } else {
+    span.classList.add("same");
+    span.textContent = `→ #${hit.rank}`;
+    span.title = `reranked position ${hit.rank}`;
+  }
+  return span;
+}
+
+function card(hit) {
+  const el = document.createElement("div");
+  el.className = "card";
+  el.tabIndex = 0;
+  el.dataset.row = hit.row;
+  const thumb = document.createElement("div");
+  thumb.className = "thumb";
+  const img = document.createElement("img");
+  img.src = hit.thumbnail_url;
+  img.alt = hit.path.split("/").pop();
+  img.loading = "lazy";
+  img.decoding = "async";
+  thumb.appendChild(img);
+  const meta = document.createElement("div");
+  meta.className = "meta";
+  const rank = document.createElement("span");
+  rank.className = "rank";
+  rank.textContent = `#${state.order === "first" ? hit.first_stage_rank : hit.rank}`;
+  const scores = document.createElement("span");
+  scores.className = "scores";
+  scores.textContent = state.kind === "text"
+    ? `score ${fmt(hit.score)} · first ${fmt(hit.first_stage_score)}`
+    : `similarity ${fmt(hit.first_stage_score)}`;
+  meta.append(rank, moveBadge(hit), scores);
+  el.append(thumb, meta);
+  el.addEventListener("click", () => openViewer(hit));
+  el.addEventListener("keydown", (ev) => { if (ev.key === "Enter") openViewer(hit); });
+  return el;
+}
+
+function render() {
+  const r = state.result;
+  const grid = $("grid");
+  grid.replaceChildren();
+  if (!r) return;
+  const hits = state.kind === "text" && state.order === "first" ? r.first_stage : r.hits;
+  for (const hit of hits) grid.appendChild(card(hit));
+  $("order-reranked").classList.toggle("active", state.order === "reranked");
+  $("order-first").classList.toggle("active", state.order === "first");
+  $("order-reranked").setAttribute("aria-pressed", state.order === "reranked");
+  $("order-first").setAttribute("aria-pressed", state.order === "first");
+  $("order-first").disabled = state.kind !== "text";
+  $("order-reranked").disabled = state.kind !== "text";
+  const t = r.timings;
+  const stages = Object.entries(t.stages_ms).map(([name, ms]) =>
+    `<span class="stage">${name} <b>${ms.toFixed(1)}</b> ms</span>`);
+  stages.push(`<span class="stage">queue <b>${t.queue_ms.toFixed(1)}</b> ms</span>`);
+  stages.push(`<span class="stage">batch <b>${t.batch_queries}</b></span>`);
+  $("timings").innerHTML = stages.join("");
+  if (state.kind === "text") {
+    const moved = r.hits.filter((h) => h.first_stage_rank !== h.rank).length;
+    $("summary").textContent = `${r.hits.length} results · reranking moved ${moved} of them`;
+  } else {
+    $("summary").textContent = `${r.hits.length} nearest images by first-stage embedding`;
+  }
+  $("toolbar").hidden = false;
+}
+
+async function searchText(ev) {
+  if (ev) ev.preventDefault();
+  const q = $("query").value.trim();
+  if (!q) return;
+  const params = new URLSearchParams({ q, k: $("k").value, rerank_k: $("rerank-k").value });
+  setStatus("searching…");
+  try {
+    state.result = await api(`search?${params}`);
+    state.kind = "text";
+    setStatus("");
+    render();
+  } catch (e) {
+    setStatus(e.message, true);
+  }
+}
+
+async function searchImage(form) {
+  form.append("k", $("k").value);
+  setStatus("searching by image…");
+  try {
+    state.result = await api("search/image", { method: "POST", body: form });
+    state.kind = "image";
+    state.order = "reranked";
+    setStatus(state.result.query_row !== null ? `images like row ${state.result.query_row}` : "");
+    render();
+  } catch (e) {
+    setStatus(e.message, true);
+  }
+}
+
+function openViewer(hit) {
+  $("viewer-image").src = hit.image_url;
+  $("viewer-image").alt = hit.path;
+  const table = $("viewer-scores");
+  table.replaceChildren();
+  const entries = state.kind === "text"
+    ? [["reranked rank", hit.rank], ["first-stage rank", hit.first_stage_rank], ["score", fmt(hit.score)],
+       ["rerank score", fmt(hit.rerank_score)], ["first-stage score", fmt(hit.first_stage_score, 4)], ["row", hit.row]]
+    : [["rank", hit.rank], ["similarity", fmt(hit.first_stage_score, 4)], ["row", hit.row]];
+  for (const [name, value] of entries) {
+    const tr = document.createElement("tr");
+    const th = document.createElement("th");
+    th.textContent = name;
+    const td = document.createElement("td");
+    td.textContent = value;
+    tr.append(th, td);
+    table.appendChild(tr);
+  }
+  $("viewer-path").textContent = hit.path;
+  $("viewer-similar").onclick = () => {
+    $("viewer").close();
+    const form = new FormData();
+    form.append("row", hit.row);
+    searchImage(form);
+  };
+  $("viewer").showModal();
+}
+
+function setOrder(order) {
+  if (state.kind !== "text") return;
+  state.order = order;
+  render();
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  $("search-form").addEventListener("submit", searchText);
+  $("order-reranked").addEventListener("click", () => setOrder("reranked"));
+  $("order-first").addEventListener("click", () => setOrder("first"));
+  $("upload").addEventListener("change", () => {
+    const file = $("upload").files[0];
+    if (!file) return;
+    const form = new FormData();
+    form.append("file", file);
+    searchImage(form);
+    $("upload").value = "";
+  });
+  loadInfo();
+});

@@ -56,17 +56,8 @@ def loader_options(f):
                         help="Images per model forward pass.")(f)
 
 
-def _write_skipped(index_dir: Path, skipped: list[tuple[str, str]]) -> Path:
-    """INDEX/skipped.jsonl: one {"path", "reason"} per file the last build could not use."""
-    from edje_search.fsutil import atomic_write_text
-
-    path = index_dir / SKIPPED_FILE
-    atomic_write_text(path, "".join(to_json({"path": p, "reason": r}, indent=None) + "\n" for p, r in skipped))
-    return path
-
-
 def _report_build(engine, report, as_json: bool) -> None:
-    skipped_file = _write_skipped(engine.store.directory, report.skipped)
+    skipped_file = engine.store.directory / SKIPPED_FILE  # written by the engine with the build
     if as_json:
         emit_json({**dataclasses.asdict(report), "skipped": [{"path": p, "reason": r} for p, r in report.skipped],
                    "images": len(engine.store), "index": str(engine.store.directory)})
@@ -244,31 +235,13 @@ def _print_side_by_side(q, plain, reranked) -> None:
     click.echo("")
 
 
-def index_info(index_dir) -> dict:
-    """What `info` shows, read from the index and the model's edje.json without loading the model."""
-    from edje_search.models.info import read_bundle_info
-    from edje_search.storage.index_store import IndexStore, resolve_model_path
-    from edje_search.storage.token_store import bytes_per_image
-
-    store = IndexStore.open(index_dir)
-    data = store.info()
-    cfg = store.config
-    data["bytes_per_image"] = bytes_per_image(cfg.tokens_per_image, cfg.token_width, cfg.token_dtype)
-    model_dir = resolve_model_path(store)
-    try:
-        bundle = read_bundle_info(model_dir)
-    except (OSError, ValueError, TypeError) as e:
-        data["model_name"] = f"(unreadable: {e})"
-    else:
-        data["model_name"], data["fusion_weight"] = bundle.name, bundle.fusion_weight
-    return data
-
-
 @cli.command("info")
 @index_option
 @json_option
 def info(index_dir, as_json):
     """Describe an index: size, FAISS recipe, token shape and the model that built it (loads no model)."""
+    from edje_search.storage.index_store import index_info
+
     data = index_info(index_dir)
     if as_json:
         emit_json(data)

@@ -22,7 +22,7 @@ from .models.bundle import EdjeModel
 from .models.registry import load_model
 from .pipeline import embed_files
 from .ranking import rank_pool
-from .storage.index_store import IndexStore, RepairReport, resolve_model_path, verify_index
+from .storage.index_store import IndexStore, RepairReport, resolve_model_path, verify_index, write_skipped
 from .storage.token_store import bytes_per_image, working_dtype
 
 MAX_QUERY_CHARS = 2000
@@ -217,6 +217,7 @@ class Engine:
                                    num_workers=num_workers, commit_every=commit_every, progress=progress)
             if optimize:
                 self.store.optimize()
+            write_skipped(self.store.directory, report.skipped)
         return report
 
     def _embed_and_commit(self, todo: list[str], report: BuildReport, to_remove: list[int], *, batch_size: int,
@@ -310,9 +311,8 @@ class Engine:
             rows: list[int] = []
             wanted = [os.path.abspath(p) for p in paths]
             rows += [e.row for e in self.store.lookup_paths(wanted).values()]
-            for p in wanted:
-                if os.path.isdir(p):
-                    rows += [e.row for e in self.store.live_under(p.rstrip(os.sep) + os.sep)]
+            for p in wanted:  # a folder, even one already deleted from disk: everything under it
+                rows += [e.row for e in self.store.live_under(p.rstrip(os.sep) + os.sep)]
             rows = sorted(set(rows))
             if rows:
                 self.store.commit([], [], np.zeros((0, self.store.config.dim), np.float32),
@@ -357,6 +357,7 @@ class Engine:
                                   removed_rows=gone)
             report.removed = len(gone)
             self.store.optimize()
+            write_skipped(self.store.directory, report.skipped)
         return report
 
     def optimize(self) -> dict:

@@ -43,6 +43,7 @@ from .token_store import SegmentTokenStore
 logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "index.json"
+SKIPPED_FILE = "skipped.jsonl"
 FAISS_DIR = "faiss"
 MERGE_FANOUT = 8  # merge a run of this many similar-sized FAISS segments into one (a log-structured merge)
 REFINE_FACTOR = 4  # candidates per wanted hit that lossy recipes re-score exactly
@@ -254,11 +255,14 @@ class IndexStore:
             segs += self.tokens.write_segment(start, tokens)
             _fault("after_tokens")
             name = f"seg-{start:012d}-g{gen}.index"
-            index = vector_index.new_segment_index(self.recipe, self.config.dim, self._template())
+            # new rows land in a flat segment (a memcpy, whatever the recipe): encoding them for an
+            # IVF or PQ recipe costs O(batch x lists) and is left to optimize(), which folds these
+            # deltas into the recipe MERGE_FANOUT at a time
+            index = vector_index.new_segment_index("Flat", self.config.dim)
             index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32),
                                np.arange(start, start + b, dtype=np.int64))
             self._write_faiss(index, name)
-            faiss_list.append((name, self.recipe, start, start + b))
+            faiss_list.append((name, "Flat", start, start + b))
             new_faiss = name
             _fault("after_faiss")
         stats = new_stats or [(-1, -1)] * b
@@ -279,7 +283,7 @@ class IndexStore:
         self._vectors.set_segments(seg_map.get("vectors", ()))
         self.tokens.set_segments(seg_map)
         if new_faiss:
-            self._faiss[new_faiss] = self._read_faiss(new_faiss, self.recipe)
+            self._faiss[new_faiss] = self._read_faiss(new_faiss, "Flat")
         if removed:
             self.tombstones = np.union1d(self.tombstones, np.asarray(removed, dtype=np.int64))
 
@@ -379,7 +383,13 @@ class IndexStore:
         return {"action": "merge" if merged else "none", "merges": merged, "segments": len(self._faiss)}
 
     def _mergeable_run(self) -> list[tuple[str, str, int, int]] | None:
+        """Segments to merge next: MERGE_FANOUT flat deltas waiting for a trained recipe, or a run of
+        MERGE_FANOUT segments of one recipe and similar size (so each row is re-encoded O(log n) times)."""
         segs = self.snapshot.faiss_segments
+        if self.recipe != "Flat":
+            deltas = [seg for seg in segs if seg[1] != self.recipe]
+            if len(deltas) >= MERGE_FANOUT:
+                return deltas[:MERGE_FANOUT]
         tier = [int(np.log(max(e - a, 1)) / np.log(MERGE_FANOUT)) for _, _, a, e in segs]
         i = 0
         while i < len(segs):
@@ -395,21 +405,17 @@ class IndexStore:
         """(rows, vectors) of the live rows in [first, end), read from the stored vectors."""
         dead = self.tombstones
         rows_out, vecs_out = [], []
-        for s, vecs in self._vectors.iter_rows():
-            e = s + len(vecs)
-            if e <= first or s >= end:
-                continue
-            lo, hi = max(first, s), min(end, e)
-            rows = np.arange(lo, hi, dtype=np.int64)
+        for s, vecs in self._vectors.iter_rows(first=first, end=end):
+            rows = np.arange(s, s + len(vecs), dtype=np.int64)
             keep = ~np.isin(rows, dead)
             rows_out.append(rows[keep])
-            vecs_out.append(vecs[lo - s:hi - s][keep])
+            vecs_out.append(vecs[keep])
         if not rows_out:
             return np.zeros(0, np.int64), np.zeros((0, self.config.dim), np.float32)
         return np.concatenate(rows_out), np.concatenate(vecs_out)
 
     def _merge(self, run: list[tuple[str, str, int, int]]) -> None:
-        first, end, recipe = run[0][2], run[-1][3], run[0][1]
+        first, end, recipe = run[0][2], run[-1][3], self.recipe
         gen = self.generation + 1
         rows, vecs = self._live_rows_in(first, end)
         index = vector_index.new_segment_index(recipe, self.config.dim, self._template())
@@ -445,6 +451,7 @@ class IndexStore:
             n_train = min(len(rows), max(vector_index.training_rows(recipe), 64 * vector_index.n_lists(recipe)))
             sample = np.random.default_rng(gen).choice(len(rows), n_train, replace=False)
             logger.info("training FAISS recipe %s on %d of %d vectors", recipe, n_train, len(rows))
+            vector_index.use_gpu_for_training(template)
             template.train(np.ascontiguousarray(vecs[np.sort(sample)]))
         settings = {**self.settings, "recipe": recipe}
         if template.is_trained and vector_index.training_rows(recipe):
@@ -557,11 +564,12 @@ class IndexStore:
         dead_rows = [e.row for e in self.manifest.iter_live(snap.generation)
                      if any(s <= e.row < s + n for s, n in lost)]
         report.dropped = sorted(self.manifest.paths_of_rows(dead_rows, snap.generation).values())
+        report.removed_files = self._remove_stray_files()
         self.manifest.commit(generation=snap.generation + 1, n_rows=snap.n_rows, removed=dead_rows,
                              add_segments=replaced, faiss_segments=[], settings={})
         self._faiss = {}
         self._load(self.manifest.snapshot())
-        report.removed_files = self._remove_stray_files()
+        self._remove_stray_files()  # the FAISS files just replaced
         # rebuild FAISS from the stored vectors with the recipe for this size
         target = self.config.factory if self.config.factory != vector_index.AUTO else \
             vector_index.choose_recipe(len(self), self.config.dim)
@@ -614,6 +622,36 @@ def verify_index(directory: str | Path) -> list[str]:
                 problems.append(f"model weights in {model_dir} have fingerprint {got}, the index was built "
                                 f"with {store.config.model_fingerprint}")
     return problems
+
+
+def index_info(directory: str | Path) -> dict:
+    """What an index holds and which model built it, read without loading the model (no torch)."""
+    from ..models.info import read_bundle_info
+    from .token_store import bytes_per_image
+
+    store = IndexStore.open(directory)
+    data = store.info()
+    cfg = store.config
+    data["bytes_per_image"] = bytes_per_image(cfg.tokens_per_image, cfg.token_width, cfg.token_dtype)
+    try:
+        bundle = read_bundle_info(resolve_model_path(store))
+    except (OSError, ValueError, TypeError) as e:
+        data["model_name"] = f"(unreadable: {e})"
+    else:
+        data["model_name"], data["fusion_weight"] = bundle.name, bundle.fusion_weight
+    return data
+
+
+def write_skipped(directory: str | Path, skipped: Sequence[tuple[str, str]]) -> Path:
+    """INDEX/skipped.jsonl: one {"path", "reason"} per file the last build could not use.
+
+    Non-UTF-8 file names are written with surrogate escapes (``\\udcXY``), so every line parses."""
+    import json
+
+    path = Path(directory) / SKIPPED_FILE
+    atomic_write(path, lambda tmp: tmp.write_text(
+        "".join(json.dumps({"path": p, "reason": r}) + "\n" for p, r in skipped), encoding="utf-8"))
+    return path
 
 
 def read_config(directory: Path) -> IndexConfig:

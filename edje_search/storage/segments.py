@@ -215,16 +215,17 @@ class SegmentArray:
                 raise IndexCorrupt(f"short read of row {int(idx[i])} from {paths[i]}")
             flat[i] = np.frombuffer(b, dtype=np.uint8)
 
-    def iter_rows(self, batch: int = 65536):
-        """(first row, rows) over every committed row, in order (rebuilds and verification)."""
+    def iter_rows(self, batch: int = 65536, first: int = 0, end: int | None = None):
+        """(first row, rows) over the committed rows in [first, end), in order (rebuilds, verification)."""
+        end = self.n_rows if end is None else min(end, self.n_rows)
         for start, count in self.segments:
-            if self.remote:
-                for s in range(start, start + count, batch):
-                    yield s, self.get(np.arange(s, min(s + batch, start + count)))
-            else:
-                data = self._open(start, count)
-                for s in range(0, count, batch):
-                    yield start + s, np.asarray(data[s:s + batch])
+            lo, hi = max(first, start), min(end, start + count)
+            if lo >= hi:
+                continue
+            data = None if self.remote else self._open(start, count)
+            for s in range(lo, hi, batch):
+                e = min(s + batch, hi)
+                yield s, (self.get(np.arange(s, e)) if self.remote else np.asarray(data[s - start:e - start]))
 
 
 def _save_npy(path: Path, rows: np.ndarray) -> None:

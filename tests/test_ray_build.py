@@ -238,15 +238,22 @@ def test_ray_build_equals_single_process_and_survives_a_killed_actor(cluster, im
     assert (again.added, again.unchanged) == (0, N_IMAGES)
 
 
-def test_ray_build_of_webdataset_shards_keeps_captions(cluster, images, tiny_model_dir, tmp_path):
-    from edje_search.distributed import ray_build_index
+def test_cli_ray_build_of_webdataset_shards_keeps_captions(cluster, images, tiny_model_dir, tmp_path):
+    from click.testing import CliRunner
 
+    from edje_search_cli.main import cli, register_commands
+
+    register_commands()
     files = sorted(images.glob("*.png"))[:60]
     captions = {p.name: f"caption of {p.stem}" for p in files}
     shards = _write_shards(files, captions, tmp_path / "shards", per_shard=25)
-    engine = Engine.create(tmp_path / "idx", load_model(tiny_model_dir))
-    report = ray_build_index(engine, tmp_path / "shards", actors=2, actor_cpus=0.5, progress=False)
-    assert report.added == len(files) and not report.skipped
+    result = CliRunner().invoke(cli, ["build-index", str(tmp_path / "shards"), "--index", str(tmp_path / "idx"),
+                                      "--model", str(tiny_model_dir), "--ray", cluster.address, "--actors", "2",
+                                      "--no-progress", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["added"] == len(files) == report["images"] and not report["skipped"]
+    engine = Engine.from_pretrained(tmp_path / "idx")
     assert engine.verify() == []
     entries = {e.path: e for e in engine.store.iter_entries()}
     first = f"{shards[0]}{SHARD_SEPARATOR}000000000.png"

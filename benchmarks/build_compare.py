@@ -149,7 +149,8 @@ def main() -> None:
         "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]},
         "images": {"count": args.images, "kind": "generated 640x480 JPEGs (benchmarks.build.write_photos)"},
         "model": "demo-shaped (48 px ViT first stage, MiniLM-L6-shaped reranker, 12 tokens), random weights",
-        "single_process": single, "ray": distributed, "ray/single": distributed["images_per_s"] / single["images_per_s"],
+        "single_process": single, "ray": distributed,
+        "ray/single": distributed["images_per_s"] / single["images_per_s"],
         "agreement": agreement, "gpu_estimate": gpu_estimate(flops, decode),
         "command": "python -m benchmarks.build_compare" + (f" --images {args.images}" if args.images != 2000 else ""),
     }

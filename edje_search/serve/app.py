@@ -248,7 +248,7 @@ def create_app(engine: Engine, *, limits: ServeLimits | None = None, batching: B
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def gallery():
-        return HTMLResponse(page, headers={"Content-Security-Policy": "default-src 'self'; img-src 'self' blob:",
+        return HTMLResponse(page, headers={"Content-Security-Policy": "default-src 'self'; img-src 'self' blob: data:",
                                            "X-Content-Type-Options": "nosniff"})
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")

@@ -1,0 +1,141 @@
+"""The gallery in a real browser: Debian's chromium (driven by Playwright, headless) against
+`edje-search serve` under uvicorn on 127.0.0.1, with a token, as a user would use it.
+
+The page's Content-Security-Policy forbids eval, so every wait below is a JS function."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+playwright_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (the [dev] extra)")
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run"]
+TOKEN = "browser-test-token"
+QUERY = "a small red circle left of a large blue square"
+K = 8
+
+
+@pytest.fixture(scope="module")
+def server(_built_index, tmp_path_factory):
+    """`edje-search serve` in its own process (the real command line and uvicorn)."""
+    server_module = pytest.importorskip("edje_search.serve.server", reason="the [serve] extra is not installed")
+    index = tmp_path_factory.mktemp("browser") / "idx"
+    shutil.copytree(_built_index, index)
+    port = server_module.free_port()
+    env = {**os.environ, "EDJE_TOKEN": TOKEN, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "edje_search_cli", "serve", "--index", str(index),
+                             "--port", str(port), "--log-level", "warning"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"edje-search serve exited: {proc.stdout.read()[-2000:]}")
+            try:
+                if httpx.get(f"{url}/health", headers=headers, timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail("edje-search serve did not answer /health within 90 s")
+            time.sleep(0.2)
+        yield url, headers
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.skip(f"Debian's chromium is not installed at {CHROMIUM} (`make install` as root installs it)")
+    with playwright_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.problems = []
+            page.on("pageerror", lambda e: page.problems.append(f"page error: {e}"))
+            page.on("console", lambda m: m.type == "error" and page.problems.append(f"console: {m.text}"))
+            page.set_default_timeout(20_000)
+            yield page
+        finally:
+            browser.close()
+
+
+def grid_rows(page) -> list[int]:
+    return [int(r) for r in page.eval_on_selector_all("#grid .card", "cards => cards.map(c => c.dataset.row)")]
+
+
+def wait_for_thumbnails(page, n: int) -> None:
+    """n cards whose thumbnails were fetched and decoded by the browser."""
+    page.wait_for_function(
+        """n => { const imgs = [...document.querySelectorAll('#grid .card img')];
+                  return imgs.length === n && imgs.every(i => i.complete && i.naturalWidth > 0); }""", arg=n)
+
+
+def test_gallery_search_switch_viewer_and_image_search(server, page, _built_index):
+    url, headers = server
+    # without the token the page is refused; /?token= sets the session cookie and redirects to /
+    assert httpx.get(f"{url}/").status_code == 401
+    page.goto(f"{url}/?token={TOKEN}")
+    assert page.url == f"{url}/"
+    page.wait_for_function("() => document.querySelector('#index-info').textContent.includes('40 images')")
+
+    page.fill("#query", QUERY)
+    page.fill("#k", str(K))
+    page.fill("#rerank-k", "20")
+    page.click("#search-button")
+    wait_for_thumbnails(page, K)
+
+    api = httpx.get(f"{url}/search", params={"q": QUERY, "k": K, "rerank_k": 20}, headers=headers).json()
+    reranked = [h["row"] for h in api["hits"]]
+    first_stage = [h["row"] for h in api["first_stage"]]
+    assert reranked != first_stage  # the random tiny reranker reorders this query's candidates
+    assert grid_rows(page) == reranked
+    assert page.locator("#grid .move.up, #grid .move.down").count() >= 1  # moves are shown
+    stages = page.inner_text("#timings")
+    assert "rerank" in stages and "faiss" in stages and "ms" in stages
+
+    page.click("#order-first")
+    wait_for_thumbnails(page, K)
+    assert grid_rows(page) == first_stage
+    page.click("#order-reranked")
+    assert grid_rows(page) == reranked
+
+    # click a thumbnail: the full image and its scores
+    page.click("#grid .card >> nth=0")
+    page.wait_for_function("""() => { const i = document.querySelector('#viewer-image');
+        return document.querySelector('#viewer').open && i.complete && i.naturalWidth > 0; }""")
+    scores = page.inner_text("#viewer-scores")
+    assert "rerank score" in scores and "first-stage rank" in scores
+    assert page.inner_text("#viewer-path") == api["hits"][0]["path"]
+
+    # "find similar": first-stage image neighbours of that row, itself left out
+    page.click("#viewer-similar")
+    page.wait_for_function("row => document.querySelector('#status').textContent.includes(`row ${row}`)",
+                           arg=reranked[0])
+    wait_for_thumbnails(page, K)
+    similar = httpx.post(f"{url}/search/image", data={"row": reranked[0], "k": K}, headers=headers).json()
+    assert grid_rows(page) == [h["row"] for h in similar["hits"]]
+
+    # upload one of the indexed files: it comes back first
+    page.set_input_files("#upload", api["hits"][2]["path"])
+    page.wait_for_function("row => document.querySelector('#grid .card')?.dataset.row === String(row)",
+                           arg=reranked[2])
+    wait_for_thumbnails(page, K)
+
+    assert page.problems == []

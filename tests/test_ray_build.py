@@ -289,3 +289,27 @@ def test_sources_tell_folders_lists_and_shards_apart(images, tmp_path):
             tar.addfile(info, io.BytesIO(data))
     odd = list(iter_shard(str(tmp_path / "odd.tar"), max_member_bytes=50))
     assert [s.error for s in odd] == ["sample has no image member", "file too large (100 bytes)"]
+
+
+def test_decode_and_embed_workers_in_one_process(images, tiny_model_dir, tmp_path):
+    """The functions Ray runs, called directly: failures travel as reasons with zero rows, and an
+    actor refuses a model whose fingerprint is not the index's."""
+    from edje_search.distributed.workers import DecodeSpec, EmbedWorker, decode_files
+    from edje_search.errors import ModelMismatch
+    from edje_search.pipeline import embed_files
+
+    model = load_model(tiny_model_dir)
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not a png")
+    paths = [str(p) for p in sorted(images.glob("*.png"))[:3]] + [str(bad)]
+    decoded = decode_files({"path": np.array(paths, dtype=object)}, DecodeSpec.for_model(model))
+    assert [bool(e) for e in decoded["error"]] == [False, False, False, True]
+    worker = EmbedWorker(str(tiny_model_dir), model.fingerprint(), device="cpu", precision="fp32")
+    out = worker(decoded)
+    reference = next(iter(embed_files(model, paths[:3], num_workers=0, progress=False)))
+    np.testing.assert_allclose(out["vector"][:3], reference.vectors, atol=1e-6)
+    np.testing.assert_allclose(out["tokens"][:3].astype(np.float32), reference.tokens.astype(np.float32), atol=1e-3)
+    assert not out["vector"][3].any() and out["tokens"].dtype == np.float16
+    assert list(out["sha256"][:3]) == reference.hashes
+    with pytest.raises(ModelMismatch):
+        EmbedWorker(str(tiny_model_dir), "0" * 16, device="cpu")

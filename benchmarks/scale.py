@@ -38,16 +38,16 @@ RESULTS = Path(__file__).parent / "results" / "scale.json"
 class Vectors:
     """Deterministic clustered unit vectors, produced batch by batch."""
 
-    def __init__(self, dim: int, n_centres: int = 50_000, seed: int = 0):
+    def __init__(self, dim: int, n_centres: int = 50_000, noise: float = 1.0, seed: int = 0):
         rng = np.random.default_rng(seed)
         c = rng.standard_normal((n_centres, dim)).astype(np.float32)
         self.centres = c / np.linalg.norm(c, axis=1, keepdims=True)
-        self.dim = dim
+        self.dim, self.noise = dim, noise
 
     def batch(self, start: int, n: int) -> np.ndarray:
         rng = np.random.default_rng(start + 1)
         v = self.centres[rng.integers(0, len(self.centres), n)]
-        v = v + rng.standard_normal((n, self.dim)).astype(np.float32) * (1.0 / np.sqrt(self.dim))
+        v = v + rng.standard_normal((n, self.dim)).astype(np.float32) * (self.noise / np.sqrt(self.dim))
         return (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float32)
 
 
@@ -108,11 +108,15 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=1024)
     ap.add_argument("--tokens", type=int, nargs=2, default=(8, 64), metavar=("M", "D"),
                     help="token shape per row stored here (the paper's is 64 x 384)")
+    ap.add_argument("--centres", type=int, default=50_000, help="clusters of the synthetic vectors")
+    ap.add_argument("--noise", type=float, default=1.0, help="noise norm around a centre (1.0: a point is as "
+                    "far from its centre as the centre's norm; smaller = tighter clusters, easier for IVF)")
+    ap.add_argument("--out", default=str(RESULTS), help="result file")
     ap.add_argument("--dir", default="runs/scale", help="where the index is built (removed first)")
     ap.add_argument("--probe", help=argparse.SUPPRESS)
     args = ap.parse_args()
     index = Path(args.dir) / "index"
-    gen = Vectors(args.dim)
+    gen = Vectors(args.dim, args.centres, args.noise)
     queries = gen.batch(10**9, 100)
     if args.probe:  # child process: measurements of a freshly opened index
         print(json.dumps(open_probe(index, queries, 10, 50, 100)))
@@ -140,7 +144,8 @@ def main() -> None:
               f"optimize {maintenance[-1]['seconds']:.2f} s {did['action']}", flush=True)
 
     probe = json.loads(subprocess.run([sys.executable, "-m", "benchmarks.scale", "--probe", "1", "--dir", args.dir,
-                                       "--dim", str(args.dim)], check=True, capture_output=True, text=True,
+                                       "--dim", str(args.dim), "--centres", str(args.centres),
+                                       "--noise", str(args.noise)], check=True, capture_output=True, text=True,
                                       env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
                                       ).stdout.strip().splitlines()[-1])
     truth = exact_top_k(index, queries, 10)
@@ -155,7 +160,8 @@ def main() -> None:
                  "tokens_int8_64x384": bytes_per_image(64, 384, "int8"), "faiss_ivf_flat_1024d": 4 * 1024 + 8,
                  "faiss_opq64_ivf_pq64": 64 + 8, "manifest_sqlite_approx": 150}
     result = {
-        "command": f"python -m benchmarks.scale --rows {args.rows}",
+        "command": f"python -m benchmarks.scale --rows {args.rows} --centres {args.centres} --noise {args.noise}",
+        "centres": args.centres, "noise": args.noise,
         "rows": args.rows, "batch": args.batch, "dim": args.dim, "token_shape": [m, d], "token_dtype": "int8",
         "commit_s": {"first": commits[0]["commit_s"], "at_100k": at(min(100_000, args.rows)),
                      "last": commits[-1]["commit_s"],
@@ -168,8 +174,8 @@ def main() -> None:
         "paper_shape_bytes_per_row": paper_row,
         "commits": commits, "machine": _machine(),
     }
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=1) + "\n")
+    Path(args.out).parent.mkdir(exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     summary = {k: v for k, v in result.items() if k not in ("commits", "maintenance_events")}
     print(json.dumps(summary, indent=1))
 

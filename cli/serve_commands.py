@@ -19,7 +19,7 @@ from .main import BACKENDS, cli, index_option
               help="Require 'Authorization: Bearer TOKEN' on every request (browsers: open /?token=TOKEN once).")
 @click.option("--max-batch", default=32, show_default=True, type=click.IntRange(1),
               help="Queries gathered into one engine call.")
-@click.option("--max-wait-ms", default=5.0, show_default=True, type=click.FloatRange(0),
+@click.option("--max-wait-ms", default=1.0, show_default=True, type=click.FloatRange(0),
               help="How long an idle engine waits for more queries to join a batch.")
 @click.option("--max-queue", default=256, show_default=True, type=click.IntRange(1),
               help="Queued queries beyond which requests get 503 with Retry-After.")

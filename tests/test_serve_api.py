@@ -20,7 +20,8 @@ pytest.importorskip("fastapi", reason="the [serve] extra is not installed (pip i
 from fastapi.testclient import TestClient  # noqa: E402
 
 from edje_search import Engine  # noqa: E402
-from edje_search.serve import BatchSettings, MicroBatcher, Overloaded, ServeLimits, create_app, index_view  # noqa: E402
+from edje_search.serve import (  # noqa: E402
+    BatchSettings, MicroBatcher, Overloaded, ServeLimits, create_app, index_view, schemas)
 from edje_search.serve.files import FileRefused, read_indexed_file  # noqa: E402
 
 QUERY = "a small red circle left of a large blue square"
@@ -75,6 +76,7 @@ def test_get_search_matches_the_engine_and_shows_both_orders(client, engine):
     r = client.get("/search", params={"q": QUERY, "k": 5, "rerank_k": 12})
     assert r.status_code == 200, r.text
     body = r.json()
+    schemas.SearchResponse.model_validate(body)
     expected = engine.search(QUERY, k=5, rerank_k=12)
     assert [h["row"] for h in body["hits"]] == [h.row for h in expected]
     assert [h["rank"] for h in body["hits"]] == [1, 2, 3, 4, 5]
@@ -100,6 +102,7 @@ def test_post_search_batch_equals_single_queries(client):
     queries = [QUERY, "two green triangles", "a blue square"]
     r = client.post("/search", json={"queries": queries, "k": 4, "rerank_k": 8})
     assert r.status_code == 200, r.text
+    schemas.BatchResponse.model_validate(r.json())
     results = r.json()["results"]
     assert [x["query"] for x in results] == queries
     for q, res in zip(queries, results):
@@ -159,6 +162,7 @@ def test_image_search_by_upload_and_by_row(client, engine):
     r = client.post("/search/image", data={"row": row, "k": 4})
     assert r.status_code == 200, r.text
     body = r.json()
+    schemas.ImageSearchResponse.model_validate(body)
     vectors = index_view.row_vectors(engine, rows)
     sims = vectors @ vectors[rows.index(row)]
     expected = [rows[i] for i in np.argsort(-sims, kind="stable") if rows[i] != row][:4]
@@ -306,8 +310,11 @@ def test_concurrent_requests_share_engine_calls(engine):
         assert [h["row"] for h in r.json()["hits"]] == [h["row"] for h in a["hits"]]
 
 
-def test_full_queue_answers_503_with_retry_after(engine):
-    app = create_app(engine, batching=BatchSettings(max_batch=1, max_wait_ms=0, max_queue=1))
+@pytest.mark.parametrize("max_in_flight,refusal", [(10, "queued"), (1, "requests in progress")])
+def test_full_queue_answers_503_with_retry_after(engine, max_in_flight, refusal):
+    """Refused by the engine's queue (1 query) or, before that, by the cap on requests in progress."""
+    app = create_app(engine, batching=BatchSettings(max_batch=1, max_wait_ms=0, max_queue=1),
+                     max_in_flight=max_in_flight)
     release = threading.Event()
     with TestClient(app) as c:
         batcher = app.state.batcher
@@ -316,7 +323,8 @@ def test_full_queue_answers_503_with_retry_after(engine):
             with concurrent.futures.ThreadPoolExecutor(2) as pool:
                 # one request waits for the engine thread, the next fills the queue of 1
                 waiting = []
-                for condition in (lambda: batcher.running == 1, lambda: batcher.queued == 1):
+                conditions = [lambda: batcher.running == 1, lambda: batcher.queued == 1][:max_in_flight]
+                for condition in conditions:
                     waiting.append(pool.submit(c.get, "/search", params={"q": QUERY}))
                     deadline = time.monotonic() + 10
                     while not condition() and time.monotonic() < deadline:
@@ -324,12 +332,12 @@ def test_full_queue_answers_503_with_retry_after(engine):
                 refused = c.get("/search", params={"q": QUERY})
                 health = c.get("/health")  # still answers while the queue is full
                 release.set()
-                assert [w.result(timeout=30).status_code for w in waiting] == [200, 200]
+                assert [w.result(timeout=30).status_code for w in waiting] == [200] * len(conditions)
         finally:
             release.set()
-    assert_json_error(refused, 503, "busy")
+    assert_json_error(refused, 503, "busy", refusal)
     assert int(refused.headers["retry-after"]) >= 1
-    assert health.status_code == 200 and health.json()["queued"] == 1
+    assert health.status_code == 200 and health.json()["queued"] == len(conditions) - 1
 
 
 def test_micro_batcher_groups_by_key_and_bounds_its_queue():

@@ -27,13 +27,19 @@ from . import index_view, schemas
 from .batching import BatchInfo, BatchSettings, MicroBatcher, Overloaded
 from .files import FileRefused, ThumbnailCache, read_indexed_file
 from .limits import ServeLimits
-from .security import BodyLimit, TokenAuth
+from .security import BodyLimit, InFlightLimit, TokenAuth
 from .service import IMAGE_KEY, ImageJob, RowGone, SearchService, TextJob, text_key
 
 logger = logging.getLogger(__name__)
 STATIC_DIR = Path(__file__).parent / "static"
 ERRORS = {400: {"model": schemas.ErrorOut}, 401: {"model": schemas.ErrorOut}, 413: {"model": schemas.ErrorOut},
           503: {"model": schemas.ErrorOut}}
+
+
+def _documented(model) -> dict:
+    """OpenAPI responses for a route that returns a ready JSONResponse: the body is built as
+    plain dicts and not validated again per request (tests check it against ``model``)."""
+    return {200: {"model": model}, **ERRORS}
 
 
 def _error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
@@ -66,9 +72,11 @@ def _row_number(row: str) -> int:
 
 
 def create_app(engine: Engine, *, limits: ServeLimits | None = None, batching: BatchSettings | None = None,
-               token: str | None = None, refresh_interval_s: float = 1.0, thumbnail_size: int = 256) -> FastAPI:
+               token: str | None = None, refresh_interval_s: float = 1.0, thumbnail_size: int = 256,
+               max_in_flight: int | None = None) -> FastAPI:
     """The ASGI app serving ``engine``. ``token`` (when given) is required on every request;
-    ``limits`` and ``batching`` default to :class:`ServeLimits` and :class:`BatchSettings`."""
+    ``limits`` and ``batching`` default to :class:`ServeLimits` and :class:`BatchSettings`;
+    ``max_in_flight`` requests at once (default: max_queue + max_batch), more get 503."""
     limits = limits or ServeLimits()
     batching = batching or BatchSettings()
     service = SearchService(engine, refresh_interval_s=refresh_interval_s)
@@ -92,6 +100,8 @@ def create_app(engine: Engine, *, limits: ServeLimits | None = None, batching: B
     app.state.thumbnails = thumbnails
     app.add_middleware(BodyLimit, limit_for=lambda path: limits.max_upload_bytes if path == "/search/image"
                        else limits.max_json_bytes)
+    # every admitted search can be in the engine's queue or batch; more than that is refused at once
+    app.add_middleware(InFlightLimit, limit=max_in_flight or batching.max_queue + batching.max_batch)
     if token is not None:
         app.add_middleware(TokenAuth, token=token)  # added last = outermost: checked before anything else
 
@@ -146,7 +156,7 @@ def create_app(engine: Engine, *, limits: ServeLimits | None = None, batching: B
     def prefix(request: Request) -> str:
         return request.scope.get("root_path", "").rstrip("/")
 
-    @app.get("/search", response_model=schemas.SearchResponse, responses=ERRORS, tags=["search"])
+    @app.get("/search", response_model=None, responses=_documented(schemas.SearchResponse), tags=["search"])
     async def search(request: Request, q: str = Query(..., description="the text to search for"),
                      k: int = Query(10, description="results to return"),
                      rerank_k: int = Query(20, description="first-stage candidates reranked by the joint encoder")):
@@ -157,12 +167,12 @@ def create_app(engine: Engine, *, limits: ServeLimits | None = None, batching: B
         (results, stages), info = await batcher.submit(text_key(rerank_k), TextJob([q], k), weight=1)
         p = prefix(request)
         result = results[0]
-        return {"query": q, "k": k, "rerank_k": rerank_k, "generation": index_view.generation(engine),
-                "hits": [_with_urls(h, p) for h in result["hits"]],
-                "first_stage": [_with_urls(h, p) for h in result["first_stage"]],
-                "timings": _timings(stages, info)}
+        return JSONResponse({"query": q, "k": k, "rerank_k": rerank_k, "generation": index_view.generation(engine),
+                             "hits": [_with_urls(h, p) for h in result["hits"]],
+                             "first_stage": [_with_urls(h, p) for h in result["first_stage"]],
+                             "timings": _timings(stages, info)})
 
-    @app.post("/search", response_model=schemas.BatchResponse, responses=ERRORS, tags=["search"])
+    @app.post("/search", response_model=None, responses=_documented(schemas.BatchResponse), tags=["search"])
     async def search_many(request: Request, body: schemas.BatchRequest):
         """Several text queries in one request; they are scored in one engine call."""
         queries = limits.check_queries(body.queries)
@@ -171,12 +181,13 @@ def create_app(engine: Engine, *, limits: ServeLimits | None = None, batching: B
         (results, stages), info = await batcher.submit(text_key(body.rerank_k), TextJob(queries, body.k),
                                                        weight=len(queries))
         p = prefix(request)
-        return {"k": body.k, "rerank_k": body.rerank_k, "generation": index_view.generation(engine),
-                "results": [{"query": r["query"], "hits": [_with_urls(h, p) for h in r["hits"]],
-                             "first_stage": [_with_urls(h, p) for h in r["first_stage"]]} for r in results],
-                "timings": _timings(stages, info)}
+        return JSONResponse({
+            "k": body.k, "rerank_k": body.rerank_k, "generation": index_view.generation(engine),
+            "results": [{"query": r["query"], "hits": [_with_urls(h, p) for h in r["hits"]],
+                         "first_stage": [_with_urls(h, p) for h in r["first_stage"]]} for r in results],
+            "timings": _timings(stages, info)})
 
-    @app.post("/search/image", response_model=schemas.ImageSearchResponse, responses=ERRORS, tags=["search"])
+    @app.post("/search/image", response_model=None, responses=_documented(schemas.ImageSearchResponse), tags=["search"])
     async def search_image(request: Request,
                            file: Annotated[Optional[UploadFile], File(description="an image to search with")] = None,
                            row: Annotated[Optional[int], Form(description="or an indexed row to search from")] = None,
@@ -200,8 +211,8 @@ def create_app(engine: Engine, *, limits: ServeLimits | None = None, batching: B
         if isinstance(result, Exception):
             raise result
         p = prefix(request)
-        return {"query_row": row, "k": k, "generation": index_view.generation(engine),
-                "hits": [_with_urls(h, p) for h in result], "timings": _timings(stages, info)}
+        return JSONResponse({"query_row": row, "k": k, "generation": index_view.generation(engine),
+                             "hits": [_with_urls(h, p) for h in result], "timings": _timings(stages, info)})
 
     # ------------------------------------------------------------------------------ files
     def indexed_path(row: str) -> str:

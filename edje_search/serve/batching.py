@@ -37,7 +37,7 @@ class Overloaded(Exception):
 @dataclasses.dataclass(frozen=True)
 class BatchSettings:
     max_batch: int = 32  # queries per engine call
-    max_wait_ms: float = 5.0  # how long an idle engine waits for more queries to join
+    max_wait_ms: float = 1.0  # how long an idle engine waits for more queries to join
     max_queue: int = 256  # queued queries beyond which requests are refused (503)
 
     def __post_init__(self):

@@ -374,6 +374,18 @@ def test_micro_batcher_groups_by_key_and_bounds_its_queue():
     assert [info.queries for _, info in results] == [1, 3, 3, 2, 3, 1, 2]
 
 
+def test_serve_command_fails_in_one_line_on_a_missing_index(tmp_path):
+    from click.testing import CliRunner
+
+    from edje_search_cli.main import cli, register_commands
+
+    register_commands()
+    result = CliRunner().invoke(cli, ["serve", "--index", str(tmp_path / "nothing"), "--port", "0"])
+    assert result.exit_code == 1
+    assert result.output.startswith("error: ") and result.output.count("\n") == 1 and "Traceback" not in result.output
+    assert "--token" in CliRunner().invoke(cli, ["serve", "--help"]).output
+
+
 # ------------------------------------------------------------------------ updates while serving
 def test_add_while_serving_makes_a_new_image_searchable(built_index, tmp_path):
     from click.testing import CliRunner

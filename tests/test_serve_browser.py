@@ -24,7 +24,14 @@ K = 8
 
 
 @pytest.fixture(scope="module")
-def server(_built_index, tmp_path_factory):
+def chromium() -> str:
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.skip(f"Debian's chromium is not installed at {CHROMIUM} (`make install` as root installs it)")
+    return CHROMIUM
+
+
+@pytest.fixture(scope="module")
+def server(chromium, _built_index, tmp_path_factory):
     """`edje-search serve` in its own process (the real command line and uvicorn)."""
     server_module = pytest.importorskip("edje_search.serve.server", reason="the [serve] extra is not installed")
     index = tmp_path_factory.mktemp("browser") / "idx"
@@ -60,11 +67,9 @@ def server(_built_index, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def page(server):
-    if not os.access(CHROMIUM, os.X_OK):
-        pytest.skip(f"Debian's chromium is not installed at {CHROMIUM} (`make install` as root installs it)")
+def page(chromium, server):
     with playwright_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.problems = []

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -20,7 +21,7 @@ from .errors import BadInput, BadQuery, ModelMismatch, ModelMissing
 from .images import is_image_path, iter_image_files
 from .models.bundle import EdjeModel
 from .models.registry import load_model
-from .pipeline import embed_files
+from .pipeline import BackgroundCommits, ImageEmbedder, embed_files
 from .ranking import rank_pool
 from .storage.index_store import IndexStore, RepairReport, resolve_model_path, verify_index, write_skipped
 from .storage.token_store import bytes_per_image, working_dtype
@@ -98,6 +99,7 @@ class Engine:
     def __init__(self, store: IndexStore, model: EdjeModel):
         self.store = store
         self.model = model
+        self._store_lock = threading.RLock()  # commits run on a writer thread while embedding goes on
         self.last_timings: dict[str, float] = {}  # milliseconds per stage of the latest search
 
     # -------------------------------------------------------------------------- construction
@@ -201,53 +203,76 @@ class Engine:
         files (by extension, images.is_image_path) are skipped with a reason.
         """
         report = report or BuildReport()
-        with self.store.writing():
-            todo = []
-            for p in paths:
-                p = os.path.abspath(p)
-                if not is_image_path(p):
-                    report.skipped.append((p, "not an image file extension"))
-                else:
-                    todo.append(p)
-            dropped = set(int(r) for r in removed_rows)
-            known = {path for path, e in self.store.lookup_paths(todo).items() if e.row not in dropped}
-            report.unchanged += sum(1 for p in todo if p in known)
-            todo = list(dict.fromkeys(p for p in todo if p not in known))
-            self._embed_and_commit(todo, report, list(removed_rows), batch_size=batch_size,
-                                   num_workers=num_workers, commit_every=commit_every, progress=progress)
+        with self.store.writing(), self._indexer(batch_size, num_workers) as embedder:
+            self._add_paths(paths, report, removed_rows, embedder, commit_every=commit_every, progress=progress)
             if optimize:
                 self.store.optimize()
             write_skipped(self.store.directory, report.skipped)
         return report
 
-    def _embed_and_commit(self, todo: list[str], report: BuildReport, to_remove: list[int], *, batch_size: int,
-                          num_workers: int, commit_every: int, progress: bool) -> None:
+    def _indexer(self, batch_size: int, num_workers: int) -> ImageEmbedder:
+        """Decode workers + model for a whole build (one long-lived DataLoader, not one per chunk)."""
+        return ImageEmbedder(self.model, batch_size=batch_size, num_workers=num_workers,
+                             token_dtype=working_dtype(self.store.config.token_dtype),
+                             known_hashes=self.store.hash_lookup())
+
+    def _add_paths(self, paths: Iterable[str | Path], report: BuildReport, removed_rows: Sequence[int],
+                   embedder: ImageEmbedder, *, commit_every: int, progress: bool) -> None:
+        todo = []
+        for p in paths:
+            p = os.path.abspath(p)
+            if not is_image_path(p):
+                report.skipped.append((p, "not an image file extension"))
+            else:
+                todo.append(p)
+        dropped = set(int(r) for r in removed_rows)
+        known = {path for path, e in self.store.lookup_paths(todo).items() if e.row not in dropped}
+        report.unchanged += sum(1 for p in todo if p in known)
+        todo = list(dict.fromkeys(p for p in todo if p not in known))
+        missed = self._embed_and_commit(embedder, todo, report, list(removed_rows),
+                                        commit_every=commit_every, progress=progress)
+        if missed:  # duplicates of rows removed meanwhile: embed them after all
+            with ImageEmbedder(self.model, batch_size=embedder.batch_size, num_workers=0,
+                               token_dtype=embedder.token_dtype) as again:
+                self._embed_and_commit(again, missed, report, [], commit_every=commit_every, progress=False)
+
+    def _embed_and_commit(self, embedder: ImageEmbedder, todo: list[str], report: BuildReport,
+                          to_remove: list[int], *, commit_every: int, progress: bool) -> list[str]:
+        """Embed ``todo`` and commit every ``commit_every`` rows on a writer thread, so the model
+        never waits on the disk. Returns the paths reported as duplicates of content that is no
+        longer indexed (the caller embeds them)."""
         pending: list = []
         n_pending = 0
-        for batch in embed_files(self.model, todo, batch_size=batch_size, num_workers=num_workers,
-                                 token_dtype=working_dtype(self.store.config.token_dtype), progress=progress,
-                                 known_hashes=self.store.hash_lookup()):
-            report.skipped.extend(batch.failed)
-            if batch.duplicates:  # same content as an indexed file: copy its rows, no model pass
-                rows = [self.store.row_of_hash(h) for _, h, _ in batch.duplicates]
-                dup = [(d, r) for d, r in zip(batch.duplicates, rows) if r is not None]
-                report.duplicates += len(dup)
-                if dup:
-                    rows = [r for _, r in dup]
-                    batch.paths += [p for (p, _, _), _ in dup]
-                    batch.hashes += [h for (_, h, _), _ in dup]
-                    batch.stats += [st for (_, _, st), _ in dup]
-                    batch.vectors = np.concatenate([batch.vectors, self.store.vectors(rows)])
-                    batch.tokens = np.concatenate([batch.tokens, self.store.tokens.get(rows).astype(batch.tokens.dtype)])
-            if batch.paths:
-                pending.append(batch)
-                n_pending += len(batch.paths)
-            if n_pending >= commit_every:
-                report.added += self._commit(pending, to_remove)
-                pending, n_pending, to_remove = [], 0, []
-        report.added += self._commit(pending, to_remove)
+        missed: list[str] = []
+        with BackgroundCommits() as committer:
+            for batch in embedder.embed(todo, progress=progress):
+                report.skipped.extend(batch.failed)
+                if batch.duplicates:  # same content as an indexed file: copy its rows, no model pass
+                    with self._store_lock:
+                        missed += self._copy_duplicates(batch, report)
+                if batch.paths:
+                    pending.append(batch)
+                    n_pending += len(batch.paths)
+                if n_pending >= commit_every:
+                    committer.submit(self._commit, pending, to_remove, report)
+                    pending, n_pending, to_remove = [], 0, []
+            committer.submit(self._commit, pending, to_remove, report)
+        return missed
 
-    def _commit(self, batches: list, removed_rows: Sequence[int] = ()) -> int:
+    def _copy_duplicates(self, batch, report: BuildReport) -> list[str]:
+        rows = [self.store.row_of_hash(h) for _, h, _ in batch.duplicates]
+        dup = [(d, r) for d, r in zip(batch.duplicates, rows) if r is not None]
+        report.duplicates += len(dup)
+        if dup:
+            rows = [r for _, r in dup]
+            batch.paths += [p for (p, _, _), _ in dup]
+            batch.hashes += [h for (_, h, _), _ in dup]
+            batch.stats += [st for (_, _, st), _ in dup]
+            batch.vectors = np.concatenate([batch.vectors, self.store.vectors(rows)])
+            batch.tokens = np.concatenate([batch.tokens, self.store.tokens.get(rows).astype(batch.tokens.dtype)])
+        return [p for (p, _, _), r in zip(batch.duplicates, rows) if r is None]
+
+    def _commit(self, batches: list, removed_rows: Sequence[int] = (), report: BuildReport | None = None) -> int:
         if not batches and not removed_rows:
             return 0
         cfg = self.store.config
@@ -255,18 +280,24 @@ class Engine:
         vectors = np.concatenate([b.vectors for b in batches]) if batches else np.zeros((0, cfg.dim), np.float32)
         tokens = np.concatenate([b.tokens for b in batches]) if batches else np.zeros(
             (0, cfg.tokens_per_image, cfg.token_width), np.float16)
-        self.store.commit(paths, [h for b in batches for h in b.hashes], vectors, tokens,
-                          removed_rows=removed_rows, new_stats=[st for b in batches for st in b.stats])
+        with self._store_lock:  # the embedding thread reads the store for duplicates meanwhile
+            self.store.commit(paths, [h for b in batches for h in b.hashes], vectors, tokens,
+                              removed_rows=removed_rows, new_stats=[st for b in batches for st in b.stats])
+        if report is not None:
+            report.added += len(paths)
         return len(paths)
 
     def add_embeddings(self, paths: Sequence[str], vectors: np.ndarray, tokens: np.ndarray, *,
                        metadata: Sequence[dict | None] | None = None, hashes: Sequence[str | None] | None = None,
-                       commit_every: int = 100_000, optimize: bool = True) -> BuildReport:
+                       stats: Sequence[tuple[int, int]] | None = None, commit_every: int = 100_000,
+                       optimize: bool = True) -> BuildReport:
         """Add rows computed elsewhere (a distributed build, your own embeddings), under the writer lock.
 
         ``vectors`` (N, E) float32, L2-normalised first-stage image embeddings; ``tokens`` (N, m, d)
         the adapter's outputs (what ``EdjeModel.embed_images`` returns); ``metadata`` one dict per
-        row kept in the manifest (captions, source shard, ...). Paths already indexed are left
+        row kept in the manifest (captions, source shard, ...); ``hashes`` the files' sha256 and
+        ``stats`` their (size, mtime_ns) when the rows come from files, so later builds can tell
+        unchanged, changed and duplicate files apart. Paths already indexed are left
         as they are and counted unchanged. Same checks and commit guarantees as :meth:`add`.
         """
         cfg = self.store.config
@@ -286,7 +317,7 @@ class Engine:
                 raise BadInput(f"{name} contain NaN or infinite values")
         if len(set(paths)) != n:
             raise BadInput("paths repeat within one add_embeddings call")
-        for given, what in ((metadata, "metadata"), (hashes, "hashes")):
+        for given, what in ((metadata, "metadata"), (hashes, "hashes"), (stats, "stats")):
             if given is not None and len(given) != n:
                 raise BadInput(f"{what} has {len(given)} entries for {n} paths")
         report = BuildReport()
@@ -299,6 +330,7 @@ class Engine:
                 part = idx[s:s + commit_every]
                 self.store.commit([paths[i] for i in part], [hashes[i] if hashes else None for i in part],
                                   vectors[part].astype(np.float32), tokens[part],
+                                  new_stats=[stats[i] for i in part] if stats is not None else None,
                                   new_meta=[metadata[i] for i in part] if metadata is not None else None)
                 report.added += len(part)
             if optimize:
@@ -321,7 +353,8 @@ class Engine:
                 self.store.optimize()
         return len(rows)
 
-    def sync(self, root: str | Path, *, chunk_files: int = 4096, **kwargs) -> BuildReport:
+    def sync(self, root: str | Path, *, chunk_files: int = 4096, batch_size: int = 32, num_workers: int = 2,
+             commit_every: int = 512, progress: bool = True) -> BuildReport:
         """Make the index mirror the images under ``root``: add new files, re-embed changed ones
         (size or modification time differ), drop deleted ones. Holds the writer lock throughout.
 
@@ -333,12 +366,12 @@ class Engine:
         report = BuildReport()
         seen: set[str] = set()
         chunk: list[str] = []
-        with self.store.writing():
+        with self.store.writing(), self._indexer(batch_size, num_workers) as embedder:
             def flush() -> None:
                 indexed = self.store.lookup_paths(chunk)
                 changed = [indexed[p].row for p in chunk
                            if p in indexed and _file_stat(p) != (indexed[p].size, indexed[p].mtime_ns)]
-                self.add(chunk, report=report, removed_rows=changed, optimize=False, **kwargs)
+                self._add_paths(chunk, report, changed, embedder, commit_every=commit_every, progress=progress)
                 chunk.clear()
 
             for path in iter_image_files(root):

@@ -104,6 +104,7 @@ class ImageEmbedder:
     def __init__(self, model: EdjeModel, *, batch_size: int = 32, num_workers: int = 2,
                  token_dtype: str = "float16", precision: str = "auto", known_hashes=frozenset()):
         self.model = model
+        self.batch_size = batch_size
         self.token_dtype = token_dtype
         self.precision = precision
         config = model.first_stage.config

@@ -204,7 +204,8 @@ def merge_runs(runs: list[dict]) -> dict:
 def render(res: dict) -> str:
     s = res["settings"]
     lines = [
-        f"Machine: {res['machine']['cpu']}, {res['machine']['cores']} cores, {res['date']}; "
+        f"Machine: {res['machine']['cpu']}, {res['machine']['cores']} cores (load average "
+        f"{res['machine'].get('load_average_1min_at_start', '?')} from other work when the run began), {res['date']}; "
         f"{res['index']['images']} images, tiny-random model, GET /search k={s['k']} rerank_k={s['rerank_k']}, "
         f"server torch threads 1, clients on the same machine; each level ran batching on, off, off, on "
         f"for {s['seconds_per_run']:g} s each (`python -m benchmarks.serve_load`, load phases "
@@ -269,6 +270,7 @@ def main() -> None:
         for server in servers.values():
             server.wait_ready()
         began = time.monotonic()
+        load_at_start = round(os.getloadavg()[0], 1)  # other work on the machine shares its cores
         modes: dict[str, list[dict]] = {"on": [], "off": []}
         for i, clients in enumerate(levels):
             runs: dict[str, list[dict]] = {"on": [], "off": []}
@@ -292,7 +294,7 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
     res = {
         "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
-        "machine": machine(),
+        "machine": {**machine(), "load_average_1min_at_start": load_at_start},
         "command": "python -m benchmarks.serve_load " + " ".join(sys.argv[1:]),
         "index": {"images": args.images, "model": "tiny-random"},
         "settings": {"k": args.k, "rerank_k": args.rerank_k, "max_queue": args.max_queue,

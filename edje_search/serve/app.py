@@ -215,7 +215,7 @@ def create_app(engine: Engine, *, limits: ServeLimits | None = None, batching: B
                              "hits": [_with_urls(h, p) for h in result], "timings": _timings(stages, info)})
 
     # ------------------------------------------------------------------------------ files
-    def indexed_path(row: str) -> str:
+    def indexed_path(row: str) -> str:  # a manifest look-up: called in the thread pool, off the event loop
         path = index_view.path_of_row(engine, _row_number(row))
         if path is None:
             raise HTTPException(404, f"row {row} is not in the index")
@@ -225,7 +225,7 @@ def create_app(engine: Engine, *, limits: ServeLimits | None = None, batching: B
              responses={200: {"content": {"image/*": {}}}, 404: {"model": schemas.ErrorOut}})
     async def image(row: str):
         """The original file of an indexed row (only files in the index are ever served)."""
-        data, media_type, _ = await run_in_threadpool(read_indexed_file, indexed_path(row))
+        data, media_type, _ = await run_in_threadpool(lambda: read_indexed_file(indexed_path(row)))
         return Response(data, media_type=media_type, headers={"Cache-Control": "private, max-age=60",
                                                                "X-Content-Type-Options": "nosniff"})
 
@@ -233,7 +233,7 @@ def create_app(engine: Engine, *, limits: ServeLimits | None = None, batching: B
              responses={200: {"content": {"image/jpeg": {}}}, 404: {"model": schemas.ErrorOut}})
     async def thumbnail(request: Request, row: str):
         """A JPEG of the indexed image, at most thumbnail_size pixels on its longer side (cached)."""
-        data, etag = await run_in_threadpool(thumbnails.get, indexed_path(row))
+        data, etag = await run_in_threadpool(lambda: thumbnails.get(indexed_path(row)))
         headers = {"ETag": etag, "Cache-Control": "private, max-age=300", "X-Content-Type-Options": "nosniff"}
         if request.headers.get("if-none-match") == etag:
             return Response(status_code=304, headers=headers)

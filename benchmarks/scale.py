@@ -72,7 +72,8 @@ def open_probe(index: Path, queries: np.ndarray, k: int, rerank_k: int, n_gather
         store.tokens.get(rows)
         gathers.append(time.perf_counter() - t)
     _, found = store.search(queries, k)
-    return {"open_s": open_s, "rss_mb_before_open": rss_before, "rss_mb_after_open": rss_open, "rss_mb_after_queries": _rss_mb(),
+    return {"open_s": open_s, "rss_mb_before_open": rss_before, "rss_mb_after_open": rss_open,
+            "rss_mb_after_queries": _rss_mb(),
             "query_p50_ms": 1000 * statistics.median(lat[5:]), "query_p95_ms": 1000 * float(np.percentile(lat[5:], 95)),
             f"gather_{n_gather}_rows_p50_ms": 1000 * statistics.median(gathers[5:]),
             "found": found.tolist(), "recipe": store.recipe, "nprobe": store.settings.get("nprobe"),
@@ -169,7 +170,7 @@ def main() -> None:
                      "last_over_first": commits[-1]["commit_s"] / commits[0]["commit_s"]},
         "maintenance_s_total": sum(x["seconds"] for x in maintenance),
         "maintenance_events": [x for x in maintenance if x["action"] != "none"],
-        **probe, f"recall_at_10_vs_exact": recall,
+        **probe, "recall_at_10_vs_exact": recall,
         "disk_bytes": disk, "disk_bytes_per_row": disk / args.rows,
         "paper_shape_bytes_per_row": paper_row,
         "commits": commits, "machine": _machine(),

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from .main import BACKENDS, Failure, cli, echo_text, emit_json, index_option, json_option, to_json
+from .main import BACKENDS, Failure, cli, echo_text, emit_json, index_option, json_option
 
 SKIPPED_FILE = "skipped.jsonl"
 SHOW_SKIPPED = 10  # skipped files named on stderr after a build; the rest are in skipped.jsonl

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from .config import IndexConfig
-from .devices import pick_device
-from .errors import BadInput, BadQuery, ModelMismatch, ModelMissing
+from .devices import inference_autocast, pick_device
+from .errors import BadInput, ModelMismatch, ModelMissing
 from .images import is_image_path, iter_image_files
 from .models.bundle import EdjeModel
 from .models.registry import load_model
@@ -454,12 +454,14 @@ class Engine:
         k = min(k, n)
         pool = min(max(k, rerank_k), n)
         clock = StageClock()
-        q = self.model.embed_texts(list(queries)).cpu().numpy()
+        with inference_autocast(self.model.device):  # bf16/fp16 on CUDA, fp32 on the CPU
+            q = self.model.embed_texts(list(queries)).float().cpu().numpy()
         clock.lap("text_embed")
         first_scores, rows = self.store.search(q, pool)  # (Q, pool)
         clock.lap("faiss")
         n_rerank = min(rerank_k, pool)
-        rerank = self._rerank_pool(queries, rows[:, :n_rerank], batch_size, clock) if n_rerank else None
+        with inference_autocast(self.model.device):
+            rerank = self._rerank_pool(queries, rows[:, :n_rerank], batch_size, clock) if n_rerank else None
         by_row = self.store.paths(rows[rows >= 0].tolist())
         fusion_weight = self.model.fusion_weight
         results = []

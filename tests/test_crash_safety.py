@@ -112,4 +112,5 @@ def test_kill_during_build_twenty_trials(tmp_path, tiny_model_dir):
         assert set(got) == set(reference)
         for path, (vec, tok) in reference.items():
             np.testing.assert_allclose(got[path][0], vec, atol=1e-5)
+            np.testing.assert_allclose(got[path][1].astype(np.float32), tok.astype(np.float32), atol=2e-3)
 

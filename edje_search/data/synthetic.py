@@ -16,6 +16,8 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
+from ..fsutil import atomic_write_text
+
 COLORS = {
     "red": (220, 40, 40), "green": (40, 170, 60), "blue": (50, 80, 220), "yellow": (235, 210, 40),
     "purple": (150, 60, 190), "orange": (245, 140, 30), "white": (245, 245, 245), "cyan": (40, 200, 210),
@@ -247,8 +249,6 @@ def make_dataset(out_dir: str | Path, *, n_train: int = 20000, n_val: int = 500,
             else:
                 entries.append({"image": rel, "caption": captions})
         path = out_dir / f"{split}.json"
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(entries, indent=0))
-        tmp.replace(path)
+        atomic_write_text(path, json.dumps(entries, indent=0))
         files[split] = path
     return files

@@ -159,7 +159,7 @@ class Reranker(nn.Module):
             if was_training:
                 self.eval()
             with torch.inference_mode():
-                logits = self._score(list(captions), vision_tokens, projected_tokens, pixel_values)
+                logits = self._score(list(captions), vision_tokens, projected_tokens, pixel_values).float()
         finally:
             if was_training:
                 self.train()

@@ -85,7 +85,7 @@ class IndexStore:
         self._vectors = SegmentArray(f"{base.rstrip('/')}/vectors", (config.dim,), "float32")
         self.tokens = SegmentTokenStore(base, config.tokens_per_image, config.token_width, config.token_dtype)
         self.lock = WriterLock(directory, wait=lock_wait) if mode != "r" else None
-        self._load(manifest.snapshot())
+        self._load_latest()
 
     # ------------------------------------------------------------------------------- state
     def _load(self, snap: Snapshot) -> None:
@@ -97,7 +97,7 @@ class IndexStore:
             raise IndexCorrupt(f"index {self.directory}: stores hold {len(self._vectors)} vector and "
                                f"{len(self.tokens)} token rows, manifest {snap.n_rows} (run `edje-search repair`)")
         self._faiss = {}
-        for name, recipe, first, end in snap.faiss_segments:
+        for name, recipe, _first, _end in snap.faiss_segments:
             self._faiss[name] = self._read_faiss(name, recipe)
         self.tombstones = np.asarray(self.manifest.removed_rows(snap.generation), dtype=np.int64)
 
@@ -143,7 +143,8 @@ class IndexStore:
     def create(cls, directory: str | Path, config: IndexConfig,
                populate: Callable[[Path], IndexConfig | None] | None = None) -> "IndexStore":
         """A new, empty index, created atomically: built in a temporary sibling folder (where
-        ``populate`` may add files, e.g. the model, and return a final config) and renamed into place. If another process
+        ``populate`` may add files, e.g. the model, and return a final config) and renamed into place.
+        If another process
         created ``directory`` first, this raises FileExistsError and leaves it untouched."""
         directory = Path(directory)
         if (directory / CONFIG_FILE).exists():
@@ -190,8 +191,20 @@ class IndexStore:
         """Adopt the latest committed generation; True if it changed."""
         if self.manifest.generation() == self.generation:
             return False
-        self._load(self.manifest.snapshot())
+        self._load_latest()
         return True
+
+    def _load_latest(self) -> None:
+        """Load the latest generation; if a writer replaced (and deleted) its FAISS segments while
+        we were reading them, load the writer's newer generation instead."""
+        for attempt in range(10):
+            snap = self.manifest.snapshot()
+            try:
+                self._load(snap)
+                return
+            except IndexCorrupt:
+                if attempt == 9 or self.manifest.generation() == snap.generation:
+                    raise
 
     # ------------------------------------------------------------------------------- writing
     @contextmanager
@@ -294,7 +307,7 @@ class IndexStore:
         return sum(1 for r in rows if r not in dead and r < self.n_rows)
 
     def _write_faiss(self, index, name: str) -> None:
-        atomic_write(self.directory / FAISS_DIR / name, lambda tmp: vector_index.write_index_plain(index, tmp))
+        atomic_write(self.directory / FAISS_DIR / name, lambda tmp: vector_index.write_index(index, tmp))
 
     def _template(self):
         name = self.settings.get("template")
@@ -491,7 +504,7 @@ class IndexStore:
             problems.append(f"manifest has {live} live rows, its state says {len(self)}")
         dead = set(self.tombstones.tolist())
         seen = np.zeros(self.n_rows, dtype=bool)
-        for name, recipe, first, end in self.snapshot.faiss_segments:
+        for name, _recipe, first, end in self.snapshot.faiss_segments:
             index = self._faiss[name]
             ids = vector_index.segment_ids(index)
             if ids.size and (ids.min() < first or ids.max() >= end):

@@ -2,7 +2,6 @@
 normalised embeddings, FAISS ids = row numbers of the token store and manifest."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -52,17 +51,7 @@ def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray,
 
 
 def write_index(index: faiss.Index, path: str | Path) -> None:
-    """Write atomically: a reader sees the old file or the new one, never half of one."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    faiss.write_index(index, str(tmp))
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    tmp.replace(path)
-
-
-def write_index_plain(index: faiss.Index, path: str | Path) -> None:
-    """Write without the rename dance (callers wrap it in fsutil.atomic_write)."""
+    """Plain write; callers make it atomic with fsutil.atomic_write."""
     faiss.write_index(index, str(path))
 
 

@@ -13,6 +13,8 @@ import torch
 import torch.distributed as dist
 from transformers import get_cosine_schedule_with_warmup
 
+from ..fsutil import atomic_write
+
 
 def set_threads(threads: int | None) -> None:
     """Use ``threads`` CPU threads for torch's intra-op work (None: leave torch's default).
@@ -93,11 +95,9 @@ class TrainLog:
 
 
 def save_checkpoint(path: Path, **state) -> None:
-    """Atomic torch checkpoint (tmp file, then rename)."""
+    """Atomic torch checkpoint (fsutil.atomic_write)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_checkpoint(path: Path) -> dict | None:

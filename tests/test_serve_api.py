@@ -420,3 +420,18 @@ def test_add_while_serving_makes_a_new_image_searchable(built_index, tmp_path):
         refused = c.get(f"/images/{row}")
         assert_json_error(refused, 403)
         assert "root:" not in refused.text
+
+
+def test_micro_batcher_waits_for_company_only_when_some_is_coming():
+    async def one_job(coming: int) -> float:
+        b = MicroBatcher(lambda key, payloads: payloads, BatchSettings(max_wait_ms=300), coming=lambda: coming)
+        await b.start()
+        try:
+            t = time.perf_counter()
+            await b.submit("a", 1)
+            return time.perf_counter() - t
+        finally:
+            await b.stop()
+
+    assert asyncio.run(one_job(0)) < 0.15  # nobody else in the server: the idle engine starts at once
+    assert asyncio.run(one_job(1)) >= 0.25  # another request is on its way: wait (up to 300 ms) for it

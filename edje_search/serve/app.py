@@ -27,7 +27,7 @@ from . import index_view, schemas
 from .batching import BatchInfo, BatchSettings, MicroBatcher, Overloaded
 from .files import FileRefused, ThumbnailCache, read_indexed_file
 from .limits import ServeLimits
-from .security import BodyLimit, InFlightLimit, TokenAuth
+from .security import BodyLimit, InFlightLimit, RequestCounter, TokenAuth
 from .service import IMAGE_KEY, ImageJob, RowGone, SearchService, TextJob, text_key
 
 logger = logging.getLogger(__name__)
@@ -80,7 +80,9 @@ def create_app(engine: Engine, *, limits: ServeLimits | None = None, batching: B
     limits = limits or ServeLimits()
     batching = batching or BatchSettings()
     service = SearchService(engine, refresh_interval_s=refresh_interval_s)
-    batcher = MicroBatcher(service.run, batching, before_batch=service.maybe_refresh)
+    in_progress = RequestCounter()
+    batcher = MicroBatcher(service.run, batching, before_batch=service.maybe_refresh,
+                           coming=lambda: in_progress.value - batcher.queued_jobs - batcher.running_jobs)
     thumbnails = ThumbnailCache(size=thumbnail_size)
 
     @contextlib.asynccontextmanager
@@ -101,7 +103,8 @@ def create_app(engine: Engine, *, limits: ServeLimits | None = None, batching: B
     app.add_middleware(BodyLimit, limit_for=lambda path: limits.max_upload_bytes if path == "/search/image"
                        else limits.max_json_bytes)
     # every admitted search can be in the engine's queue or batch; more than that is refused at once
-    app.add_middleware(InFlightLimit, limit=max_in_flight or batching.max_queue + batching.max_batch)
+    app.add_middleware(InFlightLimit, limit=max_in_flight or batching.max_queue + batching.max_batch,
+                       counter=in_progress)
     if token is not None:
         app.add_middleware(TokenAuth, token=token)  # added last = outermost: checked before anything else
 

@@ -2,12 +2,12 @@
 
 Requests are queued as jobs with a key (jobs with the same key can share a call: text
 searches with the same ``rerank_k``, image searches). A collector task on the event loop
-takes the oldest job, waits at most ``max_wait_ms`` for company while the engine is idle,
-and hands every queued job of that key (up to ``max_batch`` queries) to ``run`` in the one
-engine thread. While a batch runs, new jobs pile up and leave together in the next call, so
-throughput grows with load. The queue is bounded: past ``max_queue`` queued queries
-:class:`Overloaded` is raised at once (the server answers 503 with Retry-After) instead of
-letting latency grow without bound.
+takes the oldest job, waits at most ``max_wait_ms`` for company while the engine is idle
+(only if other requests are on their way: see ``coming``), and hands every queued job of that
+key (up to ``max_batch`` queries) to ``run`` in the one engine thread. While a batch runs,
+new jobs pile up and leave together in the next call, so throughput grows with load. The
+queue is bounded: past ``max_queue`` queued queries :class:`Overloaded` is raised at once
+(the server answers 503 with Retry-After) instead of letting latency grow without bound.
 
 ``max_batch=1`` with ``max_wait_ms=0`` serves one request per engine call (batching off),
 through the same queue and thread, so the two settings compare like with like.
@@ -73,9 +73,12 @@ class MicroBatcher:
     """
 
     def __init__(self, run: Callable[[Hashable, list], list], settings: BatchSettings = BatchSettings(),
-                 before_batch: Callable[[], None] | None = None):
+                 before_batch: Callable[[], None] | None = None, coming: Callable[[], int] | None = None):
         self._run = run
         self.settings = settings
+        # requests already in the server but not yet queued here: with none, nobody can join a
+        # batch within max_wait_ms, so an idle engine starts at once instead of waiting for nothing
+        self._coming = coming
         self._before_batch = before_batch
         self._queue: collections.deque[_Job] = collections.deque()
         self._queued_weight = 0
@@ -84,12 +87,19 @@ class MicroBatcher:
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._seconds_per_query = 0.01  # running estimate, for Retry-After
         self.running = 0  # queries of the engine call under way (or waiting for the engine thread)
+        self.running_jobs = 0  # requests in that call
         self.batches = 0
         self.queries = 0
 
     @property
     def queued(self) -> int:
+        """Queries waiting for the engine."""
         return self._queued_weight
+
+    @property
+    def queued_jobs(self) -> int:
+        """Requests waiting for the engine."""
+        return len(self._queue)
 
     async def start(self) -> None:
         if self._task is not None:
@@ -164,6 +174,9 @@ class MicroBatcher:
         self._queued_weight -= weight
         return taken
 
+    def _may_get_company(self) -> bool:
+        return self._coming is None or self._coming() > 0
+
     def _same_key_weight(self, key: Hashable) -> int:
         return sum(j.weight for j in self._queue if j.key == key)
 
@@ -177,7 +190,7 @@ class MicroBatcher:
                 continue
             first = self._queue[0]
             deadline = first.enqueued + wait
-            while self._same_key_weight(first.key) < self.settings.max_batch:
+            while self._same_key_weight(first.key) < self.settings.max_batch and self._may_get_company():
                 remaining = deadline - time.perf_counter()
                 if remaining <= 0:
                     break
@@ -191,7 +204,7 @@ class MicroBatcher:
                 continue
             started = time.perf_counter()
             n_queries = sum(j.weight for j in jobs)
-            self.running = n_queries
+            self.running, self.running_jobs = n_queries, len(jobs)
             try:
                 results = await loop.run_in_executor(self._executor, self._run_batch, first.key,
                                                      [j.payload for j in jobs])
@@ -201,7 +214,7 @@ class MicroBatcher:
                         job.future.set_exception(e)
                 continue
             finally:
-                self.running = 0
+                self.running = self.running_jobs = 0
             elapsed = time.perf_counter() - started
             self._seconds_per_query = 0.8 * self._seconds_per_query + 0.2 * elapsed / n_queries
             self.batches += 1

@@ -120,32 +120,41 @@ class BodyLimit:
         await self.app(scope, counted_receive, send)
 
 
+class RequestCounter:
+    """Requests in progress in the app (the server's micro-batcher reads it too)."""
+
+    def __init__(self):
+        self.value = 0
+
+
 class InFlightLimit:
     """Answers 503 with Retry-After at once when ``limit`` requests are already being served.
 
     The micro-batcher bounds the queries waiting for the engine; this bounds everything else a
     flood of requests costs (parsing, thumbnails, responses), so an overloaded server refuses
     quickly instead of letting every request's latency grow. ``exempt`` paths (health checks)
-    are always served.
+    are always served and not counted.
     """
 
-    def __init__(self, app, limit: int, exempt: frozenset[str] = frozenset({"/health"})):
+    def __init__(self, app, limit: int, counter: RequestCounter | None = None,
+                 exempt: frozenset[str] = frozenset({"/health"})):
         self.app = app
         self.limit = limit
+        self.counter = counter or RequestCounter()
         self.exempt = exempt
-        self.in_flight = 0
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["path"] in self.exempt:
             return await self.app(scope, receive, send)
-        if self.in_flight >= self.limit:
-            start, body = _json_response(503, f"server busy: {self.in_flight} requests in progress; retry shortly",
-                                         [(b"retry-after", b"1")])
+        if self.counter.value >= self.limit:
+            start, body = _json_response(
+                503, f"server busy: {self.counter.value} requests in progress; retry shortly",
+                [(b"retry-after", b"1")])
             await send(start)
             await send(body)
             return
-        self.in_flight += 1
+        self.counter.value += 1
         try:
             await self.app(scope, receive, send)
         finally:
-            self.in_flight -= 1
+            self.counter.value -= 1

@@ -220,7 +220,7 @@ def render(res: dict) -> str:
             lines.append(f"| {r['clients']} | {mode} | {r['throughput_rps']} | {r.get('p50_ms', '-')} | "
                          f"{r.get('p95_ms', '-')} | {r.get('mean_batch_queries', '-')} | {r['busy_503']} | "
                          f"{r['timeouts']} | {r['other_errors']} |")
-    gains = ", ".join(f"{c} clients {g:.2f}x" for c, g in res["batching_gain"].items())
+    gains = ", ".join(f"{c} client{'' if c == '1' else 's'} {g:.2f}x" for c, g in res["batching_gain"].items())
     lines += ["", f"Throughput with micro-batching / without (same run): {gains}. The last level has more "
                   f"clients than the queue holds ({s['max_queue']} queued queries): the excess gets 503 with "
                   f"Retry-After at once."]

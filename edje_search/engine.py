@@ -83,13 +83,13 @@ class StageClock:
 
 def _check_query(text: str) -> str:
     if not isinstance(text, str) or not text.strip():
-        raise ValueError("empty query: give some text to search for")
+        raise BadQuery("empty query: give some text to search for")
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise ValueError("query is not valid UTF-8 text") from e
+        raise BadQuery("query is not valid UTF-8 text") from e
     if len(text) > MAX_QUERY_CHARS:
-        raise ValueError(f"query too long ({len(text)} characters; the limit is {MAX_QUERY_CHARS})")
+        raise BadQuery(f"query too long ({len(text)} characters; the limit is {MAX_QUERY_CHARS})")
     return text
 
 
@@ -448,9 +448,9 @@ class Engine:
         queries = [_check_query(q) for q in queries]
         n = len(self.store)
         if n == 0:
-            raise ValueError("the index is empty: add images with `edje-search build-index`")
+            raise BadQuery("the index is empty: add images with `edje-search build-index`")
         if k <= 0 or rerank_k < 0:
-            raise ValueError(f"k must be positive and rerank_k non-negative (got k={k}, rerank_k={rerank_k})")
+            raise BadQuery(f"k must be positive and rerank_k non-negative (got k={k}, rerank_k={rerank_k})")
         k = min(k, n)
         pool = min(max(k, rerank_k), n)
         clock = StageClock()
@@ -499,6 +499,24 @@ class Engine:
         rows = np.array([[e.row for e in self.store.iter_entries()]])
         with torch.inference_mode():
             return self._rerank_pool([query], rows, batch_size)[0]
+
+    # ------------------------------------------------------------------- rows and neighbours
+    @property
+    def generation(self) -> int:
+        """The committed generation this engine searches (changes with :meth:`refresh`)."""
+        return self.store.generation
+
+    def paths(self, rows: Iterable[int]) -> dict[int, str]:
+        """Row -> file path for those of ``rows`` that are live in this generation."""
+        return self.store.paths(rows)
+
+    def search_vectors(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """First-stage nearest neighbours of (Q, E) embeddings, e.g. of images for image-to-image
+        search: (scores (Q, k), rows (Q, k)), rows -1 where fewer than k images exist."""
+        vectors = np.asarray(vectors, dtype=np.float32)
+        if vectors.ndim != 2 or vectors.shape[1] != self.store.config.dim:
+            raise BadInput(f"vectors must have shape (Q, {self.store.config.dim}), got {vectors.shape}")
+        return self.store.search(vectors, k)
 
     # ---------------------------------------------------------------------------------- info
     def info(self) -> dict:

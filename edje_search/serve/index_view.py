@@ -16,7 +16,7 @@ from ..engine import Engine
 
 def path_of_row(engine: Engine, row: int) -> str | None:
     """The indexed file of ``row`` in the open generation, or None if the row is not live."""
-    return engine.store.paths([int(row)]).get(int(row))
+    return engine.paths([int(row)]).get(int(row))
 
 
 def image_count(engine: Engine) -> int:
@@ -24,7 +24,7 @@ def image_count(engine: Engine) -> int:
 
 
 def generation(engine: Engine) -> int:
-    return int(engine.store.generation)
+    return int(engine.generation)
 
 
 def preprocess(engine: Engine, image: Image.Image) -> torch.Tensor:
@@ -50,7 +50,7 @@ def nearest_rows(engine: Engine, vectors: np.ndarray, k: int,
     n = len(engine.store)
     if n == 0:
         return [[] for _ in range(len(vectors))]
-    scores, rows = engine.store.search(vectors, min(k + 1, n))
+    scores, rows = engine.search_vectors(vectors, min(k + 1, n))
     out = []
     for qi in range(len(vectors)):
         hits = [(int(r), float(s)) for r, s in zip(rows[qi], scores[qi]) if r >= 0 and r != exclude[qi]]

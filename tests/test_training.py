@@ -238,7 +238,7 @@ parts = [torch.empty_like(flat) for _ in range(2)]
 dist.all_gather(parts, flat)
 assert torch.equal(parts[0], parts[1]), "replicas diverged"
 import os
-os.write(1, f"RANK_OK {dist.get_rank()} {dist.get_world_size()}\n".encode())  # one write: ranks share stdout
+os.write(1, f"RANK_OK {{dist.get_rank()}} {{dist.get_world_size()}}\\n".encode())  # one write: ranks share stdout
 dist.destroy_process_group()
 """)
     torchrun = Path(sys.executable).parent / "torchrun"

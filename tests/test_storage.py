@@ -254,6 +254,8 @@ def test_removal_works_for_every_recipe(tmp_path, factory):
     with store.writing():
         store.optimize()
     assert store.recipe == ("Flat" if factory == "auto" else factory)
+    if factory.startswith("HNSW"):
+        assert store.settings["ef_search"] >= 16  # tuned for recall like IVF's nprobe
     _commit(store, [], v[:0], t[:0], removed=[0, 5, 7])
     again = IndexStore.open(tmp_path / "i")
     assert len(again) == 397

@@ -479,12 +479,15 @@ class IndexStore:
         name = f"seg-{0:012d}-g{gen}.index"
         self._write_faiss(index, name)
         recall = None
-        if vector_index.n_lists(recipe):
-            settings["nprobe"], recall = tune_nprobe(index, rows, vecs, recipe, k=10, target=TARGET_RECALL,
-                                                     refine=vector_index.needs_refine(recipe))
+        knob = "nprobe" if vector_index.n_lists(recipe) else "ef_search" if "HNSW" in recipe else None
+        if knob:
+            settings[knob], recall = tune_recall(index, rows, vecs, recipe, knob, k=10, target=TARGET_RECALL,
+                                                 refine=vector_index.needs_refine(recipe))
         self._commit_faiss([(name, recipe, 0, self.n_rows)], settings)
-        logger.info("FAISS recipe is now %s (nprobe %s, recall@10 %s)", recipe, settings.get("nprobe"), recall)
-        return {"action": "retrain", "recipe": recipe, "nprobe": settings.get("nprobe"), "recall_at_10": recall}
+        logger.info("FAISS recipe is now %s (nprobe %s, efSearch %s, recall@10 %s)", recipe, settings.get("nprobe"),
+                    settings.get("ef_search"), recall)
+        return {"action": "retrain", "recipe": recipe, "nprobe": settings.get("nprobe"),
+                "ef_search": settings.get("ef_search"), "recall_at_10": recall}
 
     # ------------------------------------------------------------------------ verify, repair
     def verify(self) -> list[str]:
@@ -721,9 +724,10 @@ def ivf_flat_contents(index, dim: int) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(ids), np.concatenate(vecs)
 
 
-def tune_nprobe(index, rows: np.ndarray, vectors: np.ndarray, recipe: str, *, k: int, target: float,
+def tune_recall(index, rows: np.ndarray, vectors: np.ndarray, recipe: str, knob: str, *, k: int, target: float,
                 refine: bool, n_queries: int = 200, seed: int = 0) -> tuple[int, float]:
-    """Smallest power-of-two nprobe whose recall@k against exact search reaches ``target``.
+    """Smallest power of two for ``knob`` (IVF ``nprobe`` or HNSW ``ef_search``) whose recall@k
+    against exact search reaches ``target`` (like faiss.contrib's operating points, one target).
 
     ``rows`` (sorted) are the ids of ``vectors``. Queries are stored vectors with noise added
     (a query is near, not equal to, an image).
@@ -733,17 +737,16 @@ def tune_nprobe(index, rows: np.ndarray, vectors: np.ndarray, recipe: str, *, k:
     q = vectors[pick] + rng.normal(0, 0.5 / np.sqrt(vectors.shape[1]), (len(pick), vectors.shape[1])).astype(np.float32)
     q /= np.linalg.norm(q, axis=1, keepdims=True)
     truth = rows[vector_index.exact_top_k(vectors, q, k)]
-    nlist = vector_index.n_lists(recipe)
-    nprobe, recall = 1, 0.0
+    value, top = (1, vector_index.n_lists(recipe)) if knob == "nprobe" else (16, 4096)
     while True:
         want = k * REFINE_FACTOR if refine else k
-        _, got = vector_index.search_segments([index], q, want, nprobe=nprobe)
+        _, got = vector_index.search_segments([index], q, want, **{knob: value})
         if refine:  # exact re-score of the candidates, as IndexStore.search does
             pos = np.searchsorted(rows, np.clip(got, 0, None))
             exact = np.einsum("qd,qkd->qk", q, vectors[np.clip(pos, 0, len(rows) - 1)])
             exact[got < 0] = -np.inf
             got = np.take_along_axis(got, np.argsort(-exact, axis=1)[:, :k], 1)
         recall = float(np.mean([len(set(g[:k].tolist()) & set(t.tolist())) / k for g, t in zip(got, truth)]))
-        if recall >= target or nprobe >= nlist:
-            return nprobe, recall
-        nprobe *= 2
+        if recall >= target or value >= top:
+            return value, recall
+        value *= 2

@@ -17,7 +17,7 @@ import torch
 
 from .config import IndexConfig
 from .devices import inference_autocast, pick_device
-from .errors import BadInput, ModelMismatch, ModelMissing
+from .errors import BadInput, BadQuery, ModelMismatch, ModelMissing
 from .images import is_image_path, iter_image_files
 from .models.bundle import EdjeModel
 from .models.registry import load_model

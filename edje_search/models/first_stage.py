@@ -5,6 +5,8 @@ last hidden state of the vision encoder (for the adapter), as EDJE requires.
 """
 from __future__ import annotations
 
+import contextlib
+
 import copy
 import shutil
 from pathlib import Path
@@ -18,6 +20,7 @@ from open_clip.transformer import VisionTransformer
 from safetensors.torch import load_model, save_model
 from torch import nn
 
+from .loading import skip_init
 from ..config import FirstStageConfig, load_config, save_config
 
 CONFIG_NAME = "first_stage.json"
@@ -151,7 +154,8 @@ class FirstStage(nn.Module):
 
             return SiglipFirstStage.from_pretrained(directory, config)
         tok = directory / TOKENIZER_DIR
-        model = cls(config, tokenizer_dir=tok if tok.is_dir() else None)
+        with skip_init() if load_weights else contextlib.nullcontext():  # the weights below replace them
+            model = cls(config, tokenizer_dir=tok if tok.is_dir() else None)
         if load_weights:
             missing, unexpected = load_model(model.clip, str(directory / WEIGHTS_NAME), strict=False)
             # open_clip keeps some non-persistent buffers (e.g. attention masks) out of the file

@@ -13,15 +13,12 @@ import torch
 from transformers import AutoTokenizer, BertConfig
 
 from .config import RerankerConfig
+from .errors import CheckpointError
 from .models.bundle import EdjeModel
 from .models.reranker import Reranker, add_image_token
 from .models.siglip_backend import SiglipFirstStage
 
 RERANKER_PREFIXES = ("vision_projection.", "language_model.", "classification_head.", "text_projection.")
-
-
-class CheckpointError(ValueError):
-    """The file is not an EDJE checkpoint this converter understands."""
 
 
 def read_official_state(path: str | Path) -> dict[str, torch.Tensor]:

@@ -204,9 +204,10 @@ def train_reranker_cmd(annotations, image_root, first_stage_dir, out_dir, varian
 @click.option("--out", "out_file", default=None, type=click.Path(dir_okay=False),
               help="Also write the results as JSON to this file.")
 @threads_option
+@click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available).")
 @json_option
 def eval_cmd(annotations, image_root, models, rerank_k, precision, batch_size, backend, token_precision, out_file,
-             threads, as_json):
+             threads, device, as_json):
     """Recall@1/5/10, text-to-image and image-to-text, first stage vs reranked."""
     from edje_search import load_model
     from edje_search.evaluation import evaluate, format_table, load_eval_set
@@ -214,7 +215,7 @@ def eval_cmd(annotations, image_root, models, rerank_k, precision, batch_size, b
 
     _use_threads(threads)
     data = load_eval_set(annotations, image_root)
-    loaded = [load_model(m).to(pick_device()).eval() for m in models]
+    loaded = [load_model(m).to(pick_device(device)).eval() for m in models]
     for m in loaded:
         m.reranker.use_backend(backend)
     results = evaluate(loaded, data, rerank_k=rerank_k, precision=precision, batch_size=batch_size,
@@ -238,8 +239,10 @@ def eval_cmd(annotations, image_root, models, rerank_k, precision, batch_size, b
 @click.option("--batch-size", default=128, show_default=True, help="Pairs per joint-encoder batch.")
 @click.option("--dry-run", is_flag=True, help="Report the best weight without writing it.")
 @threads_option
+@click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available).")
 @json_option
-def calibrate_cmd(annotations, image_root, model_name, rerank_k, weights, batch_size, dry_run, threads, as_json):
+def calibrate_cmd(annotations, image_root, model_name, rerank_k, weights, batch_size, dry_run, threads, device,
+                  as_json):
     """Choose how much first-stage similarity to add to the joint-encoder score, on a labelled split.
 
     Reranked hits are ranked by joint-encoder logit + W x first-stage similarity (as ALBEF and
@@ -265,7 +268,7 @@ def calibrate_cmd(annotations, image_root, model_name, rerank_k, weights, batch_
                                "the copy, or use --dry-run")
     _use_threads(threads)
     data = load_eval_set(annotations, image_root)
-    model = load_model(model_name).to(pick_device()).eval()
+    model = load_model(model_name).to(pick_device(device)).eval()
     result = calibrate_fusion(model, data, rerank_k=rerank_k, weights=grid, batch_size=batch_size)
     result.update(model=str(model.path), data=str(annotations), previous=model.fusion_weight, written=not dry_run)
     if not dry_run:

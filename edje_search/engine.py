@@ -17,13 +17,14 @@ import torch
 
 from .config import IndexConfig
 from .devices import inference_autocast, pick_device
-from .errors import BadInput, BadQuery, ModelMismatch, ModelMissing
+from .errors import BadInput, BadQuery, IndexExists, ModelMismatch, ModelMissing
 from .images import is_image_path, iter_image_files
 from .models.bundle import EdjeModel
 from .models.registry import load_model
 from .pipeline import BackgroundCommits, ImageEmbedder, embed_files
 from .ranking import rank_pool
-from .storage.index_store import IndexStore, RepairReport, resolve_model_path, verify_index, write_skipped
+from .storage.index_store import (IndexStore, RepairReport, record_model_path, resolve_model_path, verify_index,
+                                  write_skipped)
 from .storage.token_store import bytes_per_image, working_dtype
 
 MAX_QUERY_CHARS = 2000
@@ -114,7 +115,7 @@ class Engine:
         grows (Flat, then IVF, then OPQ+IVF-PQ; storage/vector_index.py). ``token_dtype`` float16,
         float32 or int8 (int8 with a scale per token halves the storage). ``store_url``: keep
         vectors and tokens at an fsspec URL (``s3://bucket/prefix``) instead of inside the index.
-        Raises FileExistsError if an index is already there (see :meth:`create_or_open`).
+        Raises IndexExists (a FileExistsError) if an index is already there (see :meth:`create_or_open`).
         """
         index_dir = Path(index_dir)
         target = pick_device(device)  # before anything is written: a device that is not there is an error
@@ -155,7 +156,7 @@ class Engine:
             built = load_model(model) if isinstance(model, (str, Path)) else model
             try:
                 return cls.create(index_dir, built, lock_wait=lock_wait, device=device, **create_kwargs)
-            except FileExistsError:
+            except IndexExists:
                 model = built
         return cls.from_pretrained(index_dir, model=model, writable=True, device=device, lock_wait=lock_wait)
 
@@ -175,11 +176,17 @@ class Engine:
             model = load_model(model_path)
         elif isinstance(model, (str, Path)):
             model = load_model(model)
+        if model.path is None:
+            raise BadInput(f"an index already exists in {index_dir}: open it with the model directory it was built "
+                           f"with (or model=None), not a model built in memory")
         if model.fingerprint() != store.config.model_fingerprint:
             raise ModelMismatch(
                 f"index {index_dir} was built with model {store.config.model_fingerprint} "
                 f"({store.config.model_path}) but the model given is {model.fingerprint()} ({model.path}); "
                 f"use that model or rebuild the index")
+        if writable and not resolve_model_path(store).is_dir() and model.path is not None:
+            with store.writing():  # the model moved: remember where it is now
+                record_model_path(store, model.path)
         model.to(pick_device(device)).eval()
         model.reranker.use_backend(backend)
         return cls(store, model)

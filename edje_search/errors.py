@@ -24,6 +24,10 @@ class IndexCorrupt(EdjeError, RuntimeError):
     """The index directory is missing, incomplete or inconsistent."""
 
 
+class IndexExists(EdjeError, FileExistsError):
+    """An index already exists where a new one was to be created."""
+
+
 class IndexLocked(EdjeError, RuntimeError):
     """Another process holds the index's writer lock."""
 

@@ -67,13 +67,16 @@ def iter_image_files(root: str | Path, follow_symlinks: bool = True) -> Iterator
     ``root`` itself may be a file: it is yielded when its name is an image name. Entries that
     are not regular files but carry an image name (a FIFO called ``pipe.jpg``, a link to a
     device) are yielded too, so the loader skips them with a reason the build reports.
-    Symlink loops are broken by tracking visited directories' (device, inode).
+    Symlink loops are broken by tracking visited directories' (device, inode), and a symlinked
+    folder is entered only when it resolves inside ``root`` (a link to ``..`` or ``/`` would
+    otherwise index whatever lies outside the folder asked for).
     """
     root = Path(root)
     if not root.is_dir():
         if is_image_path(root):
             yield root
         return
+    real_root = root.resolve()
     seen: set[tuple[int, int]] = set()
     stack = [root]
     while stack:
@@ -95,6 +98,8 @@ def iter_image_files(root: str | Path, follow_symlinks: bool = True) -> Iterator
         for entry in entries:
             try:
                 if entry.is_dir(follow_symlinks=follow_symlinks):
+                    if entry.is_symlink() and not Path(entry.path).resolve().is_relative_to(real_root):
+                        continue  # a link out of the folder being indexed
                     subdirs.append(Path(entry.path))
                 elif is_image_path(entry.name):
                     yield Path(entry.path)

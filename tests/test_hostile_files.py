@@ -222,3 +222,18 @@ def test_heic_photos_decode_through_pillow_heif():
     assert img.size == (40, 30) and img.mode == "RGB"
     r, g, b = img.getpixel((20, 15))
     assert r > 150 and g < 80 and b < 80
+
+
+def test_symlinked_folders_are_followed_only_inside_the_root(tmp_path):
+    from edje_search.images import iter_image_files
+
+    root, outside = tmp_path / "photos", tmp_path / "other"
+    (root / "real").mkdir(parents=True)
+    outside.mkdir()
+    (root / "real" / "a.png").write_bytes(b"x")
+    (outside / "b.png").write_bytes(b"x")
+    (root / "inside").symlink_to(root / "real")
+    (root / "up").symlink_to(tmp_path)
+    (root / "top").symlink_to("/")
+    found = sorted(p.relative_to(root).as_posix() for p in iter_image_files(root))
+    assert found == ["inside/a.png"]  # each folder once (the link is met first), nothing from outside

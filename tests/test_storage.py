@@ -235,13 +235,72 @@ def test_damage_is_found_by_verify_and_fixed_by_repair(tmp_path):
     again = IndexStore.open(root)
     assert again.verify() == [] and len(again) == 20
     np.testing.assert_array_equal(again.tokens.get([35]), t[35:36])
-    # a deleted FAISS file: open fails clearly, repair rebuilds it from the stored vectors
+    # a deleted FAISS file: readers and other writers fail clearly, repair rebuilds it from the
+    # stored vectors in one commit
     for p in (root / "faiss").glob("seg-*"):
         p.unlink()
     from edje_search.storage.index_store import verify_index
     assert any("FAISS file missing" in p for p in verify_index(root))
     with pytest.raises(IndexCorrupt, match="repair"):
         IndexStore.open(root)
+    store = IndexStore.open(root, mode="r+")
+    with store.writing(), pytest.raises(IndexCorrupt, match="repair"):
+        store.commit(["/new"], ["h"], v[:1], t[:1])
+    before = store.generation
+    with store.writing():
+        assert store.repair().dropped == []
+    assert store.generation == before + 1  # one commit: no generation without FAISS
+    again = IndexStore.open(root)
+    assert again.verify() == [] and len(again) == 20
+    _, rows = again.search(v[35:36], 1)
+    assert rows[0, 0] == 35
+
+
+def test_repair_refuses_when_index_json_is_what_changed(tmp_path):
+    rng = np.random.default_rng(10)
+    store = IndexStore.create(tmp_path / "i", _config())
+    _commit(store, ["/a", "/b"], _unit(rng, 2), np.zeros((2, 2, 4), np.float16))
+    cfg = tmp_path / "i" / "index.json"
+    cfg.write_text(cfg.read_text().replace('"tokens_per_image": 2', '"tokens_per_image": 3'))
+    broken = IndexStore.open(tmp_path / "i", mode="r+")
+    assert broken.verify()
+    with broken.writing(), pytest.raises(IndexCorrupt, match="restore index.json"):
+        broken.repair()
+    cfg.write_text(cfg.read_text().replace('"tokens_per_image": 3', '"tokens_per_image": 2'))
+    assert IndexStore.open(tmp_path / "i").verify() == [] and len(IndexStore.open(tmp_path / "i")) == 2
+
+
+def test_threads_sharing_one_writable_store_take_turns(tmp_path):
+    import threading
+
+    rng = np.random.default_rng(11)
+    store = IndexStore.create(tmp_path / "i", _config())
+    v, t = _unit(rng, 80), np.zeros((80, 2, 4), np.float16)
+    errors = []
+
+    def writer(first):
+        try:
+            for i in range(first, first + 40, 4):
+                _commit(store, [f"/p{j}" for j in range(i, i + 4)], v[i:i + 4], t[i:i + 4])
+        except Exception as e:  # noqa: BLE001 - re-raised below
+            errors.append(e)
+
+    threads = [threading.Thread(target=writer, args=(f,)) for f in (0, 40)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors, errors[0]
+    again = IndexStore.open(tmp_path / "i")
+    assert len(again) == 80 and again.verify() == []
+
+
+def test_folder_lookups_cover_names_of_any_bytes(tmp_path):
+    store = IndexStore.create(tmp_path / "i", _config())
+    odd = os.fsdecode(b"/photos/\xff\xff\xff\xff\xff\xff\xff\xff\xffz.png")
+    paths = [odd, "/photos/a.png", "/photosx/b.png", "/photos/sub/c.png"]
+    _commit(store, paths, _unit(np.random.default_rng(12), 4), np.zeros((4, 2, 4), np.float16))
+    assert sorted(e.path for e in store.live_under("/photos/")) == sorted([odd, "/photos/a.png", "/photos/sub/c.png"])
 
 
 @pytest.mark.parametrize("factory", ["Flat", "HNSW16,Flat", "IVF4,Flat", "auto"])

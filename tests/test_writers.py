@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edje_search import Engine, IndexLocked
-from edje_search.models.registry import load_model
+from edje_search import BadInput, EdjeError, Engine, IndexExists, IndexLocked
+from edje_search.models.registry import build_tiny_model, load_model
 
 # fork after torch has run its thread pool can hang; a fork server that imported the engine once
 # (and ran nothing) forks clean writers in milliseconds
@@ -141,3 +141,21 @@ def test_resaving_a_model_keeps_its_fingerprint(tiny_model_dir, tmp_path):
     tensors[name] = tensors[name] + 1  # different weights: a different fingerprint
     save_file(tensors, some)
     assert tensor_fingerprint(tmp_path / "again") != first
+
+
+def test_a_moved_model_is_found_again_with_model_and_remembered(tmp_path, tiny_model_dir, shapes_dir):
+    model_dir = tmp_path / "models" / "tiny"
+    shutil.copytree(tiny_model_dir, model_dir)
+    index = tmp_path / "idx"
+    Engine.create(index, load_model(model_dir)).add(sorted(shapes_dir.glob("test/*.png"))[:4], num_workers=0,
+                                                   progress=False)
+    moved = tmp_path / "elsewhere"
+    model_dir.rename(moved)
+    with pytest.raises(EdjeError, match="gone"):
+        Engine.from_pretrained(index)
+    Engine.from_pretrained(index, model=moved, writable=True)  # a writer given the model records where it is
+    assert Engine.from_pretrained(index).verify() == []
+    with pytest.raises(BadInput, match="built in memory"):
+        Engine.create_or_open(index, build_tiny_model(seed=0))
+    with pytest.raises(IndexExists):
+        Engine.create(index, load_model(moved))

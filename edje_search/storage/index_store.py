@@ -25,6 +25,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -32,7 +33,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from ..config import IndexConfig, load_config, save_config
-from ..errors import BadInput, IndexCorrupt
+from ..errors import BadInput, IndexCorrupt, IndexExists
 from ..fsutil import atomic_write
 from . import vector_index
 from .lock import WriterLock
@@ -85,6 +86,7 @@ class IndexStore:
         self._vectors = SegmentArray(f"{base.rstrip('/')}/vectors", (config.dim,), "float32")
         self.tokens = SegmentTokenStore(base, config.tokens_per_image, config.token_width, config.token_dtype)
         self.lock = WriterLock(directory, wait=lock_wait) if mode != "r" else None
+        self._writer_thread = threading.RLock()
         self._load_latest()
 
     # ------------------------------------------------------------------------------- state
@@ -97,8 +99,14 @@ class IndexStore:
             raise IndexCorrupt(f"index {self.directory}: stores hold {len(self._vectors)} vector and "
                                f"{len(self.tokens)} token rows, manifest {snap.n_rows} (run `edje-search repair`)")
         self._faiss = {}
+        self.damaged_faiss: list[str] = []
         for name, recipe, _first, _end in snap.faiss_segments:
-            self._faiss[name] = self._read_faiss(name, recipe)
+            try:
+                self._faiss[name] = self._read_faiss(name, recipe)
+            except IndexCorrupt as e:
+                if self.mode == "r":
+                    raise
+                self.damaged_faiss.append(str(e))  # a writer opens anyway, so that repair can rebuild it
         self.tombstones = np.asarray(self.manifest.removed_rows(snap.generation), dtype=np.int64)
 
     def _read_faiss(self, name: str, recipe: str):
@@ -107,10 +115,13 @@ class IndexStore:
             raise IndexCorrupt(f"FAISS file missing: {path} (run `edje-search repair` to rebuild it "
                                f"from the stored vectors)")
         try:
-            return vector_index.read_segment(path, recipe)
+            index = vector_index.read_segment(path, recipe)
         except RuntimeError as e:
             raise IndexCorrupt(f"FAISS file unreadable: {path} (run `edje-search repair` to rebuild it "
                                f"from the stored vectors)") from e
+        if index.d != self.config.dim:
+            raise IndexCorrupt(f"FAISS file {path} holds {index.d}-d vectors but {CONFIG_FILE} says {self.config.dim}")
+        return index
 
     @property
     def generation(self) -> int:
@@ -145,10 +156,10 @@ class IndexStore:
         """A new, empty index, created atomically: built in a temporary sibling folder (where
         ``populate`` may add files, e.g. the model, and return a final config) and renamed into place.
         If another process
-        created ``directory`` first, this raises FileExistsError and leaves it untouched."""
+        created ``directory`` first, this raises IndexExists and leaves it untouched."""
         directory = Path(directory)
         if (directory / CONFIG_FILE).exists():
-            raise FileExistsError(f"an index already exists in {directory}")
+            raise IndexExists(f"an index already exists in {directory}")
         if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
             raise BadInput(f"{directory} exists and is not an empty folder: choose a new index folder")
         if config.factory != vector_index.AUTO:
@@ -157,6 +168,9 @@ class IndexStore:
             raise BadInput(f"store URL {config.store_url!r} is not a URL (leave it empty to store inside the index)")
         directory.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.creating-", dir=directory.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700; an index folder is as readable as any other
         try:
             (tmp / FAISS_DIR).mkdir()
             if populate is not None:
@@ -169,7 +183,7 @@ class IndexStore:
                 os.rename(tmp, directory)  # replaces only an empty folder; fails if another creator won
             except OSError as e:
                 if (directory / CONFIG_FILE).exists():
-                    raise FileExistsError(f"an index already exists in {directory}") from e
+                    raise IndexExists(f"an index already exists in {directory}") from e
                 raise
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -212,12 +226,13 @@ class IndexStore:
         """Hold the writer lock, on the latest generation, with a crashed commit's debris removed."""
         if self.lock is None:
             raise IndexCorrupt("index opened read-only")
-        outer = not self.lock.held
-        with self.lock:
-            if outer:
-                self.refresh()
-                self._remove_stray_files()
-            yield self
+        with self._writer_thread:  # threads of one process take turns too (the file lock is per process)
+            outer = not self.lock.held
+            with self.lock:
+                if outer:
+                    self.refresh()
+                    self._remove_stray_files()
+                yield self
 
     def _remove_stray_files(self) -> list[str]:
         removed = []
@@ -232,11 +247,13 @@ class IndexStore:
             shutil.rmtree(p, ignore_errors=True)
         return removed
 
-    def _require_lock(self) -> None:
+    def _require_lock(self, repairing: bool = False) -> None:
         if self.lock is None:
             raise IndexCorrupt("index opened read-only")
         if not self.lock.held:
             raise IndexCorrupt("commit without the writer lock (use `with store.writing():`)")
+        if self.damaged_faiss and not repairing:
+            raise IndexCorrupt(f"{self.damaged_faiss[0]}")
 
     def commit(self, new_paths: Sequence[str], new_hashes: Sequence[str | None], vectors: np.ndarray,
                tokens: np.ndarray, removed_rows: Iterable[int] = (),
@@ -456,9 +473,19 @@ class IndexStore:
 
     def _retrain(self, recipe: str) -> dict:
         """Train ``recipe`` on a sample of the stored vectors, re-encode every live row into one
-        segment, and tune nprobe for TARGET_RECALL against exact search."""
+        segment, and tune nprobe for TARGET_RECALL against exact search. One commit."""
+        faiss_list, settings, done = self._encode_all(recipe)
+        self._commit_faiss(faiss_list, settings)
+        return done
+
+    def _encode_all(self, recipe: str, exclude: Sequence[int] = ()) -> tuple[list, dict, dict]:
+        """New FAISS files holding every live row but ``exclude`` with ``recipe`` (written, not yet
+        committed): (FAISS segment list, settings, what was done)."""
         gen = self.generation + 1
         rows, vecs = self._live_rows_in(0, self.n_rows)
+        if len(exclude):
+            keep = ~np.isin(rows, np.asarray(exclude, dtype=np.int64))
+            rows, vecs = rows[keep], vecs[keep]
         template = vector_index.new_segment_index(recipe, self.config.dim)
         if not template.is_trained:
             n_train = min(len(rows), max(vector_index.training_rows(recipe), 64 * vector_index.n_lists(recipe)))
@@ -466,13 +493,12 @@ class IndexStore:
             logger.info("training FAISS recipe %s on %d of %d vectors", recipe, n_train, len(rows))
             vector_index.use_gpu_for_training(template)
             template.train(np.ascontiguousarray(vecs[np.sort(sample)]))
-        settings = {**self.settings, "recipe": recipe}
+        settings = {k: v for k, v in self.settings.items() if k not in ("nprobe", "ef_search", "template")}
+        settings["recipe"] = recipe
         if template.is_trained and vector_index.training_rows(recipe):
             tname = f"template-g{gen}.index"
             self._write_faiss(template, tname)
             settings["template"] = tname
-        else:
-            settings.pop("template", None)
         index = faiss_clone(template)
         for s in range(0, len(rows), 100_000):
             index.add_with_ids(np.ascontiguousarray(vecs[s:s + 100_000]), rows[s:s + 100_000])
@@ -480,14 +506,14 @@ class IndexStore:
         self._write_faiss(index, name)
         recall = None
         knob = "nprobe" if vector_index.n_lists(recipe) else "ef_search" if "HNSW" in recipe else None
-        if knob:
+        if knob and len(rows):
             settings[knob], recall = tune_recall(index, rows, vecs, recipe, knob, k=10, target=TARGET_RECALL,
                                                  refine=vector_index.needs_refine(recipe))
-        self._commit_faiss([(name, recipe, 0, self.n_rows)], settings)
-        logger.info("FAISS recipe is now %s (nprobe %s, efSearch %s, recall@10 %s)", recipe, settings.get("nprobe"),
+        logger.info("FAISS recipe %s (nprobe %s, efSearch %s, recall@10 %s)", recipe, settings.get("nprobe"),
                     settings.get("ef_search"), recall)
-        return {"action": "retrain", "recipe": recipe, "nprobe": settings.get("nprobe"),
-                "ef_search": settings.get("ef_search"), "recall_at_10": recall}
+        return ([(name, recipe, 0, self.n_rows)], settings,
+                {"action": "retrain", "recipe": recipe, "nprobe": settings.get("nprobe"),
+                 "ef_search": settings.get("ef_search"), "recall_at_10": recall})
 
     # ------------------------------------------------------------------------ verify, repair
     def verify(self) -> list[str]:
@@ -557,14 +583,16 @@ class IndexStore:
 
     def repair(self) -> RepairReport:
         """Drop rows whose vectors or tokens are unreadable (listed, so build-index embeds them
-        again), rebuild FAISS from the stored vectors, remove stray files. One commit."""
-        self._require_lock()
+        again), rebuild FAISS from the stored vectors, remove stray files. One commit: a reader
+        sees the damaged generation or the repaired one, never one without FAISS."""
+        self._require_lock(repairing=True)
         report = RepairReport()
         snap = self.manifest.snapshot()
         self.snapshot = snap
+        arrays = {"vectors": self._vectors, **self.tokens.arrays}
+        self._check_config_against_segments(arrays, snap)
         lost: list[tuple[int, int]] = []
         replaced: list[tuple[str, int, int]] = []
-        arrays = {"vectors": self._vectors, **self.tokens.arrays}
         for store, arr in arrays.items():
             arr.set_segments(snap.segments.get(store, ()))
             for start, count in arr.segments:
@@ -580,21 +608,40 @@ class IndexStore:
         dead_rows = [e.row for e in self.manifest.iter_live(snap.generation)
                      if any(s <= e.row < s + n for s, n in lost)]
         report.dropped = sorted(self.manifest.paths_of_rows(dead_rows, snap.generation).values())
-        report.removed_files = self._remove_stray_files()
+        self.tombstones = np.union1d(self.tombstones, np.asarray(dead_rows, dtype=np.int64))
+        n_live = len(self) - len(dead_rows)
+        target = self.config.factory if self.config.factory != vector_index.AUTO else \
+            vector_index.choose_recipe(n_live, self.config.dim)
+        if vector_index.training_rows(target) > n_live:
+            target = "Flat"
+        report.removed_files = self._remove_stray_files()  # debris of crashed commits, before writing anew
+        faiss_list, settings, _ = self._encode_all(target, exclude=dead_rows)
         self.manifest.commit(generation=snap.generation + 1, n_rows=snap.n_rows, removed=dead_rows,
-                             add_segments=replaced, faiss_segments=[], settings={})
+                             add_segments=replaced, faiss_segments=faiss_list, settings=settings)
         self._faiss = {}
         self._load(self.manifest.snapshot())
-        self._remove_stray_files()  # the FAISS files just replaced
-        # rebuild FAISS from the stored vectors with the recipe for this size
-        target = self.config.factory if self.config.factory != vector_index.AUTO else \
-            vector_index.choose_recipe(len(self), self.config.dim)
-        if vector_index.training_rows(target) > len(self):
-            target = "Flat"
-        self._retrain(target)
+        self._remove_stray_files()  # the FAISS files this commit replaced
         report.rebuilt_faiss = True
         logger.info("repair: %s", report.summary())
         return report
+
+    def _check_config_against_segments(self, arrays: dict, snap: Snapshot) -> None:
+        """Refuse to repair when index.json, not the data, is what changed: if every segment of a
+        store is readable but of another row shape than the config implies, dropping its rows
+        would destroy an intact index."""
+        for store, arr in arrays.items():
+            problems = []
+            for start, count in snap.segments.get(store, []):
+                try:
+                    arr.check_segment(start, count)
+                except IndexCorrupt as e:
+                    problems.append(str(e))
+                else:
+                    break  # one segment agrees with the config: for this store the config is right
+            else:
+                if problems and all(" holds rows of shape " in m for m in problems):
+                    raise IndexCorrupt(f"{CONFIG_FILE} disagrees with every stored {store} segment "
+                                       f"({problems[0].split(' (run')[0]}); restore {CONFIG_FILE} instead of repairing")
 
     def info(self) -> dict:
         cfg = self.config
@@ -606,6 +653,18 @@ class IndexStore:
             "store": cfg.store_url or "(inside the index)", "model": cfg.model_path,
             "model_fingerprint": cfg.model_fingerprint,
         }
+
+
+def record_model_path(store: "IndexStore", model_dir: Path) -> None:
+    """Point the index at ``model_dir`` (relative when inside the index), e.g. after the model moved.
+    Called with the writer lock held."""
+    model_dir = Path(model_dir).resolve()
+    try:
+        path = str(model_dir.relative_to(store.directory.resolve()))
+    except ValueError:
+        path = str(model_dir)
+    store.config = dataclasses.replace(store.config, model_path=path)
+    save_config(store.config, store.directory / CONFIG_FILE)
 
 
 def resolve_model_path(store: "IndexStore") -> Path:

@@ -71,6 +71,15 @@ def _entry(r) -> ManifestEntry:
 _COLS = "row, path, sha256, size, mtime_ns, meta"
 
 
+def _prefix_end(prefix: bytes) -> bytes:
+    """The smallest byte string greater than every string starting with ``prefix`` (None-free:
+    a prefix of only 0xFF bytes has no such bound, so it gets one far past any path)."""
+    trimmed = prefix.rstrip(b"\xff")
+    if not trimmed:
+        return prefix + b"\xff" * 4096
+    return trimmed[:-1] + bytes([trimmed[-1] + 1])
+
+
 def _chunks(items: Sequence, n: int = _PARAMS) -> Iterator[Sequence]:
     for i in range(0, len(items), n):
         yield items[i:i + n]
@@ -171,7 +180,7 @@ class Manifest:
     def live_under(self, prefix: str, generation: int) -> Iterator[ManifestEntry]:
         """Live entries whose path starts with ``prefix`` (a range scan on the path index)."""
         lo = os.fsencode(prefix)
-        hi = lo + b"\xff" * 8
+        hi = _prefix_end(lo)
         yield from (_entry(r) for r in self._q(
             f"SELECT {_COLS} FROM rows WHERE {self._live(generation)} AND path >= ? AND path < ? ORDER BY row",
             (lo, hi)))

@@ -164,10 +164,12 @@ class SegmentArray:
                 raise IndexCorrupt(f"segment file missing: {path} (run `edje-search repair`)") from e
             except (ValueError, OSError) as e:
                 raise IndexCorrupt(f"segment file unreadable: {path}: {e} (run `edje-search repair`)") from e
-            if tuple(shape) != (count, *self.row_shape) or dtype != self.dtype \
-                    or size != offset + count * self.row_bytes:
-                raise IndexCorrupt(f"segment file {path} holds {tuple(shape)} {dtype} in {size} bytes, "
-                                   f"expected {(count, *self.row_shape)} {self.dtype} (run `edje-search repair`)")
+            if tuple(shape[1:]) != self.row_shape or dtype != self.dtype:
+                raise IndexCorrupt(f"segment file {path} holds rows of shape {tuple(shape[1:])} {dtype}, the index "
+                                   f"expects {self.row_shape} {self.dtype}")
+            if shape[0] != count or size != offset + count * self.row_bytes:
+                raise IndexCorrupt(f"segment file {path} is {size} bytes for {shape[0]} rows, expected "
+                                   f"{offset + count * self.row_bytes} for {count} (run `edje-search repair`)")
             self._maps[start] = got
             return got
 

@@ -308,7 +308,7 @@ class IndexStore:
         for store, s, n in segs:
             seg_map.setdefault(store, []).append((s, n))
         self.snapshot = dataclasses.replace(snap, generation=gen, n_rows=start + b,
-                                            n_live=snap.n_live + b - self._count_live(removed, snap.generation),
+                                            n_live=snap.n_live + b - self._count_live(removed),
                                             segments=seg_map, faiss_segments=faiss_list)
         self._vectors.set_segments(seg_map.get("vectors", ()))
         self.tokens.set_segments(seg_map)
@@ -317,7 +317,7 @@ class IndexStore:
         if removed:
             self.tombstones = np.union1d(self.tombstones, np.asarray(removed, dtype=np.int64))
 
-    def _count_live(self, rows: list[int], generation: int) -> int:
+    def _count_live(self, rows: list[int]) -> int:
         if not rows:
             return 0
         dead = set(self.tombstones.tolist())
@@ -499,7 +499,7 @@ class IndexStore:
             tname = f"template-g{gen}.index"
             self._write_faiss(template, tname)
             settings["template"] = tname
-        index = faiss_clone(template)
+        index = vector_index.faiss.clone_index(template)
         for s in range(0, len(rows), 100_000):
             index.add_with_ids(np.ascontiguousarray(vecs[s:s + 100_000]), rows[s:s + 100_000])
         name = f"seg-{0:012d}-g{gen}.index"
@@ -556,20 +556,11 @@ class IndexStore:
 
     def _compare_codes(self, name: str, index) -> list[str]:
         """Stored vectors against what FAISS holds, for every row, where the codes are exact floats."""
-        stored = None
         try:
-            if hasattr(index, "id_map"):
-                ids = vector_index.segment_ids(index)
-                if not ids.size:
-                    return []
-                inner = faiss_downcast(index.index)
-                if not hasattr(inner, "get_xb") and type(inner).__name__ != "IndexFlatIP":
-                    return []
-                held = faiss_rev(inner, index.ntotal, self.config.dim)
-            elif type(faiss_downcast(index)).__name__ == "IndexIVFFlat":
-                ids, held = ivf_flat_contents(index, self.config.dim)
-            else:
-                return []  # lossy codes (PQ, SQ): ids were checked, vectors cannot be compared exactly
+            got = vector_index.exact_contents(index, self.config.dim)
+            if got is None:
+                return []  # lossy codes (PQ, SQ) or a graph: ids were checked, vectors cannot be compared exactly
+            ids, held = got
             if not ids.size:
                 return []
             stored = self.vectors(ids)
@@ -743,44 +734,6 @@ def read_config(directory: Path) -> IndexConfig:
         return load_config(IndexConfig, directory / CONFIG_FILE)
     except (ValueError, TypeError) as e:
         raise IndexCorrupt(f"index at {directory} is corrupt: {e}") from e
-
-
-def faiss_clone(index):
-    import faiss
-
-    return faiss.clone_index(index)
-
-
-def faiss_downcast(index):
-    import faiss
-
-    return faiss.downcast_index(index)
-
-
-def faiss_rev(flat, n: int, dim: int) -> np.ndarray:
-    """The raw vectors of a flat index (memory-mapped codes included)."""
-    import faiss
-
-    flat = faiss.downcast_index(flat)
-    return faiss.rev_swig_ptr(flat.get_xb(), n * dim).reshape(n, dim).copy()
-
-
-def ivf_flat_contents(index, dim: int) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, vectors) stored in an IVF-Flat index's inverted lists."""
-    import faiss
-
-    ivf = faiss.extract_index_ivf(index)
-    inv = ivf.invlists
-    ids, vecs = [], []
-    for li in range(ivf.nlist):
-        size = inv.list_size(li)
-        if size:
-            ids.append(faiss.rev_swig_ptr(inv.get_ids(li), size).copy())
-            codes = faiss.rev_swig_ptr(inv.get_codes(li), size * inv.code_size).copy()
-            vecs.append(codes.view(np.float32).reshape(size, dim))
-    if not ids:
-        return np.zeros(0, np.int64), np.zeros((0, dim), np.float32)
-    return np.concatenate(ids), np.concatenate(vecs)
 
 
 def tune_recall(index, rows: np.ndarray, vectors: np.ndarray, recipe: str, knob: str, *, k: int, target: float,

@@ -141,18 +141,41 @@ def read_segment(path: str | Path, recipe: str) -> faiss.Index:
     return faiss.read_index(str(path), flag | faiss.IO_FLAG_READ_ONLY)
 
 
-def segment_ids(index: faiss.Index) -> np.ndarray:
-    """Every id stored in a segment index."""
-    if isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2)) or hasattr(index, "id_map"):
-        return faiss.vector_to_array(index.id_map)
-    ivf = faiss.extract_index_ivf(index)
-    inv = ivf.invlists
-    out = []
-    for li in range(ivf.nlist):
+def _ivf_lists(index: faiss.Index, with_codes: bool):
+    """(ids, codes or None) of each non-empty inverted list of an IVF index."""
+    inv = faiss.extract_index_ivf(index).invlists
+    for li in range(inv.nlist):
         size = inv.list_size(li)
         if size:
-            out.append(faiss.rev_swig_ptr(inv.get_ids(li), size).copy())
+            ids = faiss.rev_swig_ptr(inv.get_ids(li), size).copy()
+            codes = faiss.rev_swig_ptr(inv.get_codes(li), size * inv.code_size).copy() if with_codes else None
+            yield ids, codes
+
+
+def segment_ids(index: faiss.Index) -> np.ndarray:
+    """Every id stored in a segment index."""
+    if hasattr(index, "id_map"):
+        return faiss.vector_to_array(index.id_map)
+    out = [ids for ids, _ in _ivf_lists(index, with_codes=False)]
     return np.concatenate(out) if out else np.zeros(0, np.int64)
+
+
+def exact_contents(index: faiss.Index, dim: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """(ids, float vectors) held by a segment whose codes are the exact vectors (Flat behind an
+    IDMap, IVF-Flat, memory-mapped or not); None for lossy or graph indexes."""
+    if hasattr(index, "id_map"):
+        inner = faiss.downcast_index(index.index)
+        if not isinstance(inner, faiss.IndexFlat):
+            return None
+        ids = faiss.vector_to_array(index.id_map)
+        return ids, faiss.rev_swig_ptr(inner.get_xb(), index.ntotal * dim).reshape(index.ntotal, dim).copy()
+    if not isinstance(faiss.downcast_index(index), faiss.IndexIVFFlat):
+        return None
+    parts = list(_ivf_lists(index, with_codes=True))
+    if not parts:
+        return np.zeros(0, np.int64), np.zeros((0, dim), np.float32)
+    return (np.concatenate([ids for ids, _ in parts]),
+            np.concatenate([codes.view(np.float32).reshape(-1, dim) for _, codes in parts]))
 
 
 def _params(index: faiss.Index, sel, nprobe: int | None, ef_search: int | None):

@@ -20,7 +20,6 @@ child imported is recorded, so a side silently importing the other side's code s
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import platform
@@ -38,31 +37,17 @@ COLORS = [("red", (220, 30, 30)), ("blue", (30, 60, 220)), ("green", (30, 170, 6
 # ------------------------------------------------------------------------- child: one side's code
 def _build_model(out: Path) -> dict:
     """Save the paper recipe's shapes with random weights as a model directory (this side's code)."""
-    import open_clip
-    import torch
-    from transformers import AutoTokenizer, BertConfig
+    import importlib.util
 
     import edje_search
-    from edje_search.config import FirstStageConfig
-    from edje_search.models.bundle import EdjeModel
-    from edje_search.models.first_stage import FirstStage
-    from edje_search.models.registry import PAPER_ARCHITECTURES, build_reranker, bundled_minilm_dir
 
-    arch = PAPER_ARCHITECTURES["edje-siglip2-l16-384"]
-    cfg = copy.deepcopy(open_clip.get_model_config(arch.open_clip_arch))
-    cfg["text_cfg"].pop("hf_tokenizer_name", None)  # SigLIP2's tokenizer is a hub repo; MiniLM's stands in
-    torch.manual_seed(0)
-    first = FirstStage(FirstStageConfig(model_cfg=cfg, image_size=384, context_length=64, tokenizer="hf",
-                                        tokenizer_kwargs=dict(cfg["text_cfg"].get("tokenizer_kwargs", {}))),
-                       tokenizer_dir=bundled_minilm_dir())
-    tokenizer = AutoTokenizer.from_pretrained(str(bundled_minilm_dir()))
-    bert = BertConfig(hidden_size=arch.lm_width, num_hidden_layers=arch.lm_layers, num_attention_heads=12,
-                      intermediate_size=4 * arch.lm_width)
-    reranker = build_reranker(first, bert, tokenizer, variant="compressed", n_queries=arch.n_queries,
-                              mlp_dim=arch.mlp_dim)
-    model = EdjeModel(first, reranker, name="edje-siglip2-l16-384-random").eval()
+    # paper_model.py beside this file, imported by path: it builds with whichever edje_search this side imports
+    spec = importlib.util.spec_from_file_location("paper_model", Path(__file__).with_name("paper_model.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    model = module.paper_model("cpu")
     model.save_pretrained(out)
-    del model, first, reranker
+    del model
     params_bytes = sum(p.stat().st_size for p in out.rglob("*.safetensors"))
     return {"edje_search": edje_search.__file__, "weights_bytes": params_bytes,
             "edje_json": json.loads((out / "edje.json").read_text())}

@@ -17,11 +17,12 @@ import torch.nn.functional as F
 from open_clip.model import CLIP, CustomTextCLIP
 from open_clip.timm_model import TimmModel
 from open_clip.transformer import VisionTransformer
-from safetensors.torch import load_model, save_model
+from safetensors.torch import save_model
 from torch import nn
 
-from .loading import skip_init
+from .loading import map_weights, skip_init
 from ..config import FirstStageConfig, load_config, save_config
+from ..fsutil import atomic_write
 
 CONFIG_NAME = "first_stage.json"
 WEIGHTS_NAME = "first_stage.safetensors"
@@ -137,7 +138,8 @@ class FirstStage(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         save_config(self.config, directory / CONFIG_NAME)
-        save_model(self.clip, str(directory / WEIGHTS_NAME))
+        # atomic: a process that has these weights memory-mapped (loading.map_weights) keeps its copy
+        atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_model(self.clip, str(tmp)))
         if self.tokenizer_dir is not None and self.tokenizer_dir.resolve() != (directory / TOKENIZER_DIR).resolve():
             # tokenizer and architecture files only: the text weights are in our safetensors
             shutil.copytree(self.tokenizer_dir, directory / TOKENIZER_DIR, dirs_exist_ok=True,
@@ -157,7 +159,7 @@ class FirstStage(nn.Module):
         with skip_init() if load_weights else contextlib.nullcontext():  # the weights below replace them
             model = cls(config, tokenizer_dir=tok if tok.is_dir() else None)
         if load_weights:
-            missing, unexpected = load_model(model.clip, str(directory / WEIGHTS_NAME), strict=False)
+            missing, unexpected = map_weights(model.clip, directory / WEIGHTS_NAME)  # mapped, read when used
             # open_clip keeps some non-persistent buffers (e.g. attention masks) out of the file
             missing = [k for k in missing if not k.endswith("attn_mask")]
             if missing or unexpected:

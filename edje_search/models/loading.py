@@ -1,16 +1,28 @@
-"""Building a model only to load saved weights into it: skip the random initialisation.
+"""Opening a saved model fast: build without initialising, then map the weights instead of copying.
 
-open_clip and transformers fill every parameter with random values when a model is built;
-for a model that is about to be overwritten by its saved weights this is wasted work (about
-12 s of a 30 s `query` start-up with SigLIP2-L/16-384, measured: benchmarks/results/
-startup_fingerprint.json). transformers' ``no_init_weights`` turns torch's init functions into
-no-ops while the modules are built; the weights loaded afterwards replace the uninitialised
-memory. Used for the first stage only: transformers models also tie weights in the init step it
-skips (the reranker's BERT is small: its initialisation costs little).
+Two costs dominate opening a full-size first stage (SigLIP2-L/16-384, 3.5 GB of fp32 weights)
+when the weights come from a file right after:
+
+- open_clip and transformers fill every parameter with random values when a model is built.
+  transformers' ``no_init_weights`` (:func:`skip_init`) turns torch's init functions into no-ops
+  while the modules are built; the weights loaded afterwards replace the uninitialised memory.
+  Used for the first stage: transformers models also tie weights in the init step it skips (the
+  reranker's BERT is small, so its initialisation costs little).
+- ``safetensors.torch.load_model`` copies every tensor into the module's parameters, so all
+  3.5 GB are read before the first query although a text query never touches the vision tower
+  and only a few rows of the 256k-token embedding table. :func:`map_weights` instead memory-maps
+  the file (safetensors' own lazy ``load_file``) and makes the parameters *be* those tensors
+  (``load_state_dict(assign=True)``): pages are read when first used, so a query-only process
+  reads the text tower alone, and processes on one machine share the page cache. The mapping is
+  private copy-on-write: training in place never writes to the file, and files are replaced by
+  atomic renames (fsutil.atomic_write), so a mapped model never sees a file change under it.
 """
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
+
+from torch import nn
 
 
 def skip_init():
@@ -23,3 +35,27 @@ def skip_init():
         except ImportError:
             return contextlib.nullcontext()
     return no_init_weights()
+
+
+def _shares_parameters(module: nn.Module) -> bool:
+    seen: set[int] = set()
+    for _, p in module.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            return True
+        seen.add(id(p))
+    return False
+
+
+def map_weights(module: nn.Module, path: str | Path) -> tuple[list[str], list[str]]:
+    """Load a safetensors file into ``module`` by memory map; returns (missing, unexpected) keys.
+
+    A module with tied parameters (one tensor under two names; the file stores it once) is loaded
+    by copy instead, so the tie survives. Parameters stay on the CPU; ``.to(device)`` copies them.
+    """
+    from safetensors.torch import load_file, load_model
+
+    if _shares_parameters(module):
+        return load_model(module, str(path), strict=False)
+    state = load_file(str(path))  # lazy: tensors are views of a private mapping of the file
+    result = module.load_state_dict(state, strict=False, assign=True)
+    return list(result.missing_keys), list(result.unexpected_keys)

@@ -26,6 +26,8 @@ CONFIG_NAME = "reranker.json"
 BERT_CONFIG_NAME = "bert_config.json"
 WEIGHTS_NAME = "reranker.safetensors"
 TOKENIZER_DIR = "tokenizer"
+# score_pairs copies the stored tokens to the accelerator in one piece up to this size
+TOKENS_ON_DEVICE_BYTES = 1 << 30
 
 
 def add_image_token(tokenizer: PreTrainedTokenizerBase, image_token: str) -> int:
@@ -175,37 +177,61 @@ class Reranker(nn.Module):
             vision_tokens = first_stage.encode_image(pixel_values.to(next(first_stage.parameters()).device))[1]
         if vision_tokens is not None:
             projected_tokens = self.project(vision_tokens.to(self.device))
-        param_dtype = next(self.parameters()).dtype
-        projected_tokens = projected_tokens.to(self.device, param_dtype)
         if projected_tokens.shape[0] != len(captions):
             raise BadInput(f"{len(captions)} captions but {projected_tokens.shape[0]} images")
+        return self._score_encoded(self.encode_text(list(captions), projected_tokens.shape[1]), projected_tokens)
+
+    def _score_encoded(self, batch, projected_tokens: torch.Tensor) -> torch.Tensor:
+        """Logits of pair-encoded captions (``encode_text``'s fields) against stored tokens (B, m, D_lm)."""
+        projected_tokens = projected_tokens.to(self.device, next(self.parameters()).dtype, non_blocking=True)
+        ids, mask, types = (batch[k].to(self.device, non_blocking=True)
+                            for k in ("input_ids", "attention_mask", "token_type_ids"))
         if self._scorer is None:
-            return self.pair_logits(captions, projected_tokens)
-        batch = self.encode_text(list(captions), projected_tokens.shape[1]).to(projected_tokens.device)
-        check_image_slots(batch["input_ids"], self.joint.image_token_id, projected_tokens.shape[1])
-        return self._scorer(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], projected_tokens)
+            hidden = self.joint(ids, mask, types, projected_tokens)
+            return self.joint.score_hidden(hidden, mask).float()
+        check_image_slots(ids, self.joint.image_token_id, projected_tokens.shape[1])
+        return self._scorer(ids, mask, types, projected_tokens)
 
     def score_pairs(self, captions: Sequence[str], tokens: torch.Tensor, caption_idx: np.ndarray,
                     token_idx: np.ndarray, *, batch_size: int = 64, progress: bool = False) -> np.ndarray:
         """Logits of the pairs (``captions[caption_idx[i]]``, ``tokens[token_idx[i]]``) -> (P,) float32.
 
         ``tokens`` (U, m, D_lm) are stored tokens. The one pair-scoring path of search and
-        evaluation: pairs go through :meth:`score` in batches sorted by caption length, so a
-        batch pads to little.
+        evaluation. Each caption is pair-encoded once, not once per pair, and the stored tokens
+        go to the device in one copy when they fit in :data:`TOKENS_ON_DEVICE_BYTES`; pairs then
+        run in batches sorted by caption length, each cut to its longest caption, so a batch pads
+        to little. (Per-pair tokenising and host-side gathers held a GPU at a tenth of the joint
+        encoder's own rate: benchmarks/results/gpu.json.)
         """
         caption_idx = np.asarray(caption_idx, dtype=np.int64).reshape(-1)
         token_idx = np.asarray(token_idx, dtype=np.int64).reshape(-1)
         if caption_idx.shape != token_idx.shape:
             raise BadInput(f"{caption_idx.size} caption indices but {token_idx.size} token indices")
-        used = np.unique(caption_idx)
-        lengths = np.zeros(len(captions), dtype=np.int64)
-        lengths[used] = [len(ids) for ids in self.tokenizer([str(captions[i]) for i in used])["input_ids"]]
-        order = np.argsort(lengths[caption_idx], kind="stable")
-        out = np.empty(len(order), dtype=np.float32)
-        for s in tqdm(range(0, len(order), batch_size), desc="reranking", disable=not progress, leave=False):
-            sl = order[s:s + batch_size]
-            caps = [captions[i] for i in caption_idx[sl]]
-            out[sl] = self.score(caps, projected_tokens=tokens[torch.from_numpy(token_idx[sl])]).cpu().numpy()
+        out = np.empty(len(caption_idx), dtype=np.float32)
+        if len(out) == 0:
+            return out
+        used, caption_row = np.unique(caption_idx, return_inverse=True)
+        encoded = self.encode_text([str(captions[i]) for i in used], tokens.shape[1])
+        encoded = {k: encoded[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
+        lengths = encoded["attention_mask"].sum(dim=1).numpy()[caption_row]  # padded on the right
+        order = np.argsort(lengths, kind="stable")
+        if self.device.type != "cpu" and tokens.numel() * tokens.element_size() <= TOKENS_ON_DEVICE_BYTES:
+            tokens = tokens.to(self.device, non_blocking=tokens.is_pinned())
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.inference_mode():
+                for s in tqdm(range(0, len(order), batch_size), desc="reranking", disable=not progress,
+                              leave=False):
+                    sl = order[s:s + batch_size]
+                    rows = torch.from_numpy(caption_row[sl])
+                    width = int(lengths[sl].max())
+                    batch = {k: v[rows, :width] for k, v in encoded.items()}
+                    images = tokens[torch.from_numpy(token_idx[sl]).to(tokens.device)]
+                    out[sl] = self._score_encoded(batch, images).float().cpu().numpy()
+        finally:
+            if was_training:
+                self.train()
         return out
 
     # ---------------------------------------------------------------------------- persistence

@@ -12,11 +12,13 @@ from pathlib import Path
 import open_clip
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_model, save_model
+from safetensors.torch import save_model
 from torch import nn
 from transformers import AutoTokenizer, SiglipConfig, SiglipModel
 
 from ..config import FirstStageConfig, save_config
+from ..fsutil import atomic_write
+from .loading import map_weights, skip_init
 
 CONFIG_NAME = "first_stage.json"
 WEIGHTS_NAME = "first_stage.safetensors"
@@ -80,15 +82,19 @@ class SiglipFirstStage(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         save_config(self.config, directory / CONFIG_NAME)
-        save_model(self.clip, str(directory / WEIGHTS_NAME))
+        atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_model(self.clip, str(tmp)))
         if self.tokenizer_dir.resolve() != (directory / TOKENIZER_DIR).resolve():
             self.tokenizer.save_pretrained(str(directory / TOKENIZER_DIR))
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, config: FirstStageConfig) -> "SiglipFirstStage":
         directory = Path(directory)
-        model = cls(config, directory / TOKENIZER_DIR)
-        load_model(model.clip, str(directory / WEIGHTS_NAME), strict=True)
+        with skip_init():  # the mapped weights below replace every parameter
+            model = cls(config, directory / TOKENIZER_DIR)
+        missing, unexpected = map_weights(model.clip, directory / WEIGHTS_NAME)
+        if missing or unexpected:
+            raise ValueError(f"{directory}: first-stage weights do not match the config "
+                             f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
         return model.eval()
 
     @classmethod

@@ -130,6 +130,7 @@ def main() -> None:
     ap.add_argument("--open-repeats", type=int, default=3)
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--keep", action="store_true", help="keep the model directories and indexes")
+    ap.add_argument("--reuse", action="store_true", help="reuse model directories and indexes kept by --keep")
     args = ap.parse_args()
 
     new_tree = Path(__file__).resolve().parents[1]
@@ -147,6 +148,11 @@ def main() -> None:
 
     built = {}
     for s in sides:
+        if args.reuse and (s.model / "edje.json").is_file() and (s.index / "index.json").is_file():
+            built[s.name] = {"reused": str(s.dir), "edje_json": json.loads((s.model / "edje.json").read_text()),
+                             "weights_bytes": sum(p.stat().st_size for p in s.model.rglob("*.safetensors"))}
+            print(f"[{s.name}] reusing {s.dir}", file=sys.stderr)
+            continue
         shutil.rmtree(s.dir, ignore_errors=True)
         t0 = time.perf_counter()
         built[s.name] = s.child("_build", str(s.model))

@@ -21,6 +21,7 @@ from ..fsutil import atomic_write, atomic_write_text
 from .adapter import TokenCompressor, local_projector
 from .backends import PairScorer, make_scorer
 from .joint_encoder import JointEncoder, check_image_slots, encode_pairs
+from .loading import skip_init
 
 CONFIG_NAME = "reranker.json"
 BERT_CONFIG_NAME = "bert_config.json"
@@ -270,6 +271,8 @@ class Reranker(nn.Module):
         config = load_config(RerankerConfig, directory / CONFIG_NAME)
         bert_config = BertConfig.from_json_file(str(directory / BERT_CONFIG_NAME))
         tokenizer = AutoTokenizer.from_pretrained(str(directory / TOKENIZER_DIR))
-        model = cls(config, bert_config, tokenizer)
+        with skip_init():  # every weight comes from the file below
+            model = cls(config, bert_config, tokenizer)
+        model.language_model.tie_weights()  # the masked-LM decoder shares the word embeddings (skipped init)
         load_model(model, str(directory / WEIGHTS_NAME), strict=True)
         return model.eval()

@@ -47,14 +47,21 @@ stamp "indexing the test images"
 rm -rf "$INDEX"
 $ES build-index "$DATA/test" --index "$INDEX" --model edje-demo
 $ES info --index "$INDEX"
-stamp "queries: first stage vs reranked"
-if [ "$STYLE" = shapes ]; then
-  QUERIES=("a small red circle left of a large blue square" "a large yellow triangle above a small green diamond"
-           "three small white circles and a small purple square")
-else
-  QUERIES=("there is a big pink star to the left of a tiny teal ring" "a tiny black cross sits underneath a big lime heart"
-           "three tiny navy hexagons around a big beige star")
-fi
+stamp "queries: first stage vs reranked (captions of three test images; where does that image land?)"
+# Captions written for known test images, so each column can be read against the right answer.
+mapfile -t PICKS < <(.venv/bin/python - "$DATA/test.json" <<'PY'
+import json, sys
+items = json.load(open(sys.argv[1]))
+for i in (7, 123, 512):
+    item = items[i % len(items)]
+    print(f"{item['caption'][0]}\t{item['image'].rsplit('/', 1)[-1]}")
+PY
+)
+QUERIES=()
+for pick in "${PICKS[@]}"; do
+  QUERIES+=("${pick%%$'\t'*}")
+  echo "  \"${pick%%$'\t'*}\" describes ${pick#*$'\t'}"
+done
 $ES query --index "$INDEX" -k 5 --rerank-k 10 --compare "${QUERIES[@]}"
 stamp "evaluating on the $EVAL_SPLIT split"
 $ES eval --data "$DATA/$EVAL_SPLIT.json" --model edje-demo --rerank-k 10 --threads "$THREADS" \

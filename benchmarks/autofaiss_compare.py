@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks import timing
 from benchmarks.scale import Vectors
 from edje_search.storage import vector_index
 from edje_search.storage.index_store import TARGET_RECALL, tune_recall
@@ -225,9 +226,9 @@ def measure_autofaiss(index_path: Path, infos: dict, queries, truth) -> dict:
 
 # ----------------------------------------------------------------------------- main
 def machine() -> dict:
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "")
+    """timing.machine() plus memory, load and the FAISS/numpy versions of our side."""
     mem = next((ln.split(":", 1)[1].strip() for ln in open("/proc/meminfo") if ln.startswith("MemTotal")), "")
-    return {"cpu": cpu, "cores": os.cpu_count(), "mem_total": mem, "loadavg": open("/proc/loadavg").read().split()[:3],
+    return {**timing.machine(), "mem_total": mem, "loadavg": open("/proc/loadavg").read().split()[:3],
             "python": platform.python_version(), "faiss_ours": faiss.__version__, "numpy_ours": np.__version__}
 
 

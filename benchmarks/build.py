@@ -5,6 +5,7 @@ model is the demo architecture (48 px ViT, 12 stored tokens) before training; sp
 """
 from __future__ import annotations
 
+import multiprocessing
 import time
 from pathlib import Path
 
@@ -20,15 +21,30 @@ from edje_search.training.reranker import RerankerTrainConfig, new_reranker
 from .timing import median_seconds
 
 
-def write_photos(directory: Path, n: int, size=(640, 480)) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
+def photo(path: str, seed: int, size=(640, 480)) -> None:
+    """One photo-sized JPEG: a random colour gradient with noise (quality 90)."""
+    rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:size[1], 0:size[0]]
-    for i in range(n):
-        c = rng.uniform(0, 255, (3, 3))
-        img = np.stack([(c[k, 0] + c[k, 1] * xx / size[0] + c[k, 2] * yy / size[1]) % 256 for k in range(3)], -1)
-        img += rng.normal(0, 12, img.shape)
-        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(directory / f"{i:05d}.jpg", quality=90)
+    c = rng.uniform(0, 255, (3, 3))
+    img = np.stack([(c[k, 0] + c[k, 1] * xx / size[0] + c[k, 2] * yy / size[1]) % 256 for k in range(3)], -1)
+    img += rng.normal(0, 12, img.shape)
+    Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(path, quality=90)
+
+
+def _photo(args: tuple[str, int]) -> None:
+    photo(*args)
+
+
+def write_photos(directory: Path, n: int, workers: int = 1) -> Path:
+    """``n`` photos 00000.jpg... in ``directory``, written by ``workers`` processes."""
+    directory.mkdir(parents=True, exist_ok=True)
+    jobs = [(str(directory / f"{i:05d}.jpg"), i) for i in range(n)]
+    if workers <= 1:
+        for job in jobs:
+            _photo(job)
+    else:
+        with multiprocessing.get_context("forkserver").Pool(workers) as pool:
+            pool.map(_photo, jobs, chunksize=16)
     return directory
 
 

@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import os
 import statistics
+import sys
 import tempfile
 import time
 from functools import partial
@@ -36,9 +36,11 @@ import numpy as np
 import torch
 
 from edje_search.devices import inference_autocast
+from edje_search.models.reranker import TOKENS_ON_DEVICE_BYTES
 
+from .build import write_photos
 from .paper_model import paper_model
-from .timing import machine
+from .timing import machine, median_seconds
 
 RESULTS = Path(__file__).parent / "results" / "gpu.json"
 CAPTION = "a small red circle left of a large blue square on a grey table"
@@ -46,23 +48,10 @@ QUERIES = ["a dog running in the snow", "two people on a red boat", "a bowl of f
            "a city street at night with neon signs", "a cat asleep on a laptop keyboard"]
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def timed(fn, device: torch.device, *, warmup: int, repeats: int) -> float:
-    """Median seconds of ``fn`` (device synchronised around each call)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        t = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    """Median seconds of ``fn``, the device synchronised around each call."""
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
+    return median_seconds(fn, warmup=warmup, repeats=repeats, sync=sync)
 
 
 def peak_tflops(device: torch.device, dtype: torch.dtype, n: int = 8192) -> float:
@@ -118,7 +107,9 @@ def rerank_section(device: torch.device, batches: list[int], repeats: int) -> di
             stored = torch.randn(b, tokens, 384, device=device)
             joint = timed(partial(_joint_only, r, batch, stored), device, warmup=2, repeats=repeats)
             row = {"layers": layers, "stored_tokens": tokens, "variant": variant, "batch": b, "pairs_per_s": b / s,
-                   "joint_encoder_only_pairs_per_s": b / joint}
+                   "joint_encoder_only_pairs_per_s": b / joint,
+                   # score_pairs copies stored tokens to the GPU in one piece only up to TOKENS_ON_DEVICE_BYTES
+                   "tokens_on_device": device.type != "cpu" and b * tokens * 384 * 4 <= TOKENS_ON_DEVICE_BYTES}
             out["runs"].append(row)
             print(f"rerank L{layers} m={tokens} batch {b}: {row['pairs_per_s']:.0f} pairs/s "
                   f"(joint encoder alone {b / joint:.0f})", flush=True)
@@ -126,32 +117,12 @@ def rerank_section(device: torch.device, batches: list[int], repeats: int) -> di
     return out
 
 
-def _photo(args: tuple[str, int]) -> None:
-    from PIL import Image
-
-    path, seed = args
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:480, 0:640]
-    c = rng.uniform(0, 255, (3, 3))
-    img = np.stack([(c[k, 0] + c[k, 1] * xx / 640 + c[k, 2] * yy / 480) % 256 for k in range(3)], -1)
-    img += rng.normal(0, 12, img.shape)
-    Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(path, quality=90)
-
-
-def write_photos_parallel(directory: Path, n: int) -> Path:
-    """The same kind of photos as benchmarks.build.write_photos, written by all cores."""
-    directory.mkdir(parents=True, exist_ok=True)
-    with multiprocessing.get_context("forkserver").Pool(os.cpu_count()) as pool:
-        pool.map(_photo, [(str(directory / f"{i:05d}.jpg"), i) for i in range(n)], chunksize=16)
-    return directory
-
-
 def build_and_query_section(model, device: torch.device, workdir: Path, n_images: int, batch: int,
                             workers: int, repeats: int) -> dict:
     from edje_search.engine import Engine
     from edje_search.pipeline import embed_pixels
 
-    photos = write_photos_parallel(workdir / "photos", n_images)
+    photos = write_photos(workdir / "photos", n_images, workers=os.cpu_count() or 1)
     pixels = torch.randn(batch, 3, 384, 384)
     raw = batch / timed(lambda: embed_pixels(model, pixels), device, warmup=2, repeats=repeats)
     t = time.perf_counter()
@@ -194,7 +165,7 @@ def main() -> None:
     sections = set(args.sections.split(","))
     result = {"machine": machine(), "device": str(device),
               "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-              "command": "python -m benchmarks.gpu " + " ".join(f"{a}" for a in os.sys.argv[1:])}
+              "command": " ".join(["python -m benchmarks.gpu", *sys.argv[1:]])}
     if device.type == "cuda":
         result["measured_peak_tflops"] = {"bf16": peak_tflops(device, torch.bfloat16),
                                           "fp32": peak_tflops(device, torch.float32, 4096)}

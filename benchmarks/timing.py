@@ -10,13 +10,19 @@ from typing import Callable
 import torch
 
 
-def median_seconds(fn: Callable[[], object], *, warmup: int = 1, repeats: int = 5) -> float:
+def median_seconds(fn: Callable[[], object], *, warmup: int = 1, repeats: int = 5,
+                   sync: Callable[[], object] | None = None) -> float:
+    """Median wall seconds of ``fn`` over ``repeats`` calls after ``warmup``; ``sync`` (e.g. a CUDA
+    synchronise) runs before the clock starts and before it stops, so queued device work counts."""
+    sync = sync or (lambda: None)
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
+        sync()
         t = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - t)
     return statistics.median(times)
 

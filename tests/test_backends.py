@@ -66,7 +66,14 @@ def test_backend_matches_eager(backend, tmp_path):
         got = reranker.score(CAPTIONS, projected_tokens=tokens)
         # a batch of another size and length goes through the same graph
         one = reranker.score(CAPTIONS[:1], projected_tokens=tokens[:1])
+        # score_pairs (each caption encoded once, batches cut to their longest caption) agrees
+        # with scoring each pair alone, on mixed lengths and batches that split them
+        cap_idx, tok_idx = np.array([0, 2, 1, 3, 2, 0, 3]), np.array([1, 0, 3, 2, 2, 3, 0])
+        pairs = reranker.score_pairs(CAPTIONS, tokens, cap_idx, tok_idx, batch_size=3)
+        each = [reranker.score([CAPTIONS[c]], projected_tokens=tokens[t:t + 1]).item()
+                for c, t in zip(cap_idx, tok_idx)]
     assert got.shape == (len(CAPTIONS),) and got.dtype == torch.float32
+    assert np.abs(pairs - np.array(each)).max() <= max(TOLERANCE[backend], 1e-4)
     assert (got - ref).abs().max().item() <= TOLERANCE[backend]
     assert abs(one.item() - got[0].item()) <= max(TOLERANCE[backend], 1e-4)
 

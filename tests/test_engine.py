@@ -15,8 +15,8 @@ QUERIES = ["a small red circle left of a large blue square", "two small green tr
 
 
 def test_rerank_everything_equals_brute_force(built_index):
-    # exact equality is an fp32 property: on a GPU the engine scores under bf16 autocast, which
-    # tests/test_devices.py checks against fp32 with a bf16 tolerance
+    # exact equality is an fp32 property: on a GPU the engine scores under bf16 autocast (the
+    # other engine tests run there as they are: benchmarks/results/gpu_pytest.txt)
     engine = Engine.from_pretrained(built_index, device="cpu")
     n = len(engine.store)
     for q in QUERIES:

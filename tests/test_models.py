@@ -170,3 +170,34 @@ def test_score_pairs_equals_scoring_each_pair_alone():
     alone = [reranker.score([captions[c]], projected_tokens=tokens[t:t + 1]).item() for c, t in zip(cap_idx, tok_idx)]
     assert got.dtype == np.float32 and got.shape == (7,)
     np.testing.assert_allclose(got, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_loaded_weights_are_a_private_mapping_of_the_file(tmp_path):
+    """The first stage's parameters are the file's memory-mapped tensors: training one in place
+    changes the model, never the file, and a save over the same directory loads back as saved."""
+    build_tiny_model(seed=0).save_pretrained(tmp_path / "m")
+    model = EdjeModel.from_pretrained(tmp_path / "m")
+    name, param = next(iter(model.first_stage.clip.named_parameters()))
+    before = param.detach().clone()
+    with torch.no_grad():
+        param.add_(1.0)
+    again = dict(EdjeModel.from_pretrained(tmp_path / "m").first_stage.clip.named_parameters())[name]
+    assert torch.equal(again, before)
+    model.save_pretrained(tmp_path / "m")  # replaces the mapped file by rename
+    saved = dict(EdjeModel.from_pretrained(tmp_path / "m").first_stage.clip.named_parameters())[name]
+    assert torch.equal(saved, before + 1.0)
+
+
+def test_skip_init_builds_uninitialised_then_restores_init():
+    from edje_search.models.loading import skip_init
+
+    with skip_init():
+        torch.nn.init.normal_(torch.zeros(3))  # a no-op inside
+        reranker = build_tiny_model(seed=0).reranker
+    lm = reranker.language_model
+    assert lm.cls.predictions.decoder.weight is not lm.bert.embeddings.word_embeddings.weight  # untied
+    lm.tie_weights()
+    assert lm.cls.predictions.decoder.weight is lm.bert.embeddings.word_embeddings.weight
+    x = torch.zeros(1000)
+    torch.nn.init.normal_(x)  # initialisation works again outside
+    assert x.std() > 0.5

@@ -33,6 +33,7 @@ def encode_pairs(
         truncation="only_first",
         max_length=max_text_len + n_image_tokens,
         padding=True,
+        padding_side="right",  # score_pairs cuts batches to their longest caption from the right
         return_tensors="pt",
     )
 

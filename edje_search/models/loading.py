@@ -14,16 +14,23 @@ when the weights come from a file right after:
   the file (safetensors' own lazy ``load_file``) and makes the parameters *be* those tensors
   (``load_state_dict(assign=True)``): pages are read when first used, so a query-only process
   reads the text tower alone, and processes on one machine share the page cache. The mapping is
-  private copy-on-write: training in place never writes to the file, and files are replaced by
-  atomic renames (fsutil.atomic_write), so a mapped model never sees a file change under it.
+  private copy-on-write: training in place never writes to the file. Our own saves replace
+  files by atomic rename (fsutil.atomic_write), which leaves a mapped model on the old file;
+  a tool that rewrites a weight file in place (``cp`` over it) while a model is open would show
+  through in pages not yet read, as with any memory-mapped file. Windows cannot rename over a
+  mapped file, so there the weights are copied as before.
 """
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 from pathlib import Path
 from unittest import mock
 
 from torch import nn
+
+logger = logging.getLogger(__name__)
 
 
 def _timm_vit_init_skipped():
@@ -37,23 +44,25 @@ def _timm_vit_init_skipped():
     return mock.patch.object(VisionTransformer, "init_weights", lambda self, *args, **kwargs: None)
 
 
+@contextlib.contextmanager
 def skip_init():
     """Context manager: build modules without initialising their parameters.
 
     transformers models built inside it are not tied either (tying is part of the skipped init
-    step): call ``tie_weights()`` before loading weights into them.
+    step): call ``tie_weights()`` before loading weights into them. The patches are
+    process-wide while the block runs (torch's init functions, timm's ViT init): do not build
+    other models on other threads meanwhile.
     """
-    stack = contextlib.ExitStack()
     try:
         from transformers.initialization import no_init_weights
     except ImportError:  # transformers 4.x keeps it in modeling_utils
         try:
             from transformers.modeling_utils import no_init_weights
         except ImportError:
+            logger.info("transformers has no no_init_weights: models are initialised before loading")
             no_init_weights = contextlib.nullcontext
-    stack.enter_context(no_init_weights())
-    stack.enter_context(_timm_vit_init_skipped())
-    return stack
+    with no_init_weights(), _timm_vit_init_skipped():
+        yield
 
 
 def _shares_parameters(module: nn.Module) -> bool:
@@ -68,13 +77,20 @@ def _shares_parameters(module: nn.Module) -> bool:
 def map_weights(module: nn.Module, path: str | Path) -> tuple[list[str], list[str]]:
     """Load a safetensors file into ``module`` by memory map; returns (missing, unexpected) keys.
 
-    A module with tied parameters (one tensor under two names; the file stores it once) is loaded
-    by copy instead, so the tie survives. Parameters stay on the CPU; ``.to(device)`` copies them.
+    Copied instead (``safetensors.torch.load_model``, which casts to the module's dtypes) when
+    the module has tied parameters (one tensor under two names, stored once: assigning would
+    untie them), when a tensor's dtype differs from the module's, or on Windows. Parameters stay
+    on the CPU; ``.to(device)`` copies them.
     """
     from safetensors.torch import load_file, load_model
 
-    if _shares_parameters(module):
-        return load_model(module, str(path), strict=False)
     state = load_file(str(path))  # lazy: tensors are views of a private mapping of the file
+    own = module.state_dict()
+    why = ("tied parameters" if _shares_parameters(module)
+           else "dtypes differ" if any(k in own and own[k].dtype != v.dtype for k, v in state.items())
+           else "Windows" if os.name == "nt" else "")
+    if why:
+        logger.info("%s: copying the weights (%s)", path, why)
+        return load_model(module, str(path), strict=False)
     result = module.load_state_dict(state, strict=False, assign=True)
     return list(result.missing_keys), list(result.unexpected_keys)

@@ -23,7 +23,7 @@ start=$(date +%s)
 stamp() { echo "[demo $(( $(date +%s) - start ))s] $*"; }
 
 if [ ! -f "$DATA/test.json" ]; then
-  stamp "rendering the shapes data set"
+  stamp "rendering the $STYLE data set"
   $ES make-dataset "$DATA" --train "$TRAIN_IMAGES" --val 200 --test 1000 --image-size 48 --style "$STYLE"
 fi
 if [ ! -f "$RUN/first/first_stage/first_stage.json" ]; then

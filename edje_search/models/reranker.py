@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Sequence
 
@@ -157,16 +158,22 @@ class Reranker(nn.Module):
             raise BadInput("give exactly one of vision_tokens, projected_tokens, pixel_values")
         if len(captions) == 0:
             return torch.empty(0)
+        with self._inference():
+            logits = self._score(list(captions), vision_tokens, projected_tokens, pixel_values).float()
+        return logits if torch.is_inference_mode_enabled() else logits.clone()  # clone: a normal tensor
+
+    @contextlib.contextmanager
+    def _inference(self):
+        """Eval mode (no dropout) under ``torch.inference_mode()``; a module in training mode is put back."""
         was_training = self.training
         try:
             if was_training:
                 self.eval()
             with torch.inference_mode():
-                logits = self._score(list(captions), vision_tokens, projected_tokens, pixel_values).float()
+                yield
         finally:
             if was_training:
                 self.train()
-        return logits if torch.is_inference_mode_enabled() else logits.clone()  # clone: a normal tensor
 
     def _score(self, captions: list[str], vision_tokens: torch.Tensor | None, projected_tokens: torch.Tensor | None,
                pixel_values: torch.Tensor | None) -> torch.Tensor:
@@ -218,21 +225,14 @@ class Reranker(nn.Module):
         order = np.argsort(lengths, kind="stable")
         if self.device.type != "cpu" and tokens.numel() * tokens.element_size() <= TOKENS_ON_DEVICE_BYTES:
             tokens = tokens.to(self.device, non_blocking=tokens.is_pinned())
-        was_training = self.training
-        self.eval()
-        try:
-            with torch.inference_mode():
-                for s in tqdm(range(0, len(order), batch_size), desc="reranking", disable=not progress,
-                              leave=False):
-                    sl = order[s:s + batch_size]
-                    rows = torch.from_numpy(caption_row[sl])
-                    width = int(lengths[sl].max())
-                    batch = {k: v[rows, :width] for k, v in encoded.items()}
-                    images = tokens[torch.from_numpy(token_idx[sl]).to(tokens.device)]
-                    out[sl] = self._score_encoded(batch, images).float().cpu().numpy()
-        finally:
-            if was_training:
-                self.train()
+        with self._inference():
+            for s in tqdm(range(0, len(order), batch_size), desc="reranking", disable=not progress, leave=False):
+                sl = order[s:s + batch_size]
+                rows = torch.from_numpy(caption_row[sl])
+                width = int(lengths[sl].max())
+                batch = {k: v[rows, :width] for k, v in encoded.items()}
+                images = tokens[torch.from_numpy(token_idx[sl]).to(tokens.device)]
+                out[sl] = self._score_encoded(batch, images).float().cpu().numpy()
         return out
 
     # ---------------------------------------------------------------------------- persistence

@@ -151,12 +151,27 @@ def first_stage_rankings(enc: EncodedSet, data: CaptionSet) -> tuple[dict, dict,
 
 def rerank_set(model: EdjeModel, data: CaptionSet, enc: EncodedSet, tokens: torch.Tensor, *, rerank_k: int = 10,
                precision: str = "fp32", batch_size: int = 128, progress: bool = True) -> RerankedSet:
-    """Score each direction's first-stage top ``rerank_k`` with ``model`` over its stored ``tokens``."""
+    """Score each direction's first-stage top ``rerank_k`` with ``model`` over its stored ``tokens``.
+
+    A (caption, image) pair in both directions' top k is scored once (on the demo's test split a
+    third of the pairs are shared).
+    """
     orders, first, targets = first_stage_rankings(enc, data)
-    scores = {d: rerank_scores(orders[d], rerank_k,
-                               pair_scorer(model, data.captions, tokens, captions_are_queries=d == "t2i",
-                                           batch_size=batch_size, precision=precision, progress=progress))
-              for d in ("t2i", "i2t")}
+    n_images = len(data.images)
+    caps, imgs, shapes = [], [], {}
+    for d, query_is_caption in (("t2i", True), ("i2t", False)):
+        k = min(rerank_k, orders[d].shape[1])
+        queries = np.repeat(np.arange(orders[d].shape[0]), k)
+        items = orders[d][:, :k].reshape(-1)
+        caps.append(queries if query_is_caption else items)
+        imgs.append(items if query_is_caption else queries)
+        shapes[d] = (orders[d].shape[0], k)
+    pairs, where = np.unique(np.concatenate(caps) * n_images + np.concatenate(imgs), return_inverse=True)
+    score = pair_scorer(model, data.captions, tokens, captions_are_queries=True, batch_size=batch_size,
+                        precision=precision, progress=progress)
+    flat = np.asarray(score(pairs // n_images, pairs % n_images))[where.reshape(-1)]
+    split = shapes["t2i"][0] * shapes["t2i"][1]
+    scores = {"t2i": flat[:split].reshape(shapes["t2i"]), "i2t": flat[split:].reshape(shapes["i2t"])}
     return RerankedSet(orders, first, scores, targets)
 
 

@@ -13,6 +13,7 @@ TRAIN_IMAGES="${TRAIN_IMAGES:-10000}"
 FS_STEPS="${FS_STEPS:-150}"            # first-stage steps of 256 captions
 RR_STEPS="${RR_STEPS:-1200}"           # reranker steps of 24 pairs (+ a hard negative image and caption each)
 WARMUP="${WARMUP:-300}"                # caption-word warm-up steps of the adapter (no joint-encoder pass)
+DROPOUT="${DROPOUT:-0}"                # joint-encoder dropout while training (MiniLM's own: 0.1)
 LM_LAYERS="${LM_LAYERS:-3}"            # first layers of MiniLM-L6 kept in the joint encoder
 SEED="${SEED:-0}"
 THREADS="${THREADS:-2}"                # torch threads; 1 on a machine others are using
@@ -32,11 +33,13 @@ if [ ! -f "$RUN/first/first_stage/first_stage.json" ]; then
     --threads "$THREADS"
 fi
 if [ ! -f "$RUN/reranker/model/edje.json" ]; then
+  FEATURES=()  # the first stage's features of the training set (absent from runs of older versions)
+  [ -f "$RUN/first/features.pt" ] && FEATURES=(--features "$RUN/first/features.pt")
   stamp "training the compressed reranker (12 stored tokens, MiniLM-L6's first $LM_LAYERS layers), $RR_STEPS steps"
   $ES train reranker --data "$DATA/train.json" --first-stage "$RUN/first/first_stage" --out "$RUN/reranker" \
     --variant compressed --n-queries 12 --mlp-dim 512 --lm-layers "$LM_LAYERS" --score-head mean \
-    --adapter-warmup "$WARMUP" --w-mlm 0 --w-recovery 0 --batch-size 24 --lr 2e-4 --steps "$RR_STEPS" \
-    --name edje-demo --seed "$SEED" --threads "$THREADS"
+    --adapter-warmup "$WARMUP" --dropout "$DROPOUT" --w-mlm 0 --w-recovery 0 --batch-size 24 --lr 2e-4 \
+    --steps "$RR_STEPS" "${FEATURES[@]}" --name edje-demo --seed "$SEED" --threads "$THREADS"
 fi
 mkdir -p "$EDJE_HOME/models"
 rm -rf "$EDJE_HOME/models/edje-demo" && cp -r "$RUN/reranker/model" "$EDJE_HOME/models/edje-demo"

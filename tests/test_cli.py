@@ -222,3 +222,38 @@ def test_a_second_writer_gets_one_line_naming_the_holder_and_exit_75(built_index
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and f"pid {os.getpid()}" in lines[0] and "waiting 0.5 s" in lines[0], lines
     assert json.loads(run("info", "--index", built_index, "--json").stdout)["images"] == 40
+
+
+def test_train_first_stage_then_reranker_then_eval(tmp_path, shapes_dir):
+    """The training path a user runs: `train first-stage` (real MiniLM-L6 text tower) writes the
+    training set's features; `train reranker --features` reuses them instead of encoding the set
+    again; `eval` ranks with the result. The features are the saved first stage's own."""
+    import torch
+
+    from edje_search.data.annotations import read_captions
+    from edje_search.models.bundle import EdjeModel
+    from edje_search.models.first_stage import FirstStage
+    from edje_search.training.features import compute_features, features_key, load_cached_features
+
+    first, rr, data_file = tmp_path / "first", tmp_path / "rr", shapes_dir / "train.json"
+    out = run("train", "first-stage", "--data", data_file, "--out", first, "--steps", 2, "--batch-size", 16,
+              "--image-size", 32, "--width", 32, "--layers", 1).output
+    assert "features saved to" in out
+    fs, data = FirstStage.from_pretrained(first / "first_stage"), read_captions(data_file)
+    key = features_key(fs, data)
+    saved = load_cached_features(first / "features.pt", key)  # the key holds the saved weights' hash
+    fresh = compute_features(fs, data, num_workers=0, progress=False)
+    torch.testing.assert_close(saved.text_emb, fresh.text_emb, rtol=0, atol=2e-6)  # eval mode, cut padding
+    assert torch.equal(saved.vision_tokens, fresh.vision_tokens) and torch.equal(saved.image_emb, fresh.image_emb)
+    run("train", "reranker", "--data", data_file, "--first-stage", first / "first_stage", "--out", rr,
+        "--features", first / "features.pt", "--n-queries", 4, "--mlp-dim", 64, "--lm-layers", 1,
+        "--score-head", "mean", "--adapter-warmup", 2, "--w-mlm", 0, "--w-recovery", 0, "--dropout", 0,
+        "--batch-size", 8, "--steps", 2)
+    assert not (rr / "features.pt").exists()  # reused in place: neither recomputed nor copied
+    assert EdjeModel.from_pretrained(rr / "model").reranker.language_model.config.hidden_dropout_prob == 0.0
+    res = json.loads(run("eval", "--data", shapes_dir / "test.json", "--model", rr / "model", "--rerank-k", 5,
+                         "--json").stdout)
+    assert [r["name"] for r in res["rows"]] == ["first stage", "edje"]
+    # features of another first stage are never used
+    other = dict(key, weights="0" * 64)
+    assert load_cached_features(first / "features.pt", other) is None

@@ -151,3 +151,26 @@ def test_evaluation_ranks_as_engine_search_does(built_index, shapes_dir, tiny_mo
                                    rtol=0, atol=5e-8)
         engine_r = recall_at_k(first_correct_rank(order, ranked.targets["t2i"]), ks=(1, 5))
         assert engine_r == {key: ranked.recall("t2i", weight)[key] for key in ("R@1", "R@5")}
+
+
+def test_rerank_set_scores_a_pair_both_directions_share_once(shapes_dir, tiny_model_dir, monkeypatch):
+    """Both directions' scores are what scoring each direction alone gives; shared pairs are scored once."""
+    from edje_search import load_model
+    from edje_search.evaluation import pair_scorer
+
+    model = load_model(tiny_model_dir)
+    data = load_eval_set(shapes_dir / "test.json")
+    enc = encode_set(model, data, num_workers=0, progress=False)
+    calls = []
+    score_pairs = model.reranker.score_pairs  # counted, then run for real
+    monkeypatch.setattr(model.reranker, "score_pairs", lambda captions, tokens, cap, img, **kw: calls.append(
+        len(cap)) or score_pairs(captions, tokens, cap, img, **kw))
+    ranked = rerank_set(model, data, enc, enc.tokens[0], rerank_k=5, progress=False)
+    monkeypatch.undo()
+    for d in ("t2i", "i2t"):
+        alone = rerank_scores(ranked.orders[d], 5, pair_scorer(model, data.captions, enc.tokens[0],
+                                                                captions_are_queries=d == "t2i", progress=False))
+        np.testing.assert_allclose(ranked.scores[d], alone, rtol=0, atol=1e-5)
+    t2i = {(c, int(i)) for c, row in enumerate(ranked.orders["t2i"][:, :5]) for i in row}
+    i2t = {(int(c), i) for i, row in enumerate(ranked.orders["i2t"][:, :5]) for c in row}
+    assert t2i & i2t and calls == [len(t2i | i2t)]

@@ -24,6 +24,7 @@ from ..images import decode_image
 from ..models.first_stage import FirstStage
 from ..models.registry import bundled_minilm_dir
 from .common import autocast, load_checkpoint, make_optimizer, save_checkpoint, seed_everything
+from .features import compute_features
 
 logger = logging.getLogger(__name__)
 
@@ -79,21 +80,42 @@ def load_pixels(paths: list[Path], transform, progress: bool = True) -> torch.Te
 @torch.no_grad()
 def locked_text_features(model: FirstStage, captions: list[str], batch_size: int = 256,
                          progress: bool = True) -> torch.Tensor:
-    """Pooled outputs of the locked text transformer, before the trainable projection (C, D_t)."""
+    """Pooled outputs of the locked text transformer, before the trainable projection (C, D_t).
+
+    Run in eval mode (no dropout: these features stand for what the tower gives at query time).
+    Captions go in batches of similar length, each cut to its longest caption instead of the
+    tokenizer's fixed context length: a fifth fewer tokens on the demo's captions. Padding is
+    masked out of attention and of the mean pool, so the features are those of full padding.
+    """
     text = model.clip.text
     device = next(model.parameters()).device
-    feats = []
-    for s in tqdm(range(0, len(captions), batch_size), desc="text features", disable=not progress):
-        ids = model.tokenize(captions[s:s + batch_size]).to(device)
-        mask = (ids != text.config.pad_token_id).long()
-        out = text.transformer(input_ids=ids, attention_mask=mask)
-        feats.append(text.pooler(out, mask).float().cpu())
-    return torch.cat(feats)
+    ids = model.tokenize(captions)  # (C, context_length), padded on the right
+    mask = (ids != text.config.pad_token_id).long()
+    order = torch.argsort(mask.sum(dim=1), stable=True)
+    pooled = []
+    was_training = text.training
+    text.eval()
+    try:
+        for s in tqdm(range(0, len(captions), batch_size), desc="text features", disable=not progress):
+            rows = order[s:s + batch_size]
+            width = int(mask[rows].sum(dim=1).max())
+            b_ids, b_mask = ids[rows, :width].to(device), mask[rows, :width].to(device)
+            pooled.append(text.pooler(text.transformer(input_ids=b_ids, attention_mask=b_mask), b_mask).float().cpu())
+    finally:
+        text.train(was_training)
+    feats = torch.empty(len(captions), pooled[0].shape[1])
+    feats[order] = torch.cat(pooled)
+    return feats
 
 
 def train_first_stage(data: CaptionSet, out_dir: str | Path, cfg: FirstStageTrainConfig, *,
-                      device: str | None = None, progress: bool = True) -> FirstStage:
-    """Train on ``data`` and save a first-stage directory in ``out_dir`` (resumes from its checkpoint)."""
+                      device: str | None = None, features_out: str | Path | None = None,
+                      progress: bool = True) -> FirstStage:
+    """Train on ``data`` (resuming from ``out_dir``'s checkpoint) and return the model in eval mode.
+
+    ``features_out``: also write the trained model's features of ``data`` there (training/features.py),
+    for ``train reranker --features``; the caption half comes from the locked features at hand.
+    """
     out_dir = Path(out_dir)
     seed_everything(cfg.seed)
     dev = pick_device(device)
@@ -151,6 +173,10 @@ def train_first_stage(data: CaptionSet, out_dir: str | Path, cfg: FirstStageTrai
     bar.close()
     warn_if_at_chance(recent, cfg.batch_size, total)
     model.eval()
+    if features_out is not None:
+        with torch.no_grad():
+            text_emb = F.normalize(model.clip.text.proj(text_feats.to(dev)), dim=-1).cpu()
+        compute_features(model, data, cache=Path(features_out), text_emb=text_emb, progress=progress)
     return model
 
 

@@ -42,6 +42,7 @@ class RerankerTrainConfig:
     mlp_dim: int = 8192
     lm_layers: int | None = None  # keep only the first N layers of the language model (None = all)
     score_head: str = "pooler"  # "pooler" (the paper) or "mean" (see JointEncoder)
+    dropout: float | None = None  # the joint encoder's dropout while training (None: its checkpoint's, 0.1)
     adapter_warmup: int = 0  # steps of caption-word warm-up of a fresh adapter (training/warmup.py)
     adapter_warmup_lr: float = 1e-3
     max_text_len: int = 64
@@ -130,15 +131,30 @@ def load_bert_weights(language_model: BertForMaskedLM, lm_dir: Path) -> None:
                         for k in dropped}) or "nothing")
 
 
+def set_dropout(language_model: BertForMaskedLM, p: float) -> None:
+    """Set every dropout of the BERT to ``p``, in its config too (so a saved model says what it trained with)."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {p}")
+    language_model.config.hidden_dropout_prob = p
+    language_model.config.attention_probs_dropout_prob = p
+    for module in language_model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = p
+
+
 def _special_mask(tokenizer, ids: torch.Tensor) -> torch.Tensor:
     return torch.isin(ids, torch.tensor(tokenizer.all_special_ids, device=ids.device))
 
 
 def train_reranker(first_stage_dir: str | Path, data: CaptionSet, out_dir: str | Path, cfg: RerankerTrainConfig,
                    *, teacher_dir: str | Path | None = None, init_from: str | Path | None = None,
-                   lm_dir: str | Path | None = None, name: str = "edje", device: str | None = None,
-                   progress: bool = True) -> EdjeModel:
-    """Train and save an EDJE model directory at ``out_dir/model``; resumes from ``out_dir/train_state.pt``."""
+                   lm_dir: str | Path | None = None, features: str | Path | None = None, name: str = "edje",
+                   device: str | None = None, progress: bool = True) -> EdjeModel:
+    """Train and save an EDJE model directory at ``out_dir/model``; resumes from ``out_dir/train_state.pt``.
+
+    ``features``: a feature file of this first stage on ``data`` (``train first-stage`` writes one),
+    used instead of encoding the training set again when it matches.
+    """
     out_dir = Path(out_dir)
     rank, world = init_distributed()
     seed_everything(cfg.seed)
@@ -148,13 +164,15 @@ def train_reranker(first_stage_dir: str | Path, data: CaptionSet, out_dir: str |
         p.requires_grad = False
     cache = out_dir / "features.pt"
     if is_main_process():
-        feats = compute_features(first_stage, data, cache=cache, progress=progress)
+        feats = compute_features(first_stage, data, cache=cache, reuse=features, progress=progress)
     if world > 1:
         dist.barrier()
     if not is_main_process():
-        feats = compute_features(first_stage, data, cache=cache, progress=False)
+        feats = compute_features(first_stage, data, cache=cache, reuse=features, progress=False)
 
     reranker = (EdjeModel.from_pretrained(init_from).reranker if init_from else new_reranker(first_stage, cfg, lm_dir))
+    if cfg.dropout is not None:
+        set_dropout(reranker.language_model, cfg.dropout)
     reranker.to(dev).train()
     state_path = out_dir / "train_state.pt"
     state = load_checkpoint(state_path)

@@ -11,7 +11,7 @@ DATA="$RUN/data"
 # Sizes of the demo recipe (override from the environment for a longer or shorter run).
 TRAIN_IMAGES="${TRAIN_IMAGES:-10000}"
 FS_STEPS="${FS_STEPS:-150}"            # first-stage steps of 256 captions
-RR_STEPS="${RR_STEPS:-800}"            # reranker steps of 24 pairs (+ a hard negative image and caption each)
+RR_STEPS="${RR_STEPS:-600}"            # reranker steps of 24 pairs (+ a hard negative image and caption each)
 WARMUP="${WARMUP:-300}"                # caption-word warm-up steps of the adapter (no joint-encoder pass)
 DROPOUT="${DROPOUT:-0}"                # joint-encoder dropout while training (MiniLM's own: 0.1)
 LM_LAYERS="${LM_LAYERS:-3}"            # first layers of MiniLM-L6 kept in the joint encoder

@@ -113,12 +113,14 @@ def train_first_stage_cmd(annotations, image_root, out_dir, steps, epochs, batch
     data = _read_training_data(annotations, image_root)
     cfg = FirstStageTrainConfig(steps=None if epochs else steps, epochs=epochs, batch_size=batch_size, lr=lr,
                                 image_size=image_size, width=width, layers=layers, seed=seed)
-    features_out = Path(out_dir) / "features.pt" if features else None
-    model = train_first_stage(data, out_dir, cfg, device=device, features_out=features_out)
+    from edje_search.training.features import FEATURES_NAME
+
+    model = train_first_stage(data, out_dir, cfg, device=device, save_features=features)
     model.save_pretrained(Path(out_dir) / "first_stage")
     click.echo(f"first stage saved to {Path(out_dir) / 'first_stage'}")
-    if features_out is not None:
-        click.echo(f"training-set features saved to {features_out} (for `train reranker --features`)")
+    if features:
+        click.echo(f"training-set features saved to {Path(out_dir) / FEATURES_NAME} "
+                   "(for `train reranker --features`)")
 
 
 @train.command("reranker")
@@ -135,7 +137,7 @@ def train_first_stage_cmd(annotations, image_root, out_dir, steps, epochs, batch
               help="Trained model directory to distil from (e.g. the local variant).")
 @click.option("--init-from", default=None, type=click.Path(exists=True, file_okay=False),
               help="Start from this model directory's reranker (fine-tuning).")
-@click.option("--features", "features", default=None, type=click.Path(exists=True, dir_okay=False),
+@click.option("--features", "features_path", default=None, type=click.Path(exists=True, dir_okay=False),
               help="Features of the training set from `train first-stage` (its OUT/features.pt): used when "
                    "they match this first stage and data, instead of encoding every image and caption again.")
 @click.option("--language-model", "lm_dir", default=None, type=click.Path(exists=True, file_okay=False),
@@ -176,7 +178,7 @@ def train_first_stage_cmd(annotations, image_root, out_dir, steps, epochs, batch
 @click.option("--seed", default=0, show_default=True)
 @threads_option
 def train_reranker_cmd(annotations, image_root, first_stage_dir, out_dir, variant, n_queries, mlp_dim, teacher_dir,
-                       init_from, features, lm_dir, lm_layers, score_head, adapter_warmup, dropout, steps,
+                       init_from, features_path, lm_dir, lm_layers, score_head, adapter_warmup, dropout, steps,
                        batch_size, grad_accum, lr, weight_decay, w_itm, w_mlm, w_recovery, w_distill,
                        neighbour_group, mining_pool, precision,
                        name, device, seed, threads):
@@ -196,7 +198,7 @@ def train_reranker_cmd(annotations, image_root, first_stage_dir, out_dir, varian
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     (Path(out_dir) / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
     train_reranker(first_stage_dir, data, out_dir, cfg, teacher_dir=teacher_dir, init_from=init_from,
-                   lm_dir=lm_dir, features=features, name=name, device=device)
+                   lm_dir=lm_dir, features_path=features_path, name=name, device=device)
     click.echo(f"model saved to {Path(out_dir) / 'model'}")
 
 

@@ -31,7 +31,7 @@ from .training.common import autocast
 __all__ = [
     "EncodedSet", "RerankedSet", "calibrate_fusion", "encode_set", "evaluate", "first_correct_rank",
     "first_stage_rankings", "format_table", "load_eval_set", "pair_scorer", "recall_at_k", "rerank_order",
-    "rerank_scores", "rerank_set", "served_tokens",
+    "rerank_scores", "rerank_set", "served_tokens", "top_pairs",
 ]
 
 KS = (1, 5, 10)
@@ -53,12 +53,17 @@ def first_correct_rank(order: np.ndarray, targets: Sequence[set[int]]) -> np.nda
     return ranks
 
 
+def top_pairs(order: np.ndarray, rerank_k: int) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+    """(query index, item index) of each row's first ``rerank_k`` entries, flat, and their (Q, k) shape."""
+    k = min(rerank_k, order.shape[1])
+    return np.repeat(np.arange(order.shape[0]), k), order[:, :k].reshape(-1), (order.shape[0], k)
+
+
 def rerank_scores(order: np.ndarray, rerank_k: int,
                   score_pairs: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> np.ndarray:
     """``score_pairs(query_idx, item_idx)`` of each row's first ``rerank_k`` entries, as (Q, k)."""
-    k = min(rerank_k, order.shape[1])
-    q_idx = np.repeat(np.arange(order.shape[0]), k)
-    return np.asarray(score_pairs(q_idx, order[:, :k].reshape(-1))).reshape(order.shape[0], k)
+    q_idx, item_idx, shape = top_pairs(order, rerank_k)
+    return np.asarray(score_pairs(q_idx, item_idx)).reshape(shape)
 
 
 def served_tokens(tokens: np.ndarray, token_dtype: str) -> np.ndarray:
@@ -153,25 +158,19 @@ def rerank_set(model: EdjeModel, data: CaptionSet, enc: EncodedSet, tokens: torc
                precision: str = "fp32", batch_size: int = 128, progress: bool = True) -> RerankedSet:
     """Score each direction's first-stage top ``rerank_k`` with ``model`` over its stored ``tokens``.
 
-    A (caption, image) pair in both directions' top k is scored once (on the demo's test split a
-    third of the pairs are shared).
+    A (caption, image) pair in both directions' top k is scored once: on the demo's 1,000 test
+    images at rerank_k=10, 20,622 pairs instead of 30,000.
     """
     orders, first, targets = first_stage_rankings(enc, data)
     n_images = len(data.images)
-    caps, imgs, shapes = [], [], {}
-    for d, query_is_caption in (("t2i", True), ("i2t", False)):
-        k = min(rerank_k, orders[d].shape[1])
-        queries = np.repeat(np.arange(orders[d].shape[0]), k)
-        items = orders[d][:, :k].reshape(-1)
-        caps.append(queries if query_is_caption else items)
-        imgs.append(items if query_is_caption else queries)
-        shapes[d] = (orders[d].shape[0], k)
-    pairs, where = np.unique(np.concatenate(caps) * n_images + np.concatenate(imgs), return_inverse=True)
+    captions_t2i, images_t2i, shape_t2i = top_pairs(orders["t2i"], rerank_k)
+    images_i2t, captions_i2t, shape_i2t = top_pairs(orders["i2t"], rerank_k)
+    caps, imgs = np.concatenate([captions_t2i, captions_i2t]), np.concatenate([images_t2i, images_i2t])
+    pairs, where = np.unique(caps * n_images + imgs, return_inverse=True)
     score = pair_scorer(model, data.captions, tokens, captions_are_queries=True, batch_size=batch_size,
                         precision=precision, progress=progress)
     flat = np.asarray(score(pairs // n_images, pairs % n_images))[where.reshape(-1)]
-    split = shapes["t2i"][0] * shapes["t2i"][1]
-    scores = {"t2i": flat[:split].reshape(shapes["t2i"]), "i2t": flat[split:].reshape(shapes["i2t"])}
+    scores = {"t2i": flat[:len(captions_t2i)].reshape(shape_t2i), "i2t": flat[len(captions_t2i):].reshape(shape_i2t)}
     return RerankedSet(orders, first, scores, targets)
 
 

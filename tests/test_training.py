@@ -403,3 +403,36 @@ def test_heldout_generator_shares_no_words_for_objects_with_the_shapes_generator
     assert words and not words & old
     with pytest.raises(ValueError):
         synthetic.make_dataset(tmp_path / "c", n_train=1, n_val=0, n_test=0, style="nope", progress=False)
+
+
+def test_dropout_zero_makes_training_mode_deterministic(tiny_lm_dir, tiny_first_stage_dir):
+    from edje_search.models.first_stage import FirstStage
+    from edje_search.training.reranker import new_reranker, set_dropout
+
+    fs = FirstStage.from_pretrained(tiny_first_stage_dir)
+    rr = new_reranker(fs, RerankerTrainConfig(n_queries=4, mlp_dim=64, dropout=0.0), tiny_lm_dir).train()
+    assert rr.language_model.config.hidden_dropout_prob == rr.language_model.config.attention_probs_dropout_prob == 0
+    tokens = torch.randn(2, 4, rr.token_width)
+    logits = [rr.pair_logits(["a red circle", "two blue squares"], tokens) for _ in range(2)]
+    torch.testing.assert_close(logits[0], logits[1], rtol=0, atol=0)
+    set_dropout(rr.language_model, 0.5)  # a built model (--init-from): modules and config
+    assert not torch.equal(rr.pair_logits(["a red circle", "two blue squares"], tokens), logits[0])
+    assert all(m.p == 0.5 for m in rr.language_model.modules() if isinstance(m, torch.nn.Dropout))
+
+
+def test_features_of_another_first_stage_are_recomputed_and_cached(tmp_path, shapes_dir, tiny_first_stage_dir):
+    from edje_search.models.first_stage import FirstStage
+    from edje_search.training.features import compute_features, load_cached_features, features_key
+
+    data = read_captions(shapes_dir / "train.json")
+    fs = FirstStage.from_pretrained(tiny_first_stage_dir).eval()
+    first = compute_features(fs, data, cache=tmp_path / "a.pt", num_workers=0, progress=False)
+    other = FirstStage.from_pretrained(tiny_first_stage_dir).eval()
+    with torch.no_grad():
+        next(other.clip.visual.parameters()).mul_(2.0)
+    again = compute_features(other, data, cache=tmp_path / "b.pt", reuse=tmp_path / "a.pt", num_workers=0,
+                             progress=False)
+    assert not torch.equal(first.image_emb, again.image_emb)  # computed by the other model, not reused
+    assert load_cached_features(tmp_path / "b.pt", features_key(other, data)) is not None
+    reused = compute_features(fs, data, reuse=tmp_path / "a.pt", progress=False)
+    assert torch.equal(reused.vision_tokens, first.vision_tokens)

@@ -1,9 +1,11 @@
 """Frozen first-stage outputs of a training set, computed once and cached on disk.
 
-A cache is keyed by the image list, the captions and a hash of the first stage's weights, so a
-file written for another model or data set is never used. ``train first-stage`` writes one for
-its own training set (it already holds the locked text tower's outputs, the costly half), which
-``train reranker --features`` then reuses instead of encoding every caption a second time.
+A cache is keyed by the images (resolved paths), the captions, the first stage's config and a
+hash of its weights, so a file written for another first stage or data set is not used (the
+image files' content is not hashed: re-rendered images under the same names need a new cache).
+``train first-stage`` writes one for its own training set (it already holds the locked text
+tower's outputs, the costly half), which ``train reranker --features`` then reuses instead of
+encoding every image and caption a second time.
 """
 from __future__ import annotations
 
@@ -22,6 +24,9 @@ from .common import save_checkpoint
 
 logger = logging.getLogger(__name__)
 
+FEATURES_NAME = "features.pt"  # in a first-stage run folder (train first-stage --out) and a reranker's
+FORMAT = 2  # bump when what a feature file holds, or how it is computed, changes
+
 
 @dataclasses.dataclass
 class TrainFeatures:
@@ -36,23 +41,32 @@ def weights_hash(module: torch.nn.Module) -> str:
     for name, t in sorted(module.state_dict().items()):
         t = t.detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))  # no copy of the bytes
     return h.hexdigest()
 
 
 def features_key(first_stage: FirstStage, data: CaptionSet) -> dict:
     """What a cache must match to be used: the data and the exact first stage."""
-    return {"images": [str(p) for p in data.images], "captions": list(data.captions),
-            "first_stage": first_stage.config.model_cfg, "weights": weights_hash(first_stage)}
+    return {"format": FORMAT, "images": [str(Path(p).resolve()) for p in data.images],
+            "captions": list(data.captions), "first_stage": dataclasses.asdict(first_stage.config),
+            "weights": weights_hash(first_stage)}
 
 
-def load_cached_features(path: Path, key: dict) -> TrainFeatures | None:
-    """The features in ``path`` when it exists and was written for ``key``; None otherwise."""
+def load_cached_features(path: Path, key: dict, *, explicit: bool = False) -> TrainFeatures | None:
+    """The features in ``path`` when it exists and was written for ``key``; None otherwise.
+
+    ``explicit``: the user named this file, so a mismatch is a warning that says what differs.
+    """
     if not Path(path).is_file():
         return None
-    saved = torch.load(path, map_location="cpu", weights_only=False)
-    if saved.get("key") != key:
-        logger.info("%s was computed for another first stage or data set; not used", path)
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    stored = saved.get("key", {})
+    if stored != key:
+        differs = [k for k in key if stored.get(k) != key[k]]
+        (logger.warning if explicit else logger.info)(
+            "%s was computed for another %s; not used: encoding the training set instead", path,
+            " and ".join({"images": "image list", "captions": "caption list", "first_stage": "first-stage config",
+                          "weights": "first stage (weights)", "format": "file format"}[k] for k in differs))
         return None
     return TrainFeatures(saved["image_emb"], saved["vision_tokens"], saved["text_emb"])
 
@@ -68,12 +82,13 @@ def compute_features(first_stage: FirstStage, data: CaptionSet, *, cache: Path |
     """Image embeddings, vision tokens and caption embeddings of ``data``.
 
     Read from ``cache`` or else ``reuse`` when either was written for this first stage and data;
-    otherwise computed (``text_emb`` (C, E), when the caller already has the caption embeddings,
-    skips the text pass) and written to ``cache``.
+    otherwise computed and written to ``cache``. ``text_emb`` (C, E): the caption embeddings when
+    the caller already has them (the first-stage trainer, from its locked text features; a test
+    pins them to ``encode_text``'s), which skips the text pass.
     """
-    key = features_key(first_stage, data)
-    for path in (cache, reuse):
-        feats = load_cached_features(path, key) if path is not None else None
+    key = features_key(first_stage, data) if cache is not None or reuse is not None else None
+    for path, explicit in ((cache, False), (reuse, True)):
+        feats = load_cached_features(path, key, explicit=explicit) if path is not None else None
         if feats is not None:
             return feats
     image_emb, vision_tokens = encode_image_files(first_stage, data.images, batch_size=batch_size,

@@ -24,7 +24,7 @@ from ..images import decode_image
 from ..models.first_stage import FirstStage
 from ..models.registry import bundled_minilm_dir
 from .common import autocast, load_checkpoint, make_optimizer, save_checkpoint, seed_everything
-from .features import compute_features
+from .features import FEATURES_NAME, compute_features
 
 logger = logging.getLogger(__name__)
 
@@ -109,12 +109,13 @@ def locked_text_features(model: FirstStage, captions: list[str], batch_size: int
 
 
 def train_first_stage(data: CaptionSet, out_dir: str | Path, cfg: FirstStageTrainConfig, *,
-                      device: str | None = None, features_out: str | Path | None = None,
+                      device: str | None = None, save_features: bool = False,
                       progress: bool = True) -> FirstStage:
     """Train on ``data`` (resuming from ``out_dir``'s checkpoint) and return the model in eval mode.
 
-    ``features_out``: also write the trained model's features of ``data`` there (training/features.py),
-    for ``train reranker --features``; the caption half comes from the locked features at hand.
+    ``save_features``: also write the trained model's features of ``data`` to ``out_dir``/features.pt
+    (training/features.py), for ``train reranker --features``; the caption half comes from the
+    locked text features at hand.
     """
     out_dir = Path(out_dir)
     seed_everything(cfg.seed)
@@ -173,10 +174,11 @@ def train_first_stage(data: CaptionSet, out_dir: str | Path, cfg: FirstStageTrai
     bar.close()
     warn_if_at_chance(recent, cfg.batch_size, total)
     model.eval()
-    if features_out is not None:
+    if save_features:
         with torch.no_grad():
-            text_emb = F.normalize(model.clip.text.proj(text_feats.to(dev)), dim=-1).cpu()
-        compute_features(model, data, cache=Path(features_out), text_emb=text_emb, progress=progress)
+            text_emb = torch.cat([F.normalize(model.clip.text.proj(text_feats[s:s + 4096].to(dev)), dim=-1).cpu()
+                                  for s in range(0, len(text_feats), 4096)])
+        compute_features(model, data, cache=out_dir / FEATURES_NAME, text_emb=text_emb, progress=progress)
     return model
 
 

@@ -27,7 +27,7 @@ from ..models.reranker import Reranker
 from .common import (TrainLog, all_gather_cat, autocast, data_parallel, gradient_sync, init_distributed,
                      is_main_process, load_checkpoint, make_optimizer, save_checkpoint, seed_everything)
 from .batches import PairBatches, first_stage_neighbours
-from .features import compute_features
+from .features import FEATURES_NAME, compute_features
 from .losses import distillation_loss, itm_loss, mask_caption_tokens, mlm_loss, recovery_loss
 from .mining import match_groups, mine_hard_negatives
 from .warmup import warm_up_adapter
@@ -72,6 +72,8 @@ def new_reranker(first_stage: FirstStage, cfg: RerankerTrainConfig, lm_dir: Path
     bert_config = BertConfig.from_pretrained(str(lm_dir))
     if cfg.lm_layers:
         bert_config.num_hidden_layers = cfg.lm_layers
+    if cfg.dropout is not None:
+        bert_config.hidden_dropout_prob = bert_config.attention_probs_dropout_prob = cfg.dropout
     reranker = build_reranker(first_stage, bert_config, tokenizer, variant=cfg.variant, n_queries=cfg.n_queries,
                               mlp_dim=cfg.mlp_dim, max_text_len=cfg.max_text_len)
     if cfg.score_head != reranker.config.score_head:
@@ -132,7 +134,11 @@ def load_bert_weights(language_model: BertForMaskedLM, lm_dir: Path) -> None:
 
 
 def set_dropout(language_model: BertForMaskedLM, p: float) -> None:
-    """Set every dropout of the BERT to ``p``, in its config too (so a saved model says what it trained with)."""
+    """Set every dropout of a built BERT (``--init-from``) to ``p``, and its config (what a saved model says).
+
+    A fresh joint encoder gets ``p`` in its config before it is built (:func:`new_reranker`). The
+    attention modules of transformers 4.x keep their own float copy (``dropout_prob``), set too.
+    """
     if not 0.0 <= p < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {p}")
     language_model.config.hidden_dropout_prob = p
@@ -140,6 +146,8 @@ def set_dropout(language_model: BertForMaskedLM, p: float) -> None:
     for module in language_model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = p
+        if isinstance(getattr(module, "dropout_prob", None), float):
+            module.dropout_prob = p
 
 
 def _special_mask(tokenizer, ids: torch.Tensor) -> torch.Tensor:
@@ -148,11 +156,11 @@ def _special_mask(tokenizer, ids: torch.Tensor) -> torch.Tensor:
 
 def train_reranker(first_stage_dir: str | Path, data: CaptionSet, out_dir: str | Path, cfg: RerankerTrainConfig,
                    *, teacher_dir: str | Path | None = None, init_from: str | Path | None = None,
-                   lm_dir: str | Path | None = None, features: str | Path | None = None, name: str = "edje",
+                   lm_dir: str | Path | None = None, features_path: str | Path | None = None, name: str = "edje",
                    device: str | None = None, progress: bool = True) -> EdjeModel:
     """Train and save an EDJE model directory at ``out_dir/model``; resumes from ``out_dir/train_state.pt``.
 
-    ``features``: a feature file of this first stage on ``data`` (``train first-stage`` writes one),
+    ``features_path``: a feature file of this first stage on ``data`` (``train first-stage`` writes one),
     used instead of encoding the training set again when it matches.
     """
     out_dir = Path(out_dir)
@@ -162,16 +170,16 @@ def train_reranker(first_stage_dir: str | Path, data: CaptionSet, out_dir: str |
     first_stage = FirstStage.from_pretrained(first_stage_dir).to(dev).eval()
     for p in first_stage.parameters():
         p.requires_grad = False
-    cache = out_dir / "features.pt"
+    cache = out_dir / FEATURES_NAME
     if is_main_process():
-        feats = compute_features(first_stage, data, cache=cache, reuse=features, progress=progress)
+        feats = compute_features(first_stage, data, cache=cache, reuse=features_path, progress=progress)
     if world > 1:
         dist.barrier()
     if not is_main_process():
-        feats = compute_features(first_stage, data, cache=cache, reuse=features, progress=False)
+        feats = compute_features(first_stage, data, cache=cache, reuse=features_path, progress=False)
 
     reranker = (EdjeModel.from_pretrained(init_from).reranker if init_from else new_reranker(first_stage, cfg, lm_dir))
-    if cfg.dropout is not None:
+    if cfg.dropout is not None and init_from:
         set_dropout(reranker.language_model, cfg.dropout)
     reranker.to(dev).train()
     state_path = out_dir / "train_state.pt"

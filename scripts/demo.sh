@@ -11,7 +11,7 @@ DATA="$RUN/data"
 # Sizes of the demo recipe (override from the environment for a longer or shorter run).
 TRAIN_IMAGES="${TRAIN_IMAGES:-10000}"
 FS_STEPS="${FS_STEPS:-150}"            # first-stage steps of 256 captions
-RR_STEPS="${RR_STEPS:-600}"            # reranker steps of 24 pairs (+ a hard negative image and caption each)
+RR_STEPS="${RR_STEPS:-700}"            # reranker steps of 24 pairs (+ a hard negative image and caption each)
 WARMUP="${WARMUP:-300}"                # caption-word warm-up steps of the adapter (no joint-encoder pass)
 DROPOUT="${DROPOUT:-0}"                # joint-encoder dropout while training (MiniLM's own: 0.1)
 LM_LAYERS="${LM_LAYERS:-3}"            # first layers of MiniLM-L6 kept in the joint encoder
@@ -39,7 +39,7 @@ if [ ! -f "$RUN/reranker/model/edje.json" ]; then
   $ES train reranker --data "$DATA/train.json" --first-stage "$RUN/first/first_stage" --out "$RUN/reranker" \
     --variant compressed --n-queries 12 --mlp-dim 512 --lm-layers "$LM_LAYERS" --score-head mean \
     --adapter-warmup "$WARMUP" --dropout "$DROPOUT" --w-mlm 0 --w-recovery 0 --batch-size 24 --lr 2e-4 \
-    --steps "$RR_STEPS" "${FEATURES[@]}" --name edje-demo --seed "$SEED" --threads "$THREADS"
+    --steps "$RR_STEPS" ${FEATURES[@]+"${FEATURES[@]}"} --name edje-demo --seed "$SEED" --threads "$THREADS"
 fi
 mkdir -p "$EDJE_HOME/models"
 rm -rf "$EDJE_HOME/models/edje-demo" && cp -r "$RUN/reranker/model" "$EDJE_HOME/models/edje-demo"

@@ -154,7 +154,7 @@ def train_first_stage_cmd(annotations, image_root, out_dir, steps, epochs, batch
                    "pass); 300 takes about a minute on 2 CPU cores.")
 @click.option("--dropout", default=None, type=click.FloatRange(0.0, 1.0, max_open=True),
               help="Dropout of the joint encoder while training (default: its checkpoint's, 0.1 for MiniLM). "
-                   "0 makes a CPU step about 7% cheaper and suits short runs that see each pair about once.")
+                   "0 makes a CPU step about 7% cheaper and suits short runs that see most captions once at most.")
 @click.option("--steps", default=1000, show_default=True, help="Optimizer steps.")
 @click.option("--batch-size", default=32, show_default=True, help="Pairs per process per micro-batch.")
 @click.option("--grad-accum", default=1, show_default=True, help="Micro-batches per optimizer step.")

@@ -167,6 +167,10 @@ def train_first_stage_cmd(annotations, image_root, out_dir, steps, epochs, batch
               help="Mine each pair's negatives among this many pairs: the global batch plus random others "
                    "(first-stage features are cached, so a large pool costs no encoder passes; the paper "
                    "mines over 8 x 32 = 256). 0 = the global batch only.")
+@click.option("--mining-pool-from", default=0, show_default=True,
+              help="Steps of in-batch negatives before --mining-pool is used: a fresh joint encoder learns "
+                   "the coarse distinctions first (a pool from the first step kept it at chance for 100+ "
+                   "steps in the demo's trials), then the finer ones.")
 @click.option("--w-itm", default=1.0, show_default=True, help="Weight of the matching loss.")
 @click.option("--w-mlm", default=1.0, show_default=True, help="Weight of masked-LM (0 for fine-tuning).")
 @click.option("--w-recovery", default=1.0, show_default=True, help="Weight of text-embedding recovery.")
@@ -180,7 +184,7 @@ def train_first_stage_cmd(annotations, image_root, out_dir, steps, epochs, batch
 def train_reranker_cmd(annotations, image_root, first_stage_dir, out_dir, variant, n_queries, mlp_dim, teacher_dir,
                        init_from, features_path, lm_dir, lm_layers, score_head, adapter_warmup, dropout, steps,
                        batch_size, grad_accum, lr, weight_decay, w_itm, w_mlm, w_recovery, w_distill,
-                       neighbour_group, mining_pool, precision,
+                       neighbour_group, mining_pool, mining_pool_from, precision,
                        name, device, seed, threads):
     """Train the adapter + joint encoder with ITM (hard negatives), MLM, recovery and distillation."""
     from edje_search.training.reranker import RerankerTrainConfig, train_reranker
@@ -193,7 +197,7 @@ def train_reranker_cmd(annotations, image_root, first_stage_dir, out_dir, varian
                               steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
                               weight_decay=weight_decay, w_itm=w_itm, w_mlm=w_mlm, w_recovery=w_recovery,
                               w_distill=w_distill if teacher_dir else 0.0, neighbour_group=neighbour_group,
-                              mining_pool=mining_pool,
+                              mining_pool=mining_pool, mining_pool_from=mining_pool_from,
                               precision=precision, seed=seed)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     (Path(out_dir) / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")

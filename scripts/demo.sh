@@ -15,6 +15,9 @@ RR_STEPS="${RR_STEPS:-700}"            # reranker steps of 24 pairs (+ a hard ne
 WARMUP="${WARMUP:-300}"                # caption-word warm-up steps of the adapter (no joint-encoder pass)
 DROPOUT="${DROPOUT:-0}"                # joint-encoder dropout while training (MiniLM's own: 0.1)
 LM_LAYERS="${LM_LAYERS:-3}"            # first layers of MiniLM-L6 kept in the joint encoder
+N_QUERIES="${N_QUERIES:-8}"            # stored tokens per image (the adapter's queries)
+POOL="${POOL:-256}"                    # hard negatives mined among this many pairs (0: the batch of 24)
+POOL_FROM="${POOL_FROM:-350}"          # ... from this step on (in-batch negatives before)
 SEED="${SEED:-0}"
 THREADS="${THREADS:-2}"                # torch threads; 1 on a machine others are using
 EVAL_SPLIT="${EVAL_SPLIT:-test}"
@@ -35,10 +38,11 @@ fi
 if [ ! -f "$RUN/reranker/model/edje.json" ]; then
   FEATURES=()  # the first stage's features of the training set (absent from runs of older versions)
   [ -f "$RUN/first/features.pt" ] && FEATURES=(--features "$RUN/first/features.pt")
-  stamp "training the compressed reranker (12 stored tokens, MiniLM-L6's first $LM_LAYERS layers), $RR_STEPS steps"
+  stamp "training the compressed reranker ($N_QUERIES stored tokens, MiniLM-L6's first $LM_LAYERS layers), $RR_STEPS steps"
   $ES train reranker --data "$DATA/train.json" --first-stage "$RUN/first/first_stage" --out "$RUN/reranker" \
-    --variant compressed --n-queries 12 --mlp-dim 512 --lm-layers "$LM_LAYERS" --score-head mean \
+    --variant compressed --n-queries "$N_QUERIES" --mlp-dim 512 --lm-layers "$LM_LAYERS" --score-head mean \
     --adapter-warmup "$WARMUP" --dropout "$DROPOUT" --w-mlm 0 --w-recovery 0 --batch-size 24 --lr 2e-4 \
+    --mining-pool "$POOL" --mining-pool-from "$POOL_FROM" \
     --steps "$RR_STEPS" ${FEATURES[@]+"${FEATURES[@]}"} --name edje-demo --seed "$SEED" --threads "$THREADS"
 fi
 mkdir -p "$EDJE_HOME/models"

@@ -152,7 +152,7 @@ def test_recovery_and_distillation_losses():
 def test_each_loss_decreases_on_a_toy_batch():
     """A few optimizer steps on a fixed batch lower every objective."""
     from edje_search.training.features import TrainFeatures
-    from edje_search.training.reranker import _step_losses
+    from edje_search.training.reranker import step_losses
 
     torch.manual_seed(0)
     teacher = build_tiny_model(seed=2, variant="local").reranker.eval()
@@ -169,7 +169,7 @@ def test_each_loss_decreases_on_a_toy_batch():
         history = []
         for _ in range(10):
             torch.manual_seed(0)  # same MLM mask every step
-            losses = _step_losses(r, teacher, *args)
+            losses = step_losses(r, teacher, *args)
             assert set(losses) == {"itm", "mlm", "recovery", "distill"}
             history.append(losses[name].item())
             opt.zero_grad()
@@ -219,6 +219,25 @@ def test_train_reranker_saves_a_usable_model_and_resumes(tmp_path, shapes_dir, t
                    teacher_dir=tmp_path / "run" / "model", progress=False)
     log = [json.loads(x) for x in (tmp_path / "student" / "train_log.jsonl").read_text().splitlines()]
     assert "distill" in log[0] and model is not None
+
+
+def test_mining_pool_is_used_from_its_start_step(tmp_path, monkeypatch, shapes_dir, tiny_lm_dir,
+                                                 tiny_first_stage_dir):
+    import edje_search.training.reranker as training
+
+    sizes = []
+    real = training._mining_pool
+
+    def recording(global_caps, n_captions, size, seed):
+        sizes.append(size)
+        return real(global_caps, n_captions, size, seed)
+
+    monkeypatch.setattr(training, "_mining_pool", recording)
+    data = read_captions(shapes_dir / "train.json")
+    cfg = RerankerTrainConfig(n_queries=2, mlp_dim=64, steps=3, batch_size=8, lr=1e-3, mining_pool=32,
+                              mining_pool_from=2, w_mlm=0, w_recovery=0)
+    train_reranker(tiny_first_stage_dir, data, tmp_path / "run", cfg, lm_dir=tiny_lm_dir, progress=False)
+    assert sizes == [0, 0, 32]  # steps 0-1: the batch alone; from step 2: the pool
 
 
 def test_two_process_training_with_gloo(tmp_path, shapes_dir, tiny_lm_dir, tiny_first_stage_dir):

@@ -55,6 +55,7 @@ class RerankerTrainConfig:
     new_module_lr_scale: float = 1.0  # >1 trains the fresh adapter and heads faster (unstable above ~3)
     neighbour_group: int = 1  # >1: batches of groups of first-stage neighbours (harder in-batch negatives)
     mining_pool: int = 0  # >global batch: mine negatives among this many pairs (the batch + random others)
+    mining_pool_from: int = 0  # steps of in-batch negatives before the pool is used
     w_itm: float = 1.0
     w_mlm: float = 1.0
     w_recovery: float = 1.0
@@ -216,7 +217,7 @@ def train_reranker(first_stage_dir: str | Path, data: CaptionSet, out_dir: str |
     bar = tqdm(total=cfg.steps, initial=step, desc=f"reranker ({cfg.variant})", dynamic_ncols=True,
                disable=not (progress and is_main_process()))
     # torch DDP under torchrun: replicas start from rank 0's parameters, gradients averaged in backward
-    train_step = data_parallel(reranker, _step_losses)
+    train_step = data_parallel(reranker, step_losses)
     while step < cfg.steps:
         opt.zero_grad(set_to_none=True)
         logs: dict[str, float] = {}
@@ -225,7 +226,8 @@ def train_reranker(first_stage_dir: str | Path, data: CaptionSet, out_dir: str |
             local = global_caps[rank * cfg.batch_size:(rank + 1) * cfg.batch_size]
             # every process contributes its pairs to the gathered global batch used for mining
             global_caps = all_gather_cat(local)
-            pool_caps = _mining_pool(global_caps, len(data.captions), cfg.mining_pool, (cfg.seed, step, micro))
+            pool_size = cfg.mining_pool if step >= cfg.mining_pool_from else 0
+            pool_caps = _mining_pool(global_caps, len(data.captions), pool_size, (cfg.seed, step, micro))
             with gradient_sync(train_step, last_micro_batch=micro == cfg.grad_accum - 1):
                 losses = train_step(teacher, feats, data.captions, global_caps, pool_caps,
                                     rank * cfg.batch_size, cfg.batch_size, caption_image, groups, tok, cfg, dev)
@@ -268,10 +270,12 @@ def _mining_pool(global_caps: torch.Tensor, n_captions: int, size: int, seed: tu
     return torch.cat([global_caps, torch.from_numpy(rng.integers(0, n_captions, extra))])
 
 
-def _step_losses(reranker: Reranker, teacher: Reranker | None, feats, captions: list[str],
+def step_losses(reranker: Reranker, teacher: Reranker | None, feats, captions: list[str],
                  global_caps: torch.Tensor, pool_caps: torch.Tensor, offset: int, size: int,
                  caption_image: torch.Tensor, groups: torch.Tensor, tok, cfg: RerankerTrainConfig,
                  dev: torch.device) -> dict[str, torch.Tensor]:
+    """The weighted losses of one micro-batch: captions ``global_caps[offset:offset + size]``, their
+    images, and one hard negative image and caption each mined from ``pool_caps``."""
     caps = global_caps[offset:offset + size]
     imgs = caption_image[caps]
     p_img = caption_image[pool_caps]

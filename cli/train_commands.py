@@ -167,10 +167,10 @@ def train_first_stage_cmd(annotations, image_root, out_dir, steps, epochs, batch
               help="Mine each pair's negatives among this many pairs: the global batch plus random others "
                    "(first-stage features are cached, so a large pool costs no encoder passes; the paper "
                    "mines over 8 x 32 = 256). 0 = the global batch only.")
-@click.option("--mining-pool-from", default=0, show_default=True,
-              help="Steps of in-batch negatives before --mining-pool is used: a fresh joint encoder learns "
-                   "the coarse distinctions first (a pool from the first step kept it at chance for 100+ "
-                   "steps in the demo's trials), then the finer ones.")
+@click.option("--mining-pool-from", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Optimizer steps of in-batch negatives before --mining-pool is used (0 = the pool from "
+                   "the first step). A fresh joint encoder learns the coarse distinctions first, then the "
+                   "finer ones the pool offers.")
 @click.option("--w-itm", default=1.0, show_default=True, help="Weight of the matching loss.")
 @click.option("--w-mlm", default=1.0, show_default=True, help="Weight of masked-LM (0 for fine-tuning).")
 @click.option("--w-recovery", default=1.0, show_default=True, help="Weight of text-embedding recovery.")

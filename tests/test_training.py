@@ -13,6 +13,7 @@ import torch
 from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
 
 from edje_search.data.annotations import read_captions
+from edje_search.errors import BadInput
 from edje_search.models.bundle import EdjeModel
 from edje_search.models.registry import build_tiny_model, bundled_minilm_dir
 from edje_search.training.batches import PairBatches, first_stage_neighbours
@@ -221,8 +222,9 @@ def test_train_reranker_saves_a_usable_model_and_resumes(tmp_path, shapes_dir, t
     assert "distill" in log[0] and model is not None
 
 
-def test_mining_pool_is_used_from_its_start_step(tmp_path, monkeypatch, shapes_dir, tiny_lm_dir,
-                                                 tiny_first_stage_dir):
+def test_mining_pool_is_used_from_its_start_step_also_after_a_resume(tmp_path, monkeypatch, shapes_dir,
+                                                                    tiny_lm_dir, tiny_first_stage_dir):
+    """--mining-pool-from: the batch alone before that optimizer step, the pool from it on."""
     import edje_search.training.reranker as training
 
     sizes = []
@@ -234,10 +236,19 @@ def test_mining_pool_is_used_from_its_start_step(tmp_path, monkeypatch, shapes_d
 
     monkeypatch.setattr(training, "_mining_pool", recording)
     data = read_captions(shapes_dir / "train.json")
-    cfg = RerankerTrainConfig(n_queries=2, mlp_dim=64, steps=3, batch_size=8, lr=1e-3, mining_pool=32,
-                              mining_pool_from=2, w_mlm=0, w_recovery=0)
-    train_reranker(tiny_first_stage_dir, data, tmp_path / "run", cfg, lm_dir=tiny_lm_dir, progress=False)
-    assert sizes == [0, 0, 32]  # steps 0-1: the batch alone; from step 2: the pool
+    common = dict(n_queries=2, mlp_dim=64, batch_size=8, lr=1e-3, mining_pool=32, mining_pool_from=2,
+                  checkpoint_every=1, w_mlm=0, w_recovery=0)
+    train_reranker(tiny_first_stage_dir, data, tmp_path / "run", RerankerTrainConfig(steps=3, **common),
+                   lm_dir=tiny_lm_dir, progress=False)
+    assert sizes == [0, 0, 32]
+    # a longer run resumed from step 3 keeps the pool on
+    train_reranker(tiny_first_stage_dir, data, tmp_path / "run", RerankerTrainConfig(steps=4, **common),
+                   lm_dir=tiny_lm_dir, progress=False)
+    assert sizes == [0, 0, 32, 32]
+    with pytest.raises(BadInput, match="never switch the pool on"):
+        train_reranker(tiny_first_stage_dir, data, tmp_path / "other",
+                       RerankerTrainConfig(steps=3, **(common | {"mining_pool": 0})), lm_dir=tiny_lm_dir,
+                       progress=False)
 
 
 def test_two_process_training_with_gloo(tmp_path, shapes_dir, tiny_lm_dir, tiny_first_stage_dir):
@@ -245,6 +256,7 @@ def test_two_process_training_with_gloo(tmp_path, shapes_dir, tiny_lm_dir, tiny_
     script.write_text(f"""
 import torch.distributed as dist
 from edje_search.data.annotations import read_captions
+from edje_search.errors import BadInput
 from edje_search.training.reranker import RerankerTrainConfig, train_reranker
 data = read_captions({str(shapes_dir / 'train.json')!r})
 cfg = RerankerTrainConfig(n_queries=4, mlp_dim=64, steps=3, batch_size=4, lr=1e-3)

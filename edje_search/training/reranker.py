@@ -15,11 +15,11 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
+from transformers import AutoTokenizer, BertConfig, BertForMaskedLM, PreTrainedTokenizerBase
 
 from ..data.annotations import CaptionSet
 from ..devices import pick_device
-from ..errors import CheckpointError
+from ..errors import BadInput, CheckpointError
 from ..models.bundle import EdjeModel
 from ..models.first_stage import FirstStage
 from ..models.registry import build_reranker, bundled_minilm_dir
@@ -27,7 +27,7 @@ from ..models.reranker import Reranker
 from .common import (TrainLog, all_gather_cat, autocast, data_parallel, gradient_sync, init_distributed,
                      is_main_process, load_checkpoint, make_optimizer, save_checkpoint, seed_everything)
 from .batches import PairBatches, first_stage_neighbours
-from .features import FEATURES_NAME, compute_features
+from .features import FEATURES_NAME, TrainFeatures, compute_features
 from .losses import distillation_loss, itm_loss, mask_caption_tokens, mlm_loss, recovery_loss
 from .mining import match_groups, mine_hard_negatives
 from .warmup import warm_up_adapter
@@ -165,6 +165,9 @@ def train_reranker(first_stage_dir: str | Path, data: CaptionSet, out_dir: str |
     used instead of encoding the training set again when it matches.
     """
     out_dir = Path(out_dir)
+    if cfg.mining_pool_from and not (cfg.mining_pool and 0 < cfg.mining_pool_from < cfg.steps):
+        raise BadInput(f"--mining-pool-from {cfg.mining_pool_from} needs --mining-pool and a step in "
+                       f"(0, {cfg.steps}): it would never switch the pool on")
     rank, world = init_distributed()
     seed_everything(cfg.seed)
     dev = pick_device(device)
@@ -227,6 +230,8 @@ def train_reranker(first_stage_dir: str | Path, data: CaptionSet, out_dir: str |
             # every process contributes its pairs to the gathered global batch used for mining
             global_caps = all_gather_cat(local)
             pool_size = cfg.mining_pool if step >= cfg.mining_pool_from else 0
+            if pool_size and step == cfg.mining_pool_from and micro == 0 and step > 0:
+                logger.info("step %d: mining negatives among %d pairs from now on", step, pool_size)
             pool_caps = _mining_pool(global_caps, len(data.captions), pool_size, (cfg.seed, step, micro))
             with gradient_sync(train_step, last_micro_batch=micro == cfg.grad_accum - 1):
                 losses = train_step(teacher, feats, data.captions, global_caps, pool_caps,
@@ -270,12 +275,17 @@ def _mining_pool(global_caps: torch.Tensor, n_captions: int, size: int, seed: tu
     return torch.cat([global_caps, torch.from_numpy(rng.integers(0, n_captions, extra))])
 
 
-def step_losses(reranker: Reranker, teacher: Reranker | None, feats, captions: list[str],
-                 global_caps: torch.Tensor, pool_caps: torch.Tensor, offset: int, size: int,
-                 caption_image: torch.Tensor, groups: torch.Tensor, tok, cfg: RerankerTrainConfig,
-                 dev: torch.device) -> dict[str, torch.Tensor]:
-    """The weighted losses of one micro-batch: captions ``global_caps[offset:offset + size]``, their
-    images, and one hard negative image and caption each mined from ``pool_caps``."""
+def step_losses(reranker: Reranker, teacher: Reranker | None, feats: TrainFeatures, captions: list[str],
+                global_caps: torch.Tensor, pool_caps: torch.Tensor, offset: int, size: int,
+                caption_image: torch.Tensor, groups: torch.Tensor, tok: PreTrainedTokenizerBase,
+                cfg: RerankerTrainConfig, dev: torch.device) -> dict[str, torch.Tensor]:
+    """The weighted losses of one micro-batch, keyed ``itm``/``mlm``/``recovery``/``distill`` (those
+    with a non-zero weight; ``distill`` only with a teacher).
+
+    The micro-batch is captions ``global_caps[offset:offset + size]`` (caption indices; ``global_caps``
+    (G,) is the gathered global batch) with their images, and one hard negative image and caption
+    each mined among the pairs of ``pool_caps`` (P,) by first-stage similarity.
+    """
     caps = global_caps[offset:offset + size]
     imgs = caption_image[caps]
     p_img = caption_image[pool_caps]

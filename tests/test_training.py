@@ -256,7 +256,6 @@ def test_two_process_training_with_gloo(tmp_path, shapes_dir, tiny_lm_dir, tiny_
     script.write_text(f"""
 import torch.distributed as dist
 from edje_search.data.annotations import read_captions
-from edje_search.errors import BadInput
 from edje_search.training.reranker import RerankerTrainConfig, train_reranker
 data = read_captions({str(shapes_dir / 'train.json')!r})
 cfg = RerankerTrainConfig(n_queries=4, mlp_dim=64, steps=3, batch_size=4, lr=1e-3)

@@ -230,7 +230,7 @@ def train_reranker(first_stage_dir: str | Path, data: CaptionSet, out_dir: str |
             # every process contributes its pairs to the gathered global batch used for mining
             global_caps = all_gather_cat(local)
             pool_size = cfg.mining_pool if step >= cfg.mining_pool_from else 0
-            if pool_size and step == cfg.mining_pool_from and micro == 0 and step > 0:
+            if micro == 0 and step == cfg.mining_pool_from > 0:  # checked above: a pool is set
                 logger.info("step %d: mining negatives among %d pairs from now on", step, pool_size)
             pool_caps = _mining_pool(global_caps, len(data.captions), pool_size, (cfg.seed, step, micro))
             with gradient_sync(train_step, last_micro_batch=micro == cfg.grad_accum - 1):

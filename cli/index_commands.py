@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from .main import BACKENDS, Failure, cli, echo_text, emit_json, index_option, json_option
+from .common import BACKENDS, Failure, echo_text, emit_json, index_option, json_option
 
 SKIPPED_FILE = "skipped.jsonl"
 SHOW_SKIPPED = 10  # skipped files named on stderr after a build; the rest are in skipped.jsonl
@@ -71,7 +71,7 @@ def _report_build(engine, report, as_json: bool) -> None:
         click.echo(f"skipped files and reasons: {skipped_file}")
 
 
-@cli.command("build-index", cls=ImageFilesCommand)
+@click.command("build-index", cls=ImageFilesCommand)
 @click.argument("images_dir", type=click.Path(exists=True))
 @index_option
 @click.option("--model", default="edje-demo", show_default=True,
@@ -120,7 +120,7 @@ def build_index(ctx, images_dir, index_dir, model, factory, token_precision, bat
     _report_build(engine, report, as_json)
 
 
-@cli.command("add", cls=ImageFilesCommand)
+@click.command("add", cls=ImageFilesCommand)
 @click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True))
 @index_option
 @click.option("--model", default=None, help="Open the index with this model (default: its own; must be the same "
@@ -147,7 +147,7 @@ def add(paths, index_dir, model, batch_size, workers, no_progress, wait, as_json
     _report_build(engine, report, as_json)
 
 
-@cli.command("remove")
+@click.command("remove")
 @click.argument("paths", nargs=-1, required=True)
 @index_option
 @wait_option
@@ -167,7 +167,7 @@ def remove(paths, index_dir, wait, as_json):
         click.echo(f"{n} removed; index holds {len(engine.store)} images")
 
 
-@cli.command("query")
+@click.command("query")
 @click.argument("text", nargs=-1, required=True)
 @index_option
 @click.option("-k", "k", default=10, show_default=True,
@@ -235,7 +235,7 @@ def _print_side_by_side(q, plain, reranked) -> None:
     click.echo("")
 
 
-@cli.command("info")
+@click.command("info")
 @index_option
 @json_option
 def info(index_dir, as_json):
@@ -250,7 +250,7 @@ def info(index_dir, as_json):
             echo_text(f"{key:>18}: {value}")
 
 
-@cli.command("verify")
+@click.command("verify")
 @index_option
 @click.option("--deep", default=0, show_default=True, type=click.IntRange(0),
               help="Also re-embed this many indexed files (a fixed sample) and compare them with their stored "
@@ -279,7 +279,7 @@ def verify(index_dir, deep, as_json):
         raise SystemExit(1)
 
 
-@cli.command("repair")
+@click.command("repair")
 @index_option
 @wait_option
 @json_option
@@ -302,3 +302,6 @@ def repair(index_dir, wait, as_json):
             echo_text(f"problem left: {p}", err=True)
     if problems:
         raise SystemExit(1)
+
+
+COMMANDS = (build_index, add, remove, query, info, verify, repair)

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import click
 
-from .main import cli, emit_json, json_option
+from .common import emit_json, json_option
 
 
-@cli.command("models")
+@click.command("models")
 @json_option
 def models(as_json):
     """List registered model names usable with --model (a model directory also works)."""
@@ -21,7 +21,7 @@ def models(as_json):
         click.echo(f"{r.name:<{width}}  {r.description}")
 
 
-@cli.command("convert-official")
+@click.command("convert-official")
 @click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
 @click.option("--vision-model", required=True, type=click.Path(exists=True, file_okay=False),
               help="transformers SiglipModel directory (config, weights, tokenizer) the checkpoint was trained with.")
@@ -40,7 +40,7 @@ def convert_official_cmd(checkpoint, vision_model, language_model, out_dir, name
                f"written to {out_dir}")
 
 
-@cli.command("import-first-stage")
+@click.command("import-first-stage")
 @click.argument("name")
 @click.option("--pretrained", default=None,
               help="open_clip pretrained tag (e.g. webli, openai, laion2b_s34b_b79k); required for architecture "
@@ -56,3 +56,6 @@ def import_first_stage_cmd(name, pretrained, out_dir):
     first = save_open_clip_first_stage(name, out_dir, pretrained=pretrained)
     click.echo(f"first stage {name}{' ' + pretrained if pretrained else ''}: {first.embed_dim}-d embeddings, "
                f"{first.n_vision_tokens} vision tokens x {first.vision_width}, written to {out_dir}")
+
+
+COMMANDS = (models, convert_official_cmd, import_first_stage_cmd)

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import click
 
-from .main import BACKENDS, cli, index_option
+from .common import BACKENDS, index_option
 
 
-@cli.command("serve")
+@click.command("serve")
 @index_option
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to bind. Anything but a loopback address exposes the index to the network: "
@@ -55,3 +55,6 @@ def serve(index_dir, host, port, backend, device, token, max_batch, max_wait_ms,
     click.echo(f"serving {index_dir} ({len(engine.store)} images) on http://{shown}:{port}/ "
                f"(API docs at /docs{'; browsers open /?token=TOKEN once' if token else ''})")
     run(app, host=host, port=port, log_level=log_level)
+
+
+COMMANDS = (serve,)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from .main import BACKENDS, cli, emit_json, json_option
+from .common import BACKENDS, emit_json, json_option
 
 
 def threads_option(f):
@@ -51,7 +51,7 @@ def _read_training_data(annotations: str, image_root: str | None):
     return data
 
 
-@cli.command("make-dataset")
+@click.command("make-dataset")
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @click.option("--train", "n_train", default=20000, show_default=True, help="Training images.")
 @click.option("--val", "n_val", default=500, show_default=True, help="Validation images.")
@@ -71,7 +71,7 @@ def make_dataset_cmd(out_dir, n_train, n_val, n_test, image_size, seed, style):
         click.echo(f"{split}: {path}")
 
 
-@cli.group("train")
+@click.group("train")
 def train():
     """Train the first stage or the reranker (run under `torchrun` for several processes)."""
 
@@ -206,7 +206,7 @@ def train_reranker_cmd(annotations, image_root, first_stage_dir, out_dir, varian
     click.echo(f"model saved to {Path(out_dir) / 'model'}")
 
 
-@cli.command("eval")
+@click.command("eval")
 @_data_options
 @click.option("--model", "models", multiple=True, required=True,
               help="Model directory or name; repeat to compare rerankers sharing one first stage.")
@@ -249,7 +249,7 @@ def eval_cmd(annotations, image_root, models, rerank_k, precision, batch_size, b
         click.echo(format_table(results))
 
 
-@cli.command("calibrate")
+@click.command("calibrate")
 @_data_options
 @click.option("--model", "model_name", required=True, help="Model directory or name to calibrate.")
 @click.option("--rerank-k", default=10, show_default=True, help="First-stage candidates to rerank.")
@@ -308,3 +308,6 @@ def calibrate_cmd(annotations, image_root, model_name, rerank_k, weights, batch_
         click.echo(f"{row['fusion_weight']:11g} | {row['t2i']['R@1']:8.1f} {row['i2t']['R@1']:8.1f}{gain}{mark}")
     where = "not written (--dry-run)" if dry_run else f"written to {model.path}/edje.json"
     click.echo(f"fusion weight {result['best']:g} {where} (was {result['previous']:g})")
+
+
+COMMANDS = (make_dataset_cmd, train, eval_cmd, calibrate_cmd)

@@ -240,7 +240,7 @@ def _print_side_by_side(q, plain, reranked) -> None:
 @json_option
 def info(index_dir, as_json):
     """Describe an index: size, FAISS recipe, token shape and the model that built it (loads no model)."""
-    from edje_search.storage.index_store import index_info
+    from edje_search.inspection import index_info
 
     data = index_info(index_dir)
     if as_json:
@@ -259,7 +259,8 @@ def info(index_dir, as_json):
 def verify(index_dir, deep, as_json):
     """Check every manifest row against FAISS, the stored vectors and tokens, and the model's
     fingerprint (exit 1 with the problems if anything is wrong; `edje-search repair` fixes what it can)."""
-    from edje_search.storage.index_store import IndexStore, verify_index
+    from edje_search.inspection import verify_index
+    from edje_search.storage.index_store import IndexStore
 
     store = IndexStore.open(index_dir)  # a missing or unreadable index is an error, not a problem list
     if deep:
@@ -286,7 +287,8 @@ def verify(index_dir, deep, as_json):
 def repair(index_dir, wait, as_json):
     """Rebuild FAISS from the stored vectors, drop rows whose vectors or tokens are unreadable
     (listed; run build-index again to embed those files anew) and remove stray files. Loads no model."""
-    from edje_search.storage.index_store import IndexStore, verify_index
+    from edje_search.inspection import verify_index
+    from edje_search.storage.index_store import IndexStore
 
     store = IndexStore.open(index_dir, mode="r+", lock_wait=wait)
     with store.writing():

@@ -23,8 +23,9 @@ from .models.bundle import EdjeModel
 from .models.registry import load_model
 from .pipeline import BackgroundCommits, ImageEmbedder, embed_files
 from .ranking import rank_pool
-from .storage.index_store import (IndexStore, RepairReport, record_model_path, resolve_model_path, verify_index,
-                                  write_skipped)
+from .inspection import verify_index
+from .storage.index_store import IndexStore, write_skipped
+from .storage.integrity import RepairReport
 from .storage.token_store import bytes_per_image, working_dtype
 
 MAX_QUERY_CHARS = 2000
@@ -169,7 +170,7 @@ class Engine:
         ``writable`` engines take the writer lock for each write, waiting ``lock_wait`` seconds."""
         store = IndexStore.open(index_dir, mode="r+" if writable else "r", lock_wait=lock_wait)
         if model is None:
-            model_path = resolve_model_path(store)
+            model_path = store.model_dir
             if not model_path.is_dir():
                 raise ModelMissing(f"the model this index was built with is gone: {model_path} "
                                    f"(pass --model with that model)")
@@ -184,9 +185,9 @@ class Engine:
                 f"index {index_dir} was built with model {store.config.model_fingerprint} "
                 f"({store.config.model_path}) but the model given is {model.fingerprint()} ({model.path}); "
                 f"use that model or rebuild the index")
-        if writable and not resolve_model_path(store).is_dir() and model.path is not None:
+        if writable and not store.model_dir.is_dir() and model.path is not None:
             with store.writing():  # the model moved: remember where it is now
-                record_model_path(store, model.path)
+                store.record_model_dir(model.path)
         model.to(pick_device(device)).eval()
         model.reranker.use_backend(backend)
         return cls(store, model)

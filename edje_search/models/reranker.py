@@ -21,6 +21,8 @@ from ..errors import BadInput, ModelMissing
 from ..fsutil import atomic_write, atomic_write_text
 from .adapter import TokenCompressor, local_projector
 from .backends import PairScorer, make_scorer
+from .first_stage import FirstStage
+from .info import is_model_dir
 from .joint_encoder import JointEncoder, check_image_slots, encode_pairs
 from .loading import skip_init
 
@@ -250,18 +252,17 @@ class Reranker(nn.Module):
         """Load from a model directory (``edje.json``, ``first_stage/``, ``reranker/``) or from its
         ``reranker/`` sub-directory. The first stage's vision tower is attached whenever the
         model directory has one, so all three inputs of :meth:`score` work."""
-        from .bundle import EdjeModel, is_model_dir  # the bundle imports this module
-        from .first_stage import FirstStage
-
         directory = Path(directory)
         if is_model_dir(directory):
-            return EdjeModel.from_pretrained(directory).reranker
-        if not (directory / CONFIG_NAME).is_file():
+            reranker_dir, model_dir = directory / "reranker", directory
+        elif (directory / CONFIG_NAME).is_file():
+            reranker_dir, model_dir = directory, directory.parent
+        else:
             raise ModelMissing(f"{directory} is neither a model directory (no edje.json) nor a reranker "
                                f"directory (no {CONFIG_NAME})")
-        reranker = cls.from_reranker_dir(directory)
-        if is_model_dir(directory.parent) and (directory.parent / "first_stage").is_dir():
-            reranker.attach_vision_encoder(FirstStage.from_pretrained(directory.parent / "first_stage"))
+        reranker = cls.from_reranker_dir(reranker_dir)
+        if is_model_dir(model_dir) and (model_dir / "first_stage").is_dir():
+            reranker.attach_vision_encoder(FirstStage.from_pretrained(model_dir / "first_stage").eval())
         return reranker
 
     @classmethod

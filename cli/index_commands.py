@@ -11,9 +11,10 @@ from pathlib import Path
 
 import click
 
+from edje_search.storage.layout import SKIPPED_FILE
+
 from .common import BACKENDS, Failure, echo_text, emit_json, index_option, json_option
 
-SKIPPED_FILE = "skipped.jsonl"
 SHOW_SKIPPED = 10  # skipped files named on stderr after a build; the rest are in skipped.jsonl
 
 
@@ -57,16 +58,16 @@ def loader_options(f):
 
 
 def _report_build(engine, report, as_json: bool) -> None:
-    skipped_file = engine.store.directory / SKIPPED_FILE  # written by the engine with the build
+    skipped_file = engine.directory / SKIPPED_FILE  # written by the engine with the build
     if as_json:
         emit_json({**dataclasses.asdict(report), "skipped": [{"path": p, "reason": r} for p, r in report.skipped],
-                   "images": len(engine.store), "index": str(engine.store.directory)})
+                   "images": len(engine), "index": str(engine.directory)})
         return
     for p, reason in report.skipped[:SHOW_SKIPPED]:
         echo_text(f"skipped {p}: {reason}", err=True)
     if len(report.skipped) > SHOW_SKIPPED:
         click.echo(f"... and {len(report.skipped) - SHOW_SKIPPED} more", err=True)
-    click.echo(f"{report.summary()}; index {engine.store.directory} holds {len(engine.store)} images")
+    click.echo(f"{report.summary()}; index {engine.directory} holds {len(engine)} images")
     if report.skipped:
         click.echo(f"skipped files and reasons: {skipped_file}")
 
@@ -162,9 +163,9 @@ def remove(paths, index_dir, wait, as_json):
     if n == 0:
         raise Failure(f"nothing in the index {index_dir} matches {' '.join(paths)} (give indexed files or folders)")
     if as_json:
-        emit_json({"removed": n, "images": len(engine.store)})
+        emit_json({"removed": n, "images": len(engine)})
     else:
-        click.echo(f"{n} removed; index holds {len(engine.store)} images")
+        click.echo(f"{n} removed; index holds {len(engine)} images")
 
 
 @click.command("query")
@@ -195,7 +196,7 @@ def query(text, index_dir, k, rerank_k, model, backend, compare, device, as_json
     from edje_search.engine import Engine
 
     engine = Engine.from_pretrained(index_dir, model=model, backend=backend, device=device)
-    n = len(engine.store)
+    n = len(engine)
     if n == 0:
         raise Failure(f"the index {index_dir} is empty: add images with `edje-search build-index`")
     if k > n:

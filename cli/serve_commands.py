@@ -52,7 +52,7 @@ def serve(index_dir, host, port, backend, device, token, max_batch, max_wait_ms,
     engine = Engine.from_pretrained(index_dir, device=device, backend=backend)
     app = create_app(engine, limits=limits, batching=batching, token=token, refresh_interval_s=refresh_interval)
     shown = "localhost" if host in ("127.0.0.1", "::1") else host
-    click.echo(f"serving {index_dir} ({len(engine.store)} images) on http://{shown}:{port}/ "
+    click.echo(f"serving {index_dir} ({len(engine)} images) on http://{shown}:{port}/ "
                f"(API docs at /docs{'; browsers open /?token=TOKEN once' if token else ''})")
     run(app, host=host, port=port, log_level=log_level)
 

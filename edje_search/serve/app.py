@@ -23,7 +23,7 @@ from .. import __version__
 from ..engine import Engine
 from ..errors import BadInput, BadQuery, EdjeError, IndexCorrupt
 from ..images import decode_image
-from . import index_view, schemas
+from . import schemas
 from .batching import BatchInfo, BatchSettings, MicroBatcher, Overloaded
 from .files import FileRefused, ThumbnailCache, read_indexed_file
 from .limits import ServeLimits
@@ -170,7 +170,7 @@ def create_app(engine: Engine, *, limits: ServeLimits | None = None, batching: B
         (results, stages), info = await batcher.submit(text_key(rerank_k), TextJob([q], k), weight=1)
         p = prefix(request)
         result = results[0]
-        return JSONResponse({"query": q, "k": k, "rerank_k": rerank_k, "generation": index_view.generation(engine),
+        return JSONResponse({"query": q, "k": k, "rerank_k": rerank_k, "generation": engine.generation,
                              "hits": [_with_urls(h, p) for h in result["hits"]],
                              "first_stage": [_with_urls(h, p) for h in result["first_stage"]],
                              "timings": _timings(stages, info)})
@@ -185,7 +185,7 @@ def create_app(engine: Engine, *, limits: ServeLimits | None = None, batching: B
                                                        weight=len(queries))
         p = prefix(request)
         return JSONResponse({
-            "k": body.k, "rerank_k": body.rerank_k, "generation": index_view.generation(engine),
+            "k": body.k, "rerank_k": body.rerank_k, "generation": engine.generation,
             "results": [{"query": r["query"], "hits": [_with_urls(h, p) for h in r["hits"]],
                          "first_stage": [_with_urls(h, p) for h in r["first_stage"]]} for r in results],
             "timings": _timings(stages, info)})
@@ -200,7 +200,7 @@ def create_app(engine: Engine, *, limits: ServeLimits | None = None, batching: B
         if (file is None) == (row is None):
             raise HTTPException(400, "give exactly one of 'file' (an upload) or 'row' (an indexed image)")
         if row is not None:
-            if index_view.path_of_row(engine, row) is None:
+            if row not in engine.paths([row]):
                 raise RowGone(f"row {row} is not in the index")
             job = ImageJob(k=k, row=row)
         else:
@@ -209,17 +209,18 @@ def create_app(engine: Engine, *, limits: ServeLimits | None = None, batching: B
                 image = await run_in_threadpool(decode_image, data)
             except ValueError as e:
                 raise HTTPException(400, f"not a usable image: {e}") from None
-            job = ImageJob(k=k, pixels=await run_in_threadpool(index_view.preprocess, engine, image))
+            job = ImageJob(k=k, pixels=await run_in_threadpool(engine.preprocess, image))
         (result, stages), info = await batcher.submit(IMAGE_KEY, job)
         if isinstance(result, Exception):
             raise result
         p = prefix(request)
-        return JSONResponse({"query_row": row, "k": k, "generation": index_view.generation(engine),
+        return JSONResponse({"query_row": row, "k": k, "generation": engine.generation,
                              "hits": [_with_urls(h, p) for h in result], "timings": _timings(stages, info)})
 
     # ------------------------------------------------------------------------------ files
     def indexed_path(row: str) -> str:  # a manifest look-up: called in the thread pool, off the event loop
-        path = index_view.path_of_row(engine, _row_number(row))
+        number = _row_number(row)
+        path = engine.paths([number]).get(number)
         if path is None:
             raise HTTPException(404, f"row {row} is not in the index")
         return path
@@ -246,7 +247,7 @@ def create_app(engine: Engine, *, limits: ServeLimits | None = None, batching: B
     @app.get("/health", tags=["status"])
     async def health():
         """Liveness: answers at once, even while the search queue is full."""
-        return {"status": "ok", "images": index_view.image_count(engine), "generation": index_view.generation(engine),
+        return {"status": "ok", "images": len(engine), "generation": engine.generation,
                 "queued": batcher.queued}
 
     @app.get("/info", tags=["status"])

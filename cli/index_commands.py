@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 
+from edje_search.config import DEFAULT_RERANK_K
 from edje_search.storage.layout import SKIPPED_FILE
 
 from .common import BACKENDS, Failure, echo_text, emit_json, index_option, json_option
@@ -173,11 +174,11 @@ def remove(paths, index_dir, wait, as_json):
 @index_option
 @click.option("-k", "k", default=10, show_default=True,
               help="Number of results (an index with fewer images returns them all, with a note on stderr).")
-@click.option("--rerank-k", default=20, show_default=True,
+@click.option("--rerank-k", default=DEFAULT_RERANK_K, show_default=True,
               help="First-stage candidates rescored by the joint encoder (0 = no reranking).")
 @click.option("--model", default=None, help="Model to query with (default: the index's own model).")
 @click.option("--backend", type=click.Choice(BACKENDS), default="eager", show_default=True,
-              help="How the reranker runs; onnx-int8 is the fastest on CPUs (see the README's fidelity table).")
+              help="How the reranker runs; onnx-int8 is the fastest on CPUs (see docs/benchmarks.md, fidelity).")
 @click.option("--compare", is_flag=True, help="Show first-stage and reranked top-k side by side.")
 @device_option
 @json_option

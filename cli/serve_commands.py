@@ -13,7 +13,7 @@ from .common import BACKENDS, index_option
                    "set --token too.")
 @click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535), help="TCP port.")
 @click.option("--backend", type=click.Choice(BACKENDS), default="eager", show_default=True,
-              help="How the reranker runs (see the README's fidelity table).")
+              help="How the reranker runs (see docs/benchmarks.md, fidelity).")
 @click.option("--device", default=None, help="torch device for the model (default: CUDA when present, else CPU).")
 @click.option("--token", envvar="EDJE_TOKEN", show_envvar=True, default=None,
               help="Require 'Authorization: Bearer TOKEN' on every request (browsers: open /?token=TOKEN once).")

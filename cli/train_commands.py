@@ -9,6 +9,8 @@ from pathlib import Path
 
 import click
 
+from edje_search.config import DEFAULT_RERANK_K, PRECISIONS
+
 from .common import BACKENDS, emit_json, json_option
 
 
@@ -210,9 +212,10 @@ def train_reranker_cmd(annotations, image_root, first_stage_dir, out_dir, varian
 @_data_options
 @click.option("--model", "models", multiple=True, required=True,
               help="Model directory or name; repeat to compare rerankers sharing one first stage.")
-@click.option("--rerank-k", default=10, show_default=True, help="First-stage candidates to rerank.")
-@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
-              help="Joint-encoder precision while scoring.")
+@click.option("--rerank-k", default=DEFAULT_RERANK_K, show_default=True, help="First-stage candidates to rerank.")
+@click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
+              help="Joint-encoder precision while scoring; auto is what search uses (bf16 or fp16 autocast "
+                   "on CUDA, fp32 on the CPU).")
 @click.option("--batch-size", default=128, show_default=True, help="Pairs per joint-encoder batch.")
 @click.option("--backend", type=click.Choice(BACKENDS), default="eager", show_default=True,
               help="How the rerankers run (see `edje-search query --help`).")
@@ -252,7 +255,7 @@ def eval_cmd(annotations, image_root, models, rerank_k, precision, batch_size, b
 @click.command("calibrate")
 @_data_options
 @click.option("--model", "model_name", required=True, help="Model directory or name to calibrate.")
-@click.option("--rerank-k", default=10, show_default=True, help="First-stage candidates to rerank.")
+@click.option("--rerank-k", default=DEFAULT_RERANK_K, show_default=True, help="First-stage candidates to rerank.")
 @click.option("--weights", default=None,
               help="Comma-separated fusion weights to try (default: 0,1,2,5,10,20,50,100,200).")
 @click.option("--batch-size", default=128, show_default=True, help="Pairs per joint-encoder batch.")

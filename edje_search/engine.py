@@ -14,14 +14,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .config import IndexConfig
-from .devices import inference_autocast, pick_device
+from .config import DEFAULT_RERANK_K, IndexConfig
+from .devices import precision_autocast, pick_device
 from .errors import BadInput, BadQuery, IndexExists, ModelMismatch, ModelMissing
 from .indexer import BuildReport, Indexer
 from .pipeline import embed_pixels
 from .models.bundle import EdjeModel
 from .models.registry import load_model
-from .ranking import rank_pool
+from .ranking import rank_pool, score_rows
 from .inspection import verify_index
 from .storage.index_store import IndexStore
 from .storage.integrity import RepairReport
@@ -248,12 +248,12 @@ class Engine:
         return problems
 
     # -------------------------------------------------------------------------------- search
-    def search(self, query: str, *, k: int = 10, rerank_k: int = 50, batch_size: int = 64) -> list[Hit]:
+    def search(self, query: str, *, k: int = 10, rerank_k: int = DEFAULT_RERANK_K, batch_size: int = 64) -> list[Hit]:
         """Top ``k`` images for one text query; the first ``rerank_k`` candidates are reranked."""
         return self.search_batch([query], k=k, rerank_k=rerank_k, batch_size=batch_size)[0]
 
     @torch.inference_mode()
-    def search_batch(self, queries: Sequence[str], *, k: int = 10, rerank_k: int = 50,
+    def search_batch(self, queries: Sequence[str], *, k: int = 10, rerank_k: int = DEFAULT_RERANK_K,
                      batch_size: int = 64) -> list[list[Hit]]:
         """Like :meth:`search` for several queries; their pairs are scored in shared batches."""
         queries = [_check_query(q) for q in queries]
@@ -265,14 +265,15 @@ class Engine:
         k = min(k, n)
         pool = min(max(k, rerank_k), n)
         clock = StageClock()
-        with inference_autocast(self.model.device):  # bf16/fp16 on CUDA, fp32 on the CPU
+        with precision_autocast(self.model.device):  # bf16/fp16 on CUDA, fp32 on the CPU
             q = self.model.embed_texts(list(queries)).float().cpu().numpy()
         clock.lap("text_embed")
         first_scores, rows = self.store.search(q, pool)  # (Q, pool)
         clock.lap("faiss")
         n_rerank = min(rerank_k, pool)
-        with inference_autocast(self.model.device):
-            rerank = self._rerank_pool(queries, rows[:, :n_rerank], batch_size, clock) if n_rerank else None
+        with precision_autocast(self.model.device):
+            rerank = score_rows(self.model.reranker, self.store.tokens.get, queries, rows[:, :n_rerank],
+                                    batch_size, clock) if n_rerank else None
         by_row = self.store.paths(rows[rows >= 0].tolist())
         fusion_weight = self.model.fusion_weight
         results = []
@@ -288,28 +289,6 @@ class Engine:
         clock.lap("merge")
         self.last_timings = {**clock.ms, "total": sum(clock.ms.values())}
         return results
-
-    def _rerank_pool(self, queries: Sequence[str], rows: np.ndarray, batch_size: int,
-                     clock: "StageClock | None" = None) -> np.ndarray:
-        """Joint-encoder scores (Q, p) for each query against its candidate rows."""
-        flat = rows.reshape(-1)
-        valid = flat >= 0
-        uniq, inverse = np.unique(flat[valid], return_inverse=True)
-        tokens = torch.from_numpy(np.asarray(self.store.tokens.get(uniq), dtype=np.float32))
-        if clock:
-            clock.lap("gather")
-        captions = np.repeat(np.arange(len(queries)), rows.shape[1])[valid]
-        scores = np.full(flat.shape, -np.inf, dtype=np.float32)
-        scores[valid] = self.model.reranker.score_pairs(queries, tokens, captions, inverse, batch_size=batch_size)
-        if clock:
-            clock.lap("rerank")
-        return scores.reshape(rows.shape)
-
-    def rerank_all(self, query: str, batch_size: int = 64) -> np.ndarray:
-        """Joint-encoder score of ``query`` against every live row, by manifest order (oracle)."""
-        rows = np.array([[e.row for e in self.store.iter_entries()]])
-        with torch.inference_mode():
-            return self._rerank_pool([query], rows, batch_size)[0]
 
     # ------------------------------------------------------------------- rows and neighbours
     @property

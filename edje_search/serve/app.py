@@ -20,6 +20,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from .. import __version__
+from ..config import DEFAULT_RERANK_K
 from ..engine import Engine
 from ..errors import BadInput, BadQuery, EdjeError, IndexCorrupt
 from ..images import decode_image
@@ -162,7 +163,8 @@ def create_app(engine: Engine, *, limits: ServeLimits | None = None, batching: B
     @app.get("/search", response_model=None, responses=_documented(schemas.SearchResponse), tags=["search"])
     async def search(request: Request, q: str = Query(..., description="the text to search for"),
                      k: int = Query(10, description="results to return"),
-                     rerank_k: int = Query(20, description="first-stage candidates reranked by the joint encoder")):
+                     rerank_k: int = Query(DEFAULT_RERANK_K,
+                                           description="first-stage candidates reranked by the joint encoder")):
         """Top k images for one text query, in the reranked order and the first stage's order."""
         limits.check_query(q)
         limits.check_k(k)

@@ -22,9 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import shutil
-import tempfile
 import threading
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,13 +30,14 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from ..config import IndexConfig, load_config, save_config
-from ..errors import BadInput, IndexCorrupt, IndexExists
+from ..errors import BadInput, IndexCorrupt
 from ..fsutil import atomic_write
 from . import compaction, integrity, layout, vector_index
 from .layout import CONFIG_FILE, FAISS_DIR, REFINE_FACTOR, SKIPPED_FILE
+from .creation import create_index_dir
 from .lock import WriterLock
 from .manifest import MANIFEST_FILE, HashLookup, Manifest, ManifestEntry, Snapshot
-from .segments import SegmentArray, is_remote
+from .segments import SegmentArray
 from .token_store import SegmentTokenStore
 
 logger = logging.getLogger(__name__)
@@ -127,41 +125,9 @@ class IndexStore:
     @classmethod
     def create(cls, directory: str | Path, config: IndexConfig,
                populate: Callable[[Path], IndexConfig | None] | None = None) -> "IndexStore":
-        """A new, empty index, created atomically: built in a temporary sibling folder (where
-        ``populate`` may add files, e.g. the model, and return a final config) and renamed into place.
-        If another process
-        created ``directory`` first, this raises IndexExists and leaves it untouched."""
-        directory = Path(directory)
-        if (directory / CONFIG_FILE).exists():
-            raise IndexExists(f"an index already exists in {directory}")
-        if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
-            raise BadInput(f"{directory} exists and is not an empty folder: choose a new index folder")
-        if config.factory != vector_index.AUTO:
-            vector_index.new_index(config.factory, config.dim)  # validate the factory string early
-        if config.store_url and not is_remote(config.store_url):
-            raise BadInput(f"store URL {config.store_url!r} is not a URL (leave it empty to store inside the index)")
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.creating-", dir=directory.parent))
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700; an index folder is as readable as any other
-        try:
-            (tmp / FAISS_DIR).mkdir()
-            if populate is not None:
-                config = populate(tmp) or config
-            m = Manifest(tmp / MANIFEST_FILE, readonly=False, create=True)
-            m.initialise()
-            m.close()
-            save_config(config, tmp / CONFIG_FILE)
-            try:
-                os.rename(tmp, directory)  # replaces only an empty folder; fails if another creator won
-            except OSError as e:
-                if (directory / CONFIG_FILE).exists():
-                    raise IndexExists(f"an index already exists in {directory}") from e
-                raise
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        """A new, empty index, created atomically (storage/creation.py); raises IndexExists if
+        another process created ``directory`` first."""
+        create_index_dir(Path(directory), config, populate)
         return cls.open(directory, mode="r+")
 
     @classmethod
@@ -205,21 +171,8 @@ class IndexStore:
             with self.lock:
                 if outer:
                     self.refresh()
-                    self.remove_stray_files()
+                    integrity.remove_stray_files(self)
                 yield self
-
-    def remove_stray_files(self) -> list[str]:
-        removed = []
-        for arr in [self.vector_array, *self.tokens.arrays.values()]:
-            removed += arr.remove_stray_files()
-        keep = set(self.faiss_files) | {self.settings.get("template", "")}
-        for p in (self.directory / FAISS_DIR).iterdir():
-            if p.name not in keep:
-                p.unlink(missing_ok=True)
-                removed.append(p.name)
-        for p in self.directory.glob(f".{self.directory.name}.*"):
-            shutil.rmtree(p, ignore_errors=True)
-        return removed
 
     def require_lock(self, repairing: bool = False) -> None:
         if self.lock is None:
@@ -357,18 +310,8 @@ class IndexStore:
                                                     nprobe=self.settings.get("nprobe"),
                                                     ef_search=self.settings.get("ef_search"))
         if want != k:  # lossy codes: re-score the candidates exactly from the stored vectors
-            scores, rows = self._refine(np.asarray(queries, np.float32), rows, k)
+            scores, rows = vector_index.refine_exact(np.asarray(queries, np.float32), rows, k, self.vectors)
         return scores, rows
-
-    def _refine(self, queries: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        valid = rows >= 0
-        uniq, inverse = np.unique(rows[valid], return_inverse=True)
-        vecs = self.vectors(uniq)
-        exact = np.full(rows.shape, -np.inf, np.float32)
-        q_of = np.broadcast_to(np.arange(len(rows))[:, None], rows.shape)[valid]
-        exact[valid] = np.einsum("nd,nd->n", queries[q_of], vecs[inverse])
-        order = np.argsort(-exact, axis=1, kind="stable")[:, :k]
-        return np.take_along_axis(exact, order, 1), np.take_along_axis(rows, order, 1)
 
     # ------------------------------------------------------------------- maintenance, integrity
     def optimize(self) -> dict:
@@ -401,17 +344,6 @@ class IndexStore:
             path = str(model_dir)
         self.config = dataclasses.replace(self.config, model_path=path)
         save_config(self.config, self.directory / CONFIG_FILE)
-
-    def info(self) -> dict:
-        cfg = self.config
-        return {
-            "index": str(self.directory), "images": len(self), "rows": self.n_rows, "generation": self.generation,
-            "factory": cfg.factory, "recipe": self.recipe, "nprobe": self.settings.get("nprobe"),
-            "faiss_segments": len(self.faiss_files), "dim": cfg.dim, "tokens_per_image": cfg.tokens_per_image,
-            "token_width": cfg.token_width, "token_dtype": cfg.token_dtype,
-            "store": cfg.store_url or "(inside the index)", "model": cfg.model_path,
-            "model_fingerprint": cfg.model_fingerprint,
-        }
 
 
 def write_skipped(directory: str | Path, skipped: Sequence[tuple[str, str]]) -> Path:

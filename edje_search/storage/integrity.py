@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import shutil
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..errors import IndexCorrupt
 from . import compaction, vector_index
-from .layout import CONFIG_FILE
+from .layout import CONFIG_FILE, FAISS_DIR
 from .manifest import Snapshot
 
 if TYPE_CHECKING:
@@ -128,13 +129,13 @@ def repair(store: IndexStore) -> RepairReport:
         vector_index.choose_recipe(n_live, store.config.dim)
     if vector_index.training_rows(target) > n_live:
         target = "Flat"
-    report.removed_files = store.remove_stray_files()  # debris of crashed commits, before writing anew
+    report.removed_files = remove_stray_files(store)  # debris of crashed commits, before writing anew
     faiss_list, settings, _ = compaction.encode_all(store, target, exclude=dead_rows)
     store.manifest.commit(generation=snap.generation + 1, n_rows=snap.n_rows, removed=dead_rows,
                          add_segments=replaced, faiss_segments=faiss_list, settings=settings)
     store.faiss_files = {}
     store.adopt(store.manifest.snapshot())
-    store.remove_stray_files()  # the FAISS files this commit replaced
+    remove_stray_files(store)  # the FAISS files this commit replaced
     report.rebuilt_faiss = True
     logger.info("repair: %s", report.summary())
     return report
@@ -157,3 +158,19 @@ def check_config_against_segments(store: IndexStore, arrays: dict, snap: Snapsho
             if problems and all(" holds rows of shape " in m for m in problems):
                 raise IndexCorrupt(f"{CONFIG_FILE} disagrees with every stored {kind} segment "
                                    f"({problems[0].split(' (run')[0]}); restore {CONFIG_FILE} instead of repairing")
+
+
+def remove_stray_files(store: IndexStore) -> list[str]:
+    """Delete files that no committed generation names: what a crashed commit or creation left
+    behind, and FAISS files a commit replaced. Run by every writer as it takes the lock."""
+    removed = []
+    for arr in [store.vector_array, *store.tokens.arrays.values()]:
+        removed += arr.remove_stray_files()
+    keep = set(store.faiss_files) | {store.settings.get("template", "")}
+    for p in (store.directory / FAISS_DIR).iterdir():
+        if p.name not in keep:
+            p.unlink(missing_ok=True)
+            removed.append(p.name)
+    for p in store.directory.glob(f".{store.directory.name}.*"):
+        shutil.rmtree(p, ignore_errors=True)
+    return removed

@@ -19,11 +19,11 @@ from transformers import AutoModel
 
 from ..config import FirstStageConfig
 from ..data.annotations import CaptionSet
-from ..devices import pick_device
+from ..devices import pick_device, precision_autocast
 from ..images import decode_image
 from ..models.first_stage import FirstStage
 from ..models.registry import bundled_minilm_dir
-from .common import autocast, load_checkpoint, make_optimizer, save_checkpoint, seed_everything
+from .common import load_checkpoint, make_optimizer, save_checkpoint, seed_everything
 from .features import FEATURES_NAME, compute_features
 
 logger = logging.getLogger(__name__)
@@ -153,7 +153,7 @@ def train_first_stage(data: CaptionSet, out_dir: str | Path, cfg: FirstStageTrai
         # one caption per image in a batch: duplicates would be false negatives for InfoNCE
         _, keep = np.unique(img_idx.numpy(), return_index=True)
         idx, img_idx = idx[keep], img_idx[keep]
-        with autocast(dev, cfg.precision):
+        with precision_autocast(dev, cfg.precision):
             img_emb, _ = model.encode_image(pixels[img_idx].to(dev, torch.float32))
             txt_emb = F.normalize(model.clip.text.proj(text_feats[idx].to(dev)), dim=-1)
             loss = loss_fn(img_emb.float(), txt_emb.float(), model.clip.logit_scale.exp())

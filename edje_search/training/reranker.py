@@ -18,13 +18,13 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer, BertConfig, BertForMaskedLM, PreTrainedTokenizerBase
 
 from ..data.annotations import CaptionSet
-from ..devices import pick_device
+from ..devices import pick_device, precision_autocast
 from ..errors import BadInput, CheckpointError
 from ..models.bundle import EdjeModel
 from ..models.first_stage import FirstStage
 from ..models.registry import build_reranker, bundled_minilm_dir
 from ..models.reranker import Reranker
-from .common import (TrainLog, all_gather_cat, autocast, data_parallel, gradient_sync, init_distributed,
+from .common import (TrainLog, all_gather_cat, data_parallel, gradient_sync, init_distributed,
                      is_main_process, load_checkpoint, make_optimizer, save_checkpoint, seed_everything)
 from .batches import PairBatches, first_stage_neighbours
 from .features import FEATURES_NAME, TrainFeatures, compute_features
@@ -299,7 +299,7 @@ def step_losses(reranker: Reranker, teacher: Reranker | None, feats: TrainFeatur
     pair_imgs = torch.cat([imgs, neg_imgs, imgs])
     vision = feats.vision_tokens[pair_imgs].to(dev).float()  # (3B, n, D_v)
     losses: dict[str, torch.Tensor] = {}
-    with autocast(dev, cfg.precision):
+    with precision_autocast(dev, cfg.precision):
         projected = reranker.project(vision)  # (3B, m, H)
         hidden, pair_batch = reranker.pair_hidden(pair_caps, projected)
         logits = reranker.joint.score_hidden(hidden, pair_batch["attention_mask"]).float()  # (3B,)

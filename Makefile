@@ -11,7 +11,7 @@ EXTRAS ?= dev,cpu,ray,serve
 DEMO_DIR ?= runs/demo
 export EDJE_HOME ?= $(CURDIR)/runs/home
 
-# model and labelled split for `make fidelity` (the longer run the README describes)
+# model and labelled split for `make fidelity` (the longer run docs/results.md describes)
 FIDELITY_MODEL ?= runs/long/model
 FIDELITY_DATA ?= runs/demo/data/test.json
 
@@ -74,17 +74,17 @@ test-all: install  ## Run every test, including the slow end-to-end ones
 demo: install-core  ## Make data, train (or reuse) the demo model, index, query, evaluate
 	bash scripts/demo.sh
 
-bench: install  ## Quick benchmark run (N = 10k; writes benchmarks/results/ and the README table)
+bench: install  ## Quick benchmark run (N = 10k; writes benchmarks/results/ and the table in docs/benchmarks.md)
 	$(PY) -m benchmarks.run --quick
-	$(PY) -m benchmarks.report --readme
+	$(PY) -m benchmarks.report --docs
 
 bench-full: install  ## Full benchmark run (N = 10k and 100k)
 	$(PY) -m benchmarks.run
-	$(PY) -m benchmarks.report --readme
+	$(PY) -m benchmarks.report --docs
 
 fidelity: install  ## Backends and int8 tokens against eager fp32 on FIDELITY_MODEL / FIDELITY_DATA
 	$(PY) -m benchmarks.fidelity --model $(FIDELITY_MODEL) --data $(FIDELITY_DATA)
-	$(PY) -m benchmarks.report --readme
+	$(PY) -m benchmarks.report --docs
 
 lint: install  ## Static checks
 	$(VENV)/bin/ruff check edje_search cli tests benchmarks

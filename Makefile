@@ -20,14 +20,13 @@ FIDELITY_DATA ?= runs/demo/data/test.json
 help:  ## Show this help
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-12s %s\n", $$1, $$2}'
 
-# the engine alone (what `make demo` runs): 109 s on a 2-core machine with pip's cache warm (the
-# default EXTRAS took 211 s before the compile change below). Its FAISS build follows EXTRAS, so a
+# the engine alone (what `make demo` runs). Its FAISS build follows EXTRAS, so a
 # fresh full install gets one FAISS. To switch an existing .venv between faiss-cpu and faiss-gpu,
 # `make clean` first: the two break each other in one environment.
 CORE_EXTRAS := $(if $(findstring gpu,$(EXTRAS)),gpu,cpu)
 CORE := $(VENV)/.core-$(CORE_EXTRAS)
 
-# pip byte-compiles what it installs on one core (about 57 of its 128 s here); compileall does it
+# pip byte-compiles what it installs on one core; compileall does it
 # on every core afterwards, skipping torch's test helpers, test folders and transformers' model
 # folders other than the auto classes, BERT and SigLIP (most of its 2,900 files, unused here).
 # Python compiles anything skipped if it is ever imported. A file that fails to compile is

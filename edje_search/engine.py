@@ -6,6 +6,7 @@ Query flow: embed text -> FAISS top rerank_k -> gather stored tokens -> joint-en
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -26,6 +27,8 @@ from .inspection import verify_index
 from .storage.index_store import IndexStore
 from .storage.integrity import RepairReport
 from .storage.token_store import bytes_per_image
+
+logger = logging.getLogger(__name__)
 
 MAX_QUERY_CHARS = 2000
 MODEL_SUBDIR = "model"  # where an index keeps a model that was built in memory
@@ -80,6 +83,8 @@ class Engine:
         self.store = store
         self.model = model
         self._indexer = Indexer(store, model)
+        logger.info("index %s: %d images, generation %d, model %s on %s", store.directory, len(store),
+                    store.generation, model.name, model.device)
         self.last_timings: dict[str, float] = {}  # milliseconds per stage of the latest search
 
     # -------------------------------------------------------------------------- construction
@@ -265,22 +270,20 @@ class Engine:
         k = min(k, n)
         pool = min(max(k, rerank_k), n)
         clock = StageClock()
+        n_rerank = min(rerank_k, pool)
         with precision_autocast(self.model.device):  # bf16/fp16 on CUDA, fp32 on the CPU
             q = self.model.embed_texts(list(queries)).float().cpu().numpy()
-        clock.lap("text_embed")
-        first_scores, rows = self.store.search(q, pool)  # (Q, pool)
-        clock.lap("faiss")
-        n_rerank = min(rerank_k, pool)
-        with precision_autocast(self.model.device):
+            clock.lap("text_embed")
+            first_scores, rows = self.store.search(q, pool)  # (Q, pool)
+            clock.lap("faiss")
             rerank = score_rows(self.model.reranker, self.store.tokens.get, queries, rows[:, :n_rerank],
-                                    batch_size, clock) if n_rerank else None
+                                batch_size, clock) if n_rerank else None
         by_row = self.store.paths(rows[rows >= 0].tolist())
         fusion_weight = self.model.fusion_weight
         results = []
         for qi in range(len(queries)):
             cand = [(int(r), float(s)) for r, s in zip(rows[qi], first_scores[qi]) if r >= 0]
-            head = cand[:n_rerank]
-            tail = cand[n_rerank:]
+            head, tail = cand[:n_rerank], cand[n_rerank:]
             rs = rerank[qi][: len(head)] if rerank is not None else np.zeros(0, np.float32)
             order, fused = rank_pool(rs, np.array([s for _, s in head]), fusion_weight)
             ranked = [(*head[i], float(rs[i]), float(fused[i])) for i in order] + [(r, s, None, None) for r, s in tail]

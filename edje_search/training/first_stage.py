@@ -6,7 +6,6 @@ per caption and cached.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 from pathlib import Path
 
@@ -23,29 +22,11 @@ from ..devices import pick_device, precision_autocast
 from ..images import decode_image
 from ..models.first_stage import FirstStage
 from ..models.registry import bundled_minilm_dir
+from .configs import FirstStageTrainConfig
 from .common import load_checkpoint, make_optimizer, save_checkpoint, seed_everything
 from .features import FEATURES_NAME, compute_features
 
 logger = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass(frozen=True)
-class FirstStageTrainConfig:
-    image_size: int = 48
-    patch_size: int = 8
-    width: int = 128
-    layers: int = 4
-    head_width: int = 32
-    embed_dim: int = 128
-    context_length: int = 16
-    steps: int | None = 400  # optimizer steps; None: ``epochs`` passes over the captions
-    epochs: float | None = None
-    batch_size: int = 256
-    lr: float = 1e-3
-    weight_decay: float = 0.05
-    warmup_fraction: float = 0.05
-    precision: str = "fp32"
-    seed: int = 0
 
 
 def demo_first_stage(cfg: FirstStageTrainConfig, text_model_dir: Path | None = None) -> FirstStage:

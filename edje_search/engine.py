@@ -25,9 +25,10 @@ from .pipeline import BackgroundCommits, ImageEmbedder, embed_files
 from .ranking import rank_pool
 from .storage.index_store import (IndexStore, RepairReport, record_model_path, resolve_model_path, verify_index,
                                   write_skipped)
+from .storage.roots import record_folders
 from .storage.token_store import bytes_per_image, working_dtype
+from .validation import MAX_QUERY_CHARS, check_query, check_removal_size, removal_paths  # noqa: F401
 
-MAX_QUERY_CHARS = 2000
 MODEL_SUBDIR = "model"  # where an index keeps a model that was built in memory
 
 
@@ -80,18 +81,6 @@ class StageClock:
         now = time.perf_counter()
         self.ms[stage] = self.ms.get(stage, 0.0) + 1000 * (now - self._last)
         self._last = now
-
-
-def _check_query(text: str) -> str:
-    if not isinstance(text, str) or not text.strip():
-        raise BadQuery("empty query: give some text to search for")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise BadQuery("query is not valid UTF-8 text") from e
-    if len(text) > MAX_QUERY_CHARS:
-        raise BadQuery(f"query too long ({len(text)} characters; the limit is {MAX_QUERY_CHARS})")
-    return text
 
 
 class Engine:
@@ -236,6 +225,7 @@ class Engine:
         known = {path for path, e in self.store.lookup_paths(todo).items() if e.row not in dropped}
         report.unchanged += sum(1 for p in todo if p in known)
         todo = list(dict.fromkeys(p for p in todo if p not in known))
+        record_folders(self.store.directory, todo)  # where each folder really is, for serving its files
         missed = self._embed_and_commit(embedder, todo, report, list(removed_rows),
                                         commit_every=commit_every, progress=progress)
         if missed:  # duplicates of rows removed meanwhile: embed them after all
@@ -344,15 +334,17 @@ class Engine:
                 self.store.optimize()
         return report
 
-    def remove(self, paths: Iterable[str | Path]) -> int:
-        """Drop the rows of these files, or of every file under a folder given; returns how many."""
+    def remove(self, paths: Iterable[str | Path], *, allow_all: bool = False) -> int:
+        """Drop the rows of these files, or of every file under a folder given; returns how many.
+        Empty or blank paths are refused, and so is emptying the whole index unless ``allow_all``."""
+        wanted = removal_paths(paths)
         with self.store.writing():
             rows: list[int] = []
-            wanted = [os.path.abspath(p) for p in paths]
             rows += [e.row for e in self.store.lookup_paths(wanted).values()]
             for p in wanted:  # a folder, even one already deleted from disk: everything under it
                 rows += [e.row for e in self.store.live_under(p.rstrip(os.sep) + os.sep)]
             rows = sorted(set(rows))
+            check_removal_size(len(rows), len(self.store), allow_all, wanted)
             if rows:
                 self.store.commit([], [], np.zeros((0, self.store.config.dim), np.float32),
                                   np.zeros((0, self.store.config.tokens_per_image, self.store.config.token_width)),
@@ -452,7 +444,7 @@ class Engine:
     def search_batch(self, queries: Sequence[str], *, k: int = 10, rerank_k: int = 50,
                      batch_size: int = 64) -> list[list[Hit]]:
         """Like :meth:`search` for several queries; their pairs are scored in shared batches."""
-        queries = [_check_query(q) for q in queries]
+        queries = [check_query(q) for q in queries]
         n = len(self.store)
         if n == 0:
             raise BadQuery("the index is empty: add images with `edje-search build-index`")

@@ -161,4 +161,4 @@ def _drop_changed_and_gone(engine, src: Source, root: Path) -> int:
     if root.is_dir():
         prefix = os.path.abspath(root).rstrip(os.sep) + os.sep
         gone += [e.path for e in engine.store.live_under(prefix) if e.path not in seen]
-    return engine.remove(gone) if gone else 0
+    return engine.remove(gone, allow_all=True) if gone else 0  # a computed list, not a user argument

@@ -12,11 +12,16 @@ import torch
 from PIL import Image
 
 from ..engine import Engine
+from ..validation import MAX_ROW
 
 
 def path_of_row(engine: Engine, row: int) -> str | None:
-    """The indexed file of ``row`` in the open generation, or None if the row is not live."""
-    return engine.paths([int(row)]).get(int(row))
+    """The indexed file of ``row`` in the open generation, or None if the row is not live (or
+    cannot be a row at all: SQLite refuses integers outside 64 bits with OverflowError)."""
+    row = int(row)
+    if not 0 <= row <= MAX_ROW:
+        return None
+    return engine.paths([row]).get(row)
 
 
 def image_count(engine: Engine) -> int:
@@ -25,6 +30,12 @@ def image_count(engine: Engine) -> int:
 
 def generation(engine: Engine) -> int:
     return int(engine.generation)
+
+
+def decode_settings(engine: Engine) -> tuple[int, str]:
+    """(input side, resize mode) of the first stage: what the decode guard checks an image against."""
+    config = engine.model.first_stage.config
+    return int(config.image_size), str(config.resize_mode)
 
 
 def preprocess(engine: Engine, image: Image.Image) -> torch.Tensor:

@@ -17,7 +17,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse
 from .security import COOKIE, LOGIN_PATH, session_value, token_matches
 
 PAGE = (Path(__file__).parent / "static" / "login.html").read_text(encoding="utf-8")
-PAGE_HEADERS = {"Content-Security-Policy": "default-src 'none'; form-action 'self'",
+PAGE_HEADERS = {"Content-Security-Policy": "default-src 'none'; img-src data:; form-action 'self'",
                 "X-Content-Type-Options": "nosniff", "Cache-Control": "no-store"}
 
 

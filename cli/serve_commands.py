@@ -39,6 +39,10 @@ from .common import BACKENDS, index_option
               help="Seconds a request body may take to arrive whole; slower requests get 408 and are closed.")
 @click.option("--max-connections", default=1024, show_default=True, type=click.IntRange(1),
               help="Open connections (uvicorn's limit_concurrency); past it, requests get 503.")
+@click.option("--max-connections-per-client", "per_client", default=64, show_default=True, type=click.IntRange(1),
+              help="Open connections one client address may hold; more are closed at once.")
+@click.option("--header-timeout", default=10.0, show_default=True, type=click.FloatRange(0.1),
+              help="Seconds a request line and headers may take to arrive; slower connections are closed.")
 @click.option("--keep-alive", default=5, show_default=True, type=click.IntRange(1),
               help="Seconds an idle connection is kept open (uvicorn's timeout_keep_alive).")
 @click.option("--max-decodes", default=2, show_default=True, type=click.IntRange(1),
@@ -47,7 +51,7 @@ from .common import BACKENDS, index_option
               show_default=True)
 def serve(index_dir, host, port, backend, device, token, max_batch, max_wait_ms, max_queue, no_batching,
           refresh_interval, max_k, max_rerank_k, max_upload_mb, allowed_hosts, body_timeout, max_connections,
-          keep_alive, max_decodes, log_level):
+          per_client, header_timeout, keep_alive, max_decodes, log_level):
     """Serve INDEX over HTTP: JSON API (docs at /docs) and a web gallery at /."""
     try:
         from edje_search.serve import BatchSettings, ServeLimits, create_app, is_loopback, run
@@ -79,7 +83,8 @@ def serve(index_dir, host, port, backend, device, token, max_batch, max_wait_ms,
     click.echo(f"serving {index_dir} ({len(engine.store)} images) on http://{shown}:{port}/ "
                f"(API docs at /docs{'; browsers log in at /login' if token else ''})")
     run(app, host=host, port=port, log_level=log_level, token=token,
-        connections=ConnectionLimits(max_connections=max_connections, keep_alive_s=keep_alive))
+        connections=ConnectionLimits(max_connections=max_connections, keep_alive_s=keep_alive,
+                                     per_client=per_client, header_timeout_s=header_timeout))
 
 
 COMMANDS = (serve,)

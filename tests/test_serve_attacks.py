@@ -36,6 +36,8 @@ from edje_search.serve.server import free_port  # noqa: E402
 TOKEN = "S3cr3t-t0ken-value-42"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 BODY_TIMEOUT = 2.0
+HEADER_TIMEOUT = 3.0
+PER_CLIENT = 60
 QUERY = "a small red circle"
 
 
@@ -60,7 +62,8 @@ def live(_built_index, tmp_path_factory):
     log = index.parent / "server.log"
     port = free_port()
     cmd = [sys.executable, "-m", "edje_search_cli.main", "serve", "--index", str(index), "--port", str(port),
-           "--max-queue", "16", "--max-batch", "4", "--body-timeout", str(BODY_TIMEOUT), "--device", "cpu"]
+           "--max-queue", "16", "--max-batch", "4", "--body-timeout", str(BODY_TIMEOUT), "--device", "cpu",
+           "--header-timeout", str(HEADER_TIMEOUT), "--max-connections-per-client", str(PER_CLIENT)]
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "EDJE_TOKEN": TOKEN})
     url = f"http://127.0.0.1:{port}"
@@ -235,6 +238,53 @@ def test_4_fifty_slow_bodies_are_cut_off_and_searches_are_served_again(live):
     assert len(answers) == 50  # every slow connection was closed by the server, none left hanging
     assert sum(a.startswith(b"HTTP/1.1 408") for a in answers) >= 1
     assert all(a.startswith((b"HTTP/1.1 408", b"HTTP/1.1 503")) for a in answers), answers[:3]
+
+
+def closed_within(s: socket.socket, seconds: float) -> float | None:
+    """Seconds until the server closed ``s`` (EOF or reset), or None if it stayed open that long."""
+    start = time.monotonic()
+    s.settimeout(0.1)
+    while time.monotonic() - start < seconds:
+        try:
+            if s.recv(4096) == b"":
+                return time.monotonic() - start
+        except socket.timeout:
+            continue
+        except OSError:
+            return time.monotonic() - start
+    return None
+
+
+def test_4_slow_headers_are_cut_off_and_one_client_cannot_take_every_connection(live):
+    url, _, _ = live
+    host, port = url.removeprefix("http://").split(":")
+    # a request head trickling in a byte every half second is closed after the header timeout
+    slow = socket.create_connection((host, int(port)))
+    start = time.monotonic()
+    closed_at = None
+    for byte in b"GET /health HTTP/1.1\r\nHost: localhost\r\nX-Pad: " + b"a" * 40:
+        try:
+            slow.sendall(bytes([byte]))
+        except OSError:
+            closed_at = time.monotonic() - start
+            break
+        if closed_within(slow, 0.5) is not None:
+            closed_at = time.monotonic() - start
+            break
+    slow.close()
+    assert closed_at is not None and HEADER_TIMEOUT - 0.5 < closed_at < HEADER_TIMEOUT + 2, closed_at
+    # one address opening connection after connection: past the cap they are closed at once
+    held = [socket.create_connection((host, int(port))) for _ in range(PER_CLIENT)]
+    try:
+        extra = socket.create_connection((host, int(port)))
+        assert closed_within(extra, 1.0) is not None
+        extra.close()
+        # the idle ones are closed by the header timeout, and the server answers again
+        assert all(closed_within(s, HEADER_TIMEOUT + 2) is not None for s in held)
+        assert httpx.get(f"{url}/health", headers=AUTH, timeout=5).status_code == 200
+    finally:
+        for s in held:
+            s.close()
 
 
 # ----------------------------------------------------------------------------- 5: DNS rebinding

@@ -11,6 +11,8 @@ import time
 
 import uvicorn
 
+from .connections import guarded_h11
+
 logger = logging.getLogger(__name__)
 
 
@@ -37,12 +39,16 @@ class ConnectionLimits:
     ``max_connections`` is uvicorn's ``limit_concurrency`` (open connections and tasks; past it,
     new requests get 503), ``keep_alive_s`` its ``timeout_keep_alive`` (an idle connection is
     closed after it), ``max_header_bytes`` h11's ``max_incomplete_event_size`` (a request line
-    and headers larger than this get 400). The body timeout is the app's (ServeLimits.body_timeout_s).
+    and headers larger than this get 400). ``per_client`` (connections one address may hold) and
+    ``header_timeout_s`` (time for a request line and headers to arrive) are this package's
+    (serve/connections.py). The body timeout is the app's (ServeLimits.body_timeout_s).
     """
 
     max_connections: int = 1024
     keep_alive_s: int = 5
     max_header_bytes: int = 16 * 1024
+    per_client: int = 64
+    header_timeout_s: float = 10.0
 
     def __post_init__(self):
         for name, value in vars(self).items():
@@ -56,7 +62,8 @@ def uvicorn_config(app, host: str, port: int, log_level: str = "info", access_lo
     # no proxy headers: the client address and scheme are the socket's unless a proxy is set up on purpose
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=access_log,
                             proxy_headers=False, server_header=False, timeout_graceful_shutdown=5,
-                            http="h11", limit_concurrency=connections.max_connections,
+                            http=guarded_h11(connections.per_client, connections.header_timeout_s),
+                            limit_concurrency=connections.max_connections,
                             timeout_keep_alive=connections.keep_alive_s,
                             h11_max_incomplete_event_size=connections.max_header_bytes)
     from .hardening import install_log_redaction  # after Config(...), which configured the loggers

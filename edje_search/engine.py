@@ -221,11 +221,11 @@ class Engine:
                 report.skipped.append((p, "not an image file extension"))
             else:
                 todo.append(p)
+        record_folders(self.store.directory, todo)  # where each folder really is, for serving its files
         dropped = set(int(r) for r in removed_rows)
         known = {path for path, e in self.store.lookup_paths(todo).items() if e.row not in dropped}
         report.unchanged += sum(1 for p in todo if p in known)
         todo = list(dict.fromkeys(p for p in todo if p not in known))
-        record_folders(self.store.directory, todo)  # where each folder really is, for serving its files
         missed = self._embed_and_commit(embedder, todo, report, list(removed_rows),
                                         commit_every=commit_every, progress=progress)
         if missed:  # duplicates of rows removed meanwhile: embed them after all

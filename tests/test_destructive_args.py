@@ -85,3 +85,9 @@ def test_indexing_records_each_folder_where_it_really_is(tmp_path, built_index, 
     assert IndexedFolders(tmp_path).recorded_real_folder(some) is None  # no record: the server's fallback
     (Path(built_index) / ROOTS_FILE).write_text("{not json")
     assert IndexedFolders(built_index).recorded_real_folder(some) is None
+    # an index without the record (built before it existed) gets it from a build that changes nothing
+    (Path(built_index) / ROOTS_FILE).unlink()
+    report = Engine.from_pretrained(built_index, writable=True).sync(shapes_dir / "test", num_workers=0,
+                                                                     progress=False)
+    assert report.added == 0 and report.unchanged == 40
+    assert IndexedFolders(built_index).recorded_real_folder(some) == os.path.realpath(shapes_dir / "test")

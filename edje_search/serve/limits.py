@@ -27,9 +27,11 @@ class ServeLimits:
         if not 1 <= self.max_query_chars <= MAX_QUERY_CHARS:
             raise ValueError(f"max_query_chars must be between 1 and the engine's {MAX_QUERY_CHARS}")
         for name in ("max_k", "max_rerank_k", "max_batch_queries", "max_upload_bytes", "max_json_bytes",
-                     "body_timeout_s", "max_concurrent_decodes"):
+                     "max_concurrent_decodes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive")
+        if not self.body_timeout_s > 0:
+            raise ValueError("body_timeout_s must be positive")
 
     def check_query(self, text: str) -> str:
         """The library's query rule (validation.check_query) with this server's length limit."""

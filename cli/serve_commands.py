@@ -39,7 +39,7 @@ from .common import BACKENDS, index_option
               help="Seconds a request body may take to arrive whole; slower requests get 408 and are closed.")
 @click.option("--max-connections", default=1024, show_default=True, type=click.IntRange(1),
               help="Open connections (uvicorn's limit_concurrency); past it, requests get 503.")
-@click.option("--max-connections-per-client", "per_client", default=64, show_default=True, type=click.IntRange(1),
+@click.option("--max-connections-per-client", "per_client", default=128, show_default=True, type=click.IntRange(1),
               help="Open connections one client address may hold; more are closed at once.")
 @click.option("--header-timeout", default=10.0, show_default=True, type=click.FloatRange(0.1),
               help="Seconds a request line and headers may take to arrive; slower connections are closed.")

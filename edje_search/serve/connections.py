@@ -17,7 +17,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 
 class _GuardedH11(H11Protocol):
-    per_client: int = 64
+    per_client: int = 128
     header_timeout_s: float = 10.0
     open_by_client: collections.Counter  # shared by the connections of one server (see guarded_h11)
 

@@ -47,7 +47,7 @@ class ConnectionLimits:
     max_connections: int = 1024
     keep_alive_s: int = 5
     max_header_bytes: int = 16 * 1024
-    per_client: int = 64
+    per_client: int = 128
     header_timeout_s: float = 10.0
 
     def __post_init__(self):

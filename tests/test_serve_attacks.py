@@ -299,6 +299,20 @@ def test_5_a_foreign_host_header_gets_400(live):
     assert default_allowed_hosts("0.0.0.0") is None and "[::1]" in default_allowed_hosts("::1")
 
 
+def test_5_allowed_hosts_names_the_public_ones_and_bad_lists_exit_2(engine, tmp_path):
+    app = create_app(engine, allowed_hosts=["search.example.org"])
+    with TestClient(app, base_url="http://search.example.org") as c:
+        assert c.get("/health").status_code == 200
+        assert c.get("/health", headers={"Host": "localhost"}).status_code == 400
+    from click.testing import CliRunner
+
+    from edje_search_cli.main import cli
+
+    for bad in (" , ", "a*b", "*example.org"):
+        result = CliRunner().invoke(cli, ["serve", "--index", str(tmp_path), "--allowed-hosts", bad])
+        assert result.exit_code == 2 and result.output.startswith("error: Invalid value for --allowed-hosts")
+
+
 # ------------------------------------------------------------------- 6: numbers at type limits
 HUGE = [10**20, 2**63, 2**64, -(2**63) - 1, -1]
 

@@ -273,6 +273,26 @@ def test_4_slow_headers_are_cut_off_and_one_client_cannot_take_every_connection(
             break
     slow.close()
     assert closed_at is not None and HEADER_TIMEOUT - 0.5 < closed_at < HEADER_TIMEOUT + 2, closed_at
+    # a body the server answered without reading (401: no token) cannot keep trickling in either
+    unread = socket.create_connection((host, int(port)))
+    unread.sendall(b"POST /search HTTP/1.1\r\nHost: localhost\r\nContent-Length: 4096\r\n\r\n")
+    start, closed_at, answer = time.monotonic(), None, b""
+    unread.settimeout(0.5)
+    while time.monotonic() - start < HEADER_TIMEOUT + 5:
+        try:
+            unread.sendall(b" ")
+            chunk = unread.recv(4096)
+        except socket.timeout:
+            continue
+        except OSError:
+            closed_at = time.monotonic() - start
+            break
+        answer += chunk
+        if not chunk:
+            closed_at = time.monotonic() - start
+            break
+    unread.close()
+    assert answer.startswith(b"HTTP/1.1 401") and closed_at is not None and closed_at < HEADER_TIMEOUT + 2
     # one address opening connection after connection: past the cap they are closed at once
     held = [socket.create_connection((host, int(port))) for _ in range(PER_CLIENT)]
     try:

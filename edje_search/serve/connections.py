@@ -5,7 +5,8 @@ uvicorn bounds connections in total (``limit_concurrency``) and idle time betwee
 (``timeout_keep_alive``), but not how many connections one address holds, nor how long a
 request line and headers may take to arrive (its keep-alive timer is cancelled by the first
 byte of a new request, so a client sending a header byte a second holds a connection forever).
-This subclass of uvicorn's h11 protocol adds both; it is hand-written because neither uvicorn
+The same timeout closes a connection whose client keeps sending a body the app answered
+without reading. This subclass of uvicorn's h11 protocol adds both; it is hand-written because neither uvicorn
 nor Starlette offers them, and it overrides only the connection callbacks.
 """
 from __future__ import annotations
@@ -36,7 +37,11 @@ class _GuardedH11(H11Protocol):
         self._arm_head_timer()
 
     def _waiting_for_head(self) -> bool:
-        return self.conn.their_state is h11.IDLE  # h11: no complete request head since the last response
+        """True while the client owes bytes no request is reading: the next request head (h11's
+        IDLE), or the rest of a body the app answered without reading (a 401, 404 or 503)."""
+        state = self.conn.their_state
+        return state is h11.IDLE or (state is h11.SEND_BODY and self.cycle is not None
+                                     and self.cycle.response_complete)
 
     def _arm_head_timer(self) -> None:
         self._cancel_head_timer()
@@ -50,7 +55,7 @@ class _GuardedH11(H11Protocol):
     def _head_timed_out(self) -> None:
         self._head_timer = None
         if self._waiting_for_head() and not self.transport.is_closing():
-            self.logger.info("closed a connection from %s: no complete request head within %g s",
+            self.logger.info("closed a connection from %s: no complete request within %g s",
                              self.client[0] if self.client else "?", self.header_timeout_s)
             self.transport.close()
 
@@ -62,7 +67,7 @@ class _GuardedH11(H11Protocol):
     def on_response_complete(self) -> None:
         super().on_response_complete()
         if not self.transport.is_closing() and self._waiting_for_head():
-            self._arm_head_timer()  # the next request's head must come in time too
+            self._arm_head_timer()  # the next request's head (or an unread body's rest) must come in time
 
     def connection_lost(self, exc) -> None:
         self._cancel_head_timer()

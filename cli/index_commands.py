@@ -152,15 +152,21 @@ def add(paths, index_dir, model, batch_size, workers, no_progress, wait, as_json
 @click.command("remove")
 @click.argument("paths", nargs=-1, required=True)
 @index_option
+@click.option("--all", "--yes", "allow_all", is_flag=True,
+              help="Allow a removal that would leave the index empty (refused otherwise, exit 2).")
 @wait_option
 @json_option
-def remove(paths, index_dir, wait, as_json):
+def remove(paths, index_dir, allow_all, wait, as_json):
     """Remove files, or everything under the folders given, from an index (the files themselves
-    are not touched; they need not exist any more). Exits 1 if nothing indexed matched."""
+    are not touched; they need not exist any more). Exits 1 if nothing indexed matched; exits 2
+    for an empty or blank argument, and for a removal of every image without --all."""
+    from edje_search.validation import removal_paths
+
+    removal_paths(paths)  # '' or ' ' (an unset shell variable) is refused before the index is opened
     from edje_search.engine import Engine
 
     engine = Engine.from_pretrained(index_dir, writable=True, lock_wait=wait)
-    n = engine.remove(paths)
+    n = engine.remove(paths, allow_all=allow_all)
     if n == 0:
         raise Failure(f"nothing in the index {index_dir} matches {' '.join(paths)} (give indexed files or folders)")
     if as_json:
@@ -189,7 +195,10 @@ def query(text, index_dir, k, rerank_k, model, backend, compare, device, as_json
     the model's fusion weight x first-stage similarity (first); the weight is 0 unless
     `edje-search calibrate` set it. Hits below --rerank-k keep their first-stage order."""
     from edje_search.errors import BadInput
+    from edje_search.validation import check_query
 
+    for q in text:  # the library's rule, checked before the model loads
+        check_query(q)
     if k <= 0:
         raise BadInput("-k must be at least 1")
     if rerank_k < 0:

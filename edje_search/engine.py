@@ -23,14 +23,13 @@ from .pipeline import embed_pixels
 from .models.bundle import EdjeModel
 from .models.registry import load_model
 from .ranking import rank_pool, score_rows
-from .inspection import verify_index
+from .inspection import store_summary, verify_index
 from .storage.index_store import IndexStore
 from .storage.integrity import RepairReport
-from .storage.token_store import bytes_per_image
+from .validation import MAX_ROW, check_query
 
 logger = logging.getLogger(__name__)
 
-MAX_QUERY_CHARS = 2000
 MODEL_SUBDIR = "model"  # where an index keeps a model that was built in memory
 
 
@@ -62,18 +61,6 @@ class StageClock:
         now = time.perf_counter()
         self.ms[stage] = self.ms.get(stage, 0.0) + 1000 * (now - self._last)
         self._last = now
-
-
-def _check_query(text: str) -> str:
-    if not isinstance(text, str) or not text.strip():
-        raise BadQuery("empty query: give some text to search for")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise BadQuery("query is not valid UTF-8 text") from e
-    if len(text) > MAX_QUERY_CHARS:
-        raise BadQuery(f"query too long ({len(text)} characters; the limit is {MAX_QUERY_CHARS})")
-    return text
 
 
 class Engine:
@@ -228,9 +215,10 @@ class Engine:
         return self._indexer.add_embeddings(paths, vectors, tokens, metadata=metadata, hashes=hashes, stats=stats,
                                             commit_every=commit_every, optimize=optimize)
 
-    def remove(self, paths: Iterable[str | Path]) -> int:
-        """Drop the rows of these files, or of every file under a folder given; returns how many."""
-        return self._indexer.remove(paths)
+    def remove(self, paths: Iterable[str | Path], *, allow_all: bool = False) -> int:
+        """Drop the rows of these files, or of every file under a folder given; returns how many.
+        Empty or blank paths are refused, and so is emptying the whole index unless ``allow_all``."""
+        return self._indexer.remove(paths, allow_all=allow_all)
 
     def optimize(self) -> dict:
         """Merge small FAISS segments and retrain the recipe as the index grows (writers call it after
@@ -261,7 +249,7 @@ class Engine:
     def search_batch(self, queries: Sequence[str], *, k: int = 10, rerank_k: int = DEFAULT_RERANK_K,
                      batch_size: int = 64) -> list[list[Hit]]:
         """Like :meth:`search` for several queries; their pairs are scored in shared batches."""
-        queries = [_check_query(q) for q in queries]
+        queries = [check_query(q) for q in queries]
         n = len(self.store)
         if n == 0:
             raise BadQuery("the index is empty: add images with `edje-search build-index`")
@@ -316,6 +304,11 @@ class Engine:
         """A decoded RGB image -> (3, H, W) pixels as the model expects them (for :meth:`search_by_image`)."""
         return self.model.first_stage.preprocess(image)
 
+    @property
+    def image_input(self) -> tuple[int, str]:
+        """(side, resize mode) of the model's image input: what an upload's decode guard checks against."""
+        return int(self.model.first_stage.config.image_size), str(self.model.first_stage.config.resize_mode)
+
     @torch.inference_mode()
     def search_by_image(self, queries: Sequence[int | torch.Tensor], *, k: int = 10) -> list[list[Hit] | None]:
         """First-stage neighbours of images: each query is an indexed row (its stored embedding;
@@ -334,7 +327,7 @@ class Engine:
                 vectors[i] = v
         clock.lap("image_embed")
         own_row = [None if isinstance(q, torch.Tensor) else int(q) for q in queries]
-        live = self.store.paths([r for r in own_row if r is not None])
+        live = self.store.paths([r for r in own_row if r is not None and 0 <= r <= MAX_ROW])
         for i, row in enumerate(own_row):
             if row is not None and row in live:
                 vectors[i] = self.store.vectors([row])[0]
@@ -366,13 +359,5 @@ class Engine:
 
     # ---------------------------------------------------------------------------------- info
     def info(self) -> dict:
-        cfg = self.store.config
-        return {
-            "index": str(self.store.directory), "images": len(self.store), "rows": self.store.n_rows,
-            "generation": self.store.generation, "factory": cfg.factory, "dim": cfg.dim,
-            "tokens_per_image": cfg.tokens_per_image, "token_width": cfg.token_width,
-            "token_dtype": cfg.token_dtype,
-            "bytes_per_image": bytes_per_image(cfg.tokens_per_image, cfg.token_width, cfg.token_dtype),
-            "model": cfg.model_path, "model_name": self.model.name, "model_fingerprint": cfg.model_fingerprint,
-            "fusion_weight": self.model.fusion_weight,
-        }
+        """What the open generation holds (inspection.store_summary) and the model serving it."""
+        return {**store_summary(self.store), "model_name": self.model.name, "fusion_weight": self.model.fusion_weight}

@@ -25,7 +25,9 @@ from .models.bundle import EdjeModel
 from .pipeline import BackgroundCommits, EmbeddedBatch, ImageEmbedder, embed_files
 from .storage.index_store import IndexStore, write_skipped
 from .storage.manifest import ManifestEntry
+from .storage.roots import record_folders
 from .storage.token_store import working_dtype
+from .validation import check_removal_size, removal_paths
 
 logger = logging.getLogger(__name__)
 
@@ -125,13 +127,15 @@ class Indexer:
         logger.info("sync %s: %s", root, report.summary())
         return report
 
-    def remove(self, paths: Iterable[str | os.PathLike]) -> int:
-        """Drop the rows of these files, or of every file under a folder given; returns how many."""
+    def remove(self, paths: Iterable[str | os.PathLike], *, allow_all: bool = False) -> int:
+        """Drop the rows of these files, or of every file under a folder given; returns how many.
+        Empty or blank paths are refused, and so is emptying the whole index unless ``allow_all``."""
+        wanted = removal_paths(paths)
         with self.store.writing():
-            wanted = [os.path.abspath(p) for p in paths]
             rows = [e.row for e in self.store.lookup_paths(wanted).values()]
             for p in wanted:  # a folder, even one already deleted from disk: everything under it
                 rows += [e.row for e in self.store.live_under(p.rstrip(os.sep) + os.sep)]
+            check_removal_size(len(set(rows)), len(self.store), allow_all, wanted)
             return self.remove_rows(rows)
 
     def remove_rows(self, rows: Iterable[int]) -> int:
@@ -159,6 +163,7 @@ class Indexer:
                 report.skipped.append((p, "not an image file extension"))
             else:
                 todo.append(p)
+        record_folders(self.store.directory, todo)  # where each folder really is, for serving its files
         dropped = set(int(r) for r in removed_rows)
         known = {path for path, e in self.store.lookup_paths(todo).items() if e.row not in dropped}
         report.unchanged += sum(1 for p in todo if p in known)

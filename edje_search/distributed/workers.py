@@ -14,7 +14,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from ..images import DecodeLimits, ImageFileDataset, decode_image, failure_reason, file_sha256, time_limit
+from ..images import DecodeLimits, ImageFileDataset, decode_untrusted, failure_reason, file_sha256, time_limit
 from .sources import iter_shard
 
 logger = logging.getLogger(__name__)
@@ -66,8 +66,7 @@ def decode_files(batch: dict[str, np.ndarray], spec: DecodeSpec) -> dict[str, np
 def decode_bytes(data: bytes, spec: DecodeSpec):
     """Image bytes -> preprocessed (3, S, S) tensor; raises like the file path does."""
     with time_limit(spec.limits.seconds):
-        image = decode_image(data, spec.image_size, resize_mode=spec.resize_mode,
-                             max_pixels=spec.limits.max_pixels, max_resized_pixels=spec.limits.max_resized_pixels)
+        image = decode_untrusted(data, spec.limits, spec.image_size, resize_mode=spec.resize_mode)
         return spec.transform(image)
 
 

@@ -44,8 +44,14 @@ $(CORE): setup.cfg pyproject.toml
 	$(COMPILE)
 	touch $@
 
+# clip-retrieval's client and built clip-front, for the drop-in tests and `serve`'s /clip-front/:
+# --no-deps, because its declared dependencies are heavy and pinned (numpy<2, open-clip-torch<3, ...)
+# and neither the client (requests) nor the front (static files) needs them.
+CLIP_RETRIEVAL ?= clip-retrieval==2.45.0
+
 $(VENV)/.installed: $(CORE)
 	$(PIP) install -q --no-compile -e '.[$(EXTRAS)]' $(TORCH_PINS)
+	$(PIP) install -q --no-compile --no-deps $(CLIP_RETRIEVAL)
 	$(COMPILE)
 	touch $@
 

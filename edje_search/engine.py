@@ -15,22 +15,22 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .config import DEFAULT_RERANK_K, IndexConfig
-from .devices import precision_autocast, pick_device
-from .errors import BadInput, BadQuery, IndexExists, ModelMismatch, ModelMissing
+from .config import DEFAULT_RERANK_K
+from .devices import pick_device, precision_autocast
+from .errors import BadInput, BadQuery, IndexExists
 from .indexer import BuildReport, Indexer
-from .pipeline import embed_pixels
+from .inspection import store_summary, verify_index
 from .models.bundle import EdjeModel
 from .models.registry import load_model
+from .opening import create_index, open_index
+from .pipeline import embed_pixels
 from .ranking import rank_pool, score_rows
-from .inspection import store_summary, verify_index
 from .storage.index_store import IndexStore
 from .storage.integrity import RepairReport
 from .validation import MAX_ROW, check_query
 
 logger = logging.getLogger(__name__)
 
-MODEL_SUBDIR = "model"  # where an index keeps a model that was built in memory
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,27 +88,9 @@ class Engine:
         vectors and tokens at an fsspec URL (``s3://bucket/prefix``) instead of inside the index.
         Raises IndexExists (a FileExistsError) if an index is already there (see :meth:`create_or_open`).
         """
-        index_dir = Path(index_dir)
         target = pick_device(device)  # before anything is written: a device that is not there is an error
-        inside = model.path is None  # a model built in memory is kept inside the index
-        config = IndexConfig(
-            factory=factory, dim=model.first_stage.embed_dim,
-            tokens_per_image=model.reranker.config.tokens_per_image,
-            token_width=model.reranker.token_width, token_dtype=token_dtype,
-            model_path=MODEL_SUBDIR if inside else str(model.path), model_fingerprint="", store_url=store_url,
-        )
-
-        def populate(tmp: Path) -> IndexConfig:
-            # a model built in memory is saved inside the new index, which gives its fingerprint
-            model.save_pretrained(tmp / MODEL_SUBDIR)
-            return dataclasses.replace(config, model_fingerprint=model.fingerprint())
-
-        if inside:
-            store = IndexStore.create(index_dir, config, populate=populate)
-            model.path = (index_dir / MODEL_SUBDIR).resolve()
-        else:
-            store = IndexStore.create(index_dir, dataclasses.replace(config, model_fingerprint=model.fingerprint()))
-        store.lock.wait = lock_wait
+        store = create_index(index_dir, model, factory=factory, token_dtype=token_dtype, store_url=store_url,
+                             lock_wait=lock_wait)
         model.to(target).eval()
         return cls(store, model)
 
@@ -138,26 +120,7 @@ class Engine:
         """Open an index; the model defaults to the one it was built with. ``backend`` picks how the
         reranker runs (eager, bf16, dynamic-int8, onnx, onnx-int8; see models/backends.py).
         ``writable`` engines take the writer lock for each write, waiting ``lock_wait`` seconds."""
-        store = IndexStore.open(index_dir, mode="r+" if writable else "r", lock_wait=lock_wait)
-        if model is None:
-            model_path = store.model_dir
-            if not model_path.is_dir():
-                raise ModelMissing(f"the model this index was built with is gone: {model_path} "
-                                   f"(pass --model with that model)")
-            model = load_model(model_path)
-        elif isinstance(model, (str, Path)):
-            model = load_model(model)
-        if model.path is None:
-            raise BadInput(f"an index already exists in {index_dir}: open it with the model directory it was built "
-                           f"with (or model=None), not a model built in memory")
-        if model.fingerprint() != store.config.model_fingerprint:
-            raise ModelMismatch(
-                f"index {index_dir} was built with model {store.config.model_fingerprint} "
-                f"({store.config.model_path}) but the model given is {model.fingerprint()} ({model.path}); "
-                f"use that model or rebuild the index")
-        if writable and not store.model_dir.is_dir() and model.path is not None:
-            with store.writing():  # the model moved: remember where it is now
-                store.record_model_dir(model.path)
+        store, model = open_index(index_dir, model, writable=writable, lock_wait=lock_wait)
         model.to(pick_device(device)).eval()
         model.reranker.use_backend(backend)
         return cls(store, model)
@@ -290,6 +253,14 @@ class Engine:
     def paths(self, rows: Iterable[int]) -> dict[int, str]:
         """Row -> file path for those of ``rows`` that are live in this generation."""
         return self.store.paths(rows)
+
+    def metadata(self, rows: Iterable[int]) -> dict[int, dict]:
+        """Row -> {"path", and the metadata given at indexing (caption, ...)} for the live ``rows``."""
+        return {r: {"path": e.path, **(e.meta or {})} for r, e in self.store.entries_of_rows(self.paths(rows)).items()}
+
+    def vectors(self, rows: Sequence[int]) -> np.ndarray:
+        """(len(rows), E) stored first-stage embeddings of live ``rows`` (e.g. to compare results)."""
+        return np.asarray(self.store.vectors(list(rows)), dtype=np.float32)
 
     def __len__(self) -> int:
         """Images searchable in the open generation."""

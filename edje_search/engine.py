@@ -501,6 +501,13 @@ class Engine:
             clock.lap("rerank")
         return scores.reshape(rows.shape)
 
+    def score(self, texts: Sequence[str], rows: Sequence[int], *, batch_size: int = 64) -> np.ndarray:
+        """Joint-encoder logits (P,) of the pairs (``texts[i]``, indexed row ``rows[i]``), from the
+        stored tokens; scoring.score_rows also gives the first-stage cosines."""
+        from .scoring import score_rows
+
+        return score_rows(self, texts, rows, batch_size=batch_size)[0]
+
     def rerank_all(self, query: str, batch_size: int = 64) -> np.ndarray:
         """Joint-encoder score of ``query`` against every live row, by manifest order (oracle)."""
         rows = np.array([[e.row for e in self.store.iter_entries()]])

@@ -27,6 +27,7 @@ from . import index_view, schemas
 from .batching import BatchInfo, BatchSettings, MicroBatcher, Overloaded
 from .files import FileRefused, ThumbnailCache, read_indexed_file
 from .limits import ServeLimits
+from .scoring_routes import UPLOAD_PATHS, scoring_router
 from .security import BodyLimit, InFlightLimit, RequestCounter, TokenAuth
 from .service import IMAGE_KEY, ImageJob, RowGone, SearchService, TextJob, text_key
 
@@ -100,7 +101,8 @@ def create_app(engine: Engine, *, limits: ServeLimits | None = None, batching: B
     app.state.batcher = batcher
     app.state.service = service
     app.state.thumbnails = thumbnails
-    app.add_middleware(BodyLimit, limit_for=lambda path: limits.max_upload_bytes if path == "/search/image"
+    app.add_middleware(BodyLimit, limit_for=lambda path: limits.max_upload_bytes
+                       if path == "/search/image" or path in UPLOAD_PATHS
                        else limits.max_json_bytes)
     # every admitted search can be in the engine's queue or batch; more than that is refused at once
     app.add_middleware(InFlightLimit, limit=max_in_flight or batching.max_queue + batching.max_batch,
@@ -216,6 +218,8 @@ def create_app(engine: Engine, *, limits: ServeLimits | None = None, batching: B
         p = prefix(request)
         return JSONResponse({"query_row": row, "k": k, "generation": index_view.generation(engine),
                              "hits": [_with_urls(h, p) for h in result], "timings": _timings(stages, info)})
+
+    app.include_router(scoring_router(engine, batcher, limits))  # POST /score, /classify
 
     # ------------------------------------------------------------------------------ files
     def indexed_path(row: str) -> str:  # a manifest look-up: called in the thread pool, off the event loop

@@ -5,6 +5,7 @@ tokens and vectors: no vision tower, far faster).
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -29,13 +30,25 @@ def _open(model: str | None, index_dir: str | None, device: str):
     return None, load_model(model).to(pick_device(device)).eval()
 
 
+def _shards(pairs: str) -> list[str] | None:
+    """The shard paths when PAIRS is webdataset shards (a .tar, a folder or a list of them), else None."""
+    if not (os.path.isdir(pairs) or pairs.lower().endswith((".tar", ".txt", ".lst"))):
+        return None
+    from edje_search.distributed.sources import resolve_source
+
+    source = resolve_source(pairs)
+    if source.kind != "shards":
+        raise click.UsageError(f"{pairs}: PAIRS must be a .jsonl or .json file, or webdataset .tar shards")
+    return list(source.paths)
+
+
 def _file_id(path: str) -> dict:
     st = os.stat(path)
     return {"path": os.path.abspath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
 @click.command("score")
-@click.argument("pairs", required=False, type=click.Path(exists=True, dir_okay=False))
+@click.argument("pairs", required=False, type=click.Path(exists=True))
 @click.option("--out", required=True, type=click.Path(dir_okay=False),
               help="Output JSON Lines: one {image, caption, logit, prob, cosine} per pair (row too with --index).")
 @click.option("--model", default=None, help="Model directory or registered name (default with --index: its own).")
@@ -48,6 +61,9 @@ def _file_id(path: str) -> dict:
               help="With --index and no PAIRS: score every row against this text instead (repeatable).")
 @click.option("--keep-min-prob", type=click.FloatRange(0, 1), default=None,
               help="Write only pairs whose prob (sigmoid of the logit) is at least this: filters a data set.")
+@click.option("--keep-shards", type=click.Path(file_okay=False), default=None,
+              help="With webdataset shards and --keep-min-prob: write DIR/NAME.tar per input shard holding only "
+                   "the kept samples (members copied unchanged).")
 @click.option("--overwrite", is_flag=True, help="Start again even if OUT holds an earlier (unfinished) run.")
 @click.option("--chunk", default=512, show_default=True, type=click.IntRange(1),
               help="Pairs read, scored and written durably at a time (what an interruption can lose).")
@@ -55,17 +71,19 @@ def _file_id(path: str) -> dict:
 @device_option
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 @json_option
-def score_cmd(pairs, out, model, index_dir, image_root, texts, keep_min_prob, overwrite, chunk, batch_size, workers,
+def score_cmd(pairs, out, model, index_dir, image_root, texts, keep_min_prob, keep_shards, overwrite, chunk, batch_size, workers,
               device, no_progress, as_json):
     """Joint-encoder logit, probability and first-stage cosine of every (image, caption) pair.
 
-    PAIRS is JSON Lines of {"image", "caption"} (.jsonl) or a BLIP-style JSON list; a caption may
-    be a list. Streams in chunks; re-running the same command after an interruption carries on
+    PAIRS is JSON Lines of {"image", "caption"} (.jsonl), a BLIP-style JSON list (a caption may be
+    a list), or webdataset shards (a .tar, a folder of them, or a .txt list of them; captions from
+    KEY.txt, images named SHARD.tar#MEMBER). Streams in chunks; re-running the same command after an interruption carries on
     where it stopped (state in OUT.state.json). Bad entries and unreadable images are skipped and
     listed in OUT.skipped.jsonl with the reason. prob is not calibrated: pick --keep-min-prob on
     labelled validation pairs.
     """
     from edje_search.score_run import ResumableOutput, run_scoring
+    from edje_search.score_shards import ShardScorer, shard_pairs, write_kept_shards
     from edje_search.scoring import FileScorer, IndexScorer, index_caption_pairs, read_pairs
 
     if pairs is None and index_dir is None:
@@ -74,10 +92,18 @@ def score_cmd(pairs, out, model, index_dir, image_root, texts, keep_min_prob, ov
         raise click.UsageError("give --model to score image files (or --index to score indexed rows)")
     if texts and (pairs is not None or index_dir is None):
         raise click.UsageError("--text goes with --index and no PAIRS file")
+    shards = _shards(pairs) if pairs is not None else None
+    if keep_shards is not None and (shards is None or keep_min_prob is None):
+        raise click.UsageError("--keep-shards goes with webdataset shards as PAIRS and --keep-min-prob")
     engine, loaded = _open(model, index_dir, device)
     signature = {"model": loaded.fingerprint(), "keep_min_prob": keep_min_prob,
                  "index": os.path.abspath(index_dir) if index_dir else None}
-    if pairs is not None:
+    if shards is not None:
+        signature.update(shards=[_file_id(s) for s in shards])
+
+        def items():
+            return shard_pairs(shards)
+    elif pairs is not None:
         signature.update(pairs=_file_id(pairs), image_root=os.path.abspath(image_root) if image_root else None)
 
         def items():
@@ -89,8 +115,12 @@ def score_cmd(pairs, out, model, index_dir, image_root, texts, keep_min_prob, ov
             return index_caption_pairs(engine.store, texts)
     output = ResumableOutput(out, signature, overwrite=overwrite)
     total = None if no_progress else sum(1 for _ in items())
-    scorer = IndexScorer(engine, batch_size=max(batch_size, 64)) if engine is not None else \
-        FileScorer(loaded, batch_size=batch_size, num_workers=workers)
+    if engine is not None:
+        scorer = IndexScorer(engine, batch_size=max(batch_size, 64))
+    elif shards is not None:
+        scorer = ShardScorer(loaded, batch_size=batch_size)
+    else:
+        scorer = FileScorer(loaded, batch_size=batch_size, num_workers=workers)
     shown = []
 
     def on_bad(bad):
@@ -103,8 +133,13 @@ def score_cmd(pairs, out, model, index_dir, image_root, texts, keep_min_prob, ov
                              progress=not no_progress, total=total, on_bad=on_bad)
     finally:
         scorer.close()
+    summary = {**vars(report), "skipped_file": str(output.skipped_path)}
+    if keep_shards is not None:
+        with open(out, encoding="utf-8") as f:
+            written = write_kept_shards(shards, (json.loads(line)["image"] for line in f), keep_shards)
+        summary["kept_shards"] = {"dir": keep_shards, **vars(written)}
     if as_json:
-        emit_json({**vars(report), "skipped_file": str(output.skipped_path)})
+        emit_json(summary)
         return
     if len(shown) > SHOW_BAD:
         click.echo(f"... and {len(shown) - SHOW_BAD} more", err=True)
@@ -113,6 +148,9 @@ def score_cmd(pairs, out, model, index_dir, image_root, texts, keep_min_prob, ov
     echo_text(f"scored {report.scored} pairs{kept}, {report.skipped} skipped{resumed} -> {out}")
     if report.skipped:
         echo_text(f"skipped entries and reasons: {output.skipped_path}")
+    if keep_shards is not None:
+        k = summary["kept_shards"]
+        echo_text(f"{k['shards']} shards holding {k['samples_kept']} kept samples written to {keep_shards}")
 
 
 def _read_labels(labels: str) -> list[str]:

@@ -34,6 +34,7 @@ class Pair:
     caption: str
     path: str = ""  # the file (or indexed path) the image resolves to
     row: int | None = None  # the indexed row, when scoring from an index
+    data: bytes | None = dataclasses.field(default=None, repr=False, compare=False)  # image bytes (shards)
 
 
 @dataclasses.dataclass(frozen=True)

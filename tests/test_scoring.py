@@ -287,3 +287,72 @@ def test_classify_structure_and_consistency(built_index, shapes_dir, model):
     assert run("classify", "--labels", "a,b", ok=False).exit_code == 2
     assert run("classify", "--index", built_index, "--labels", "a,a", ok=False).exit_code == 2
     assert run("classify", "--index", built_index, "--labels", "a", "--template", "no slot", ok=False).exit_code == 2
+
+
+def _write_shard(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> None:
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w") as tar:
+        for key, members in samples:
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size, info.mtime = len(data), 1_700_000_000
+                tar.addfile(info, io.BytesIO(data))
+
+
+def test_webdataset_shards_scored_and_filtered(shapes_dir, model, tmp_path):
+    """Shards in, scores equal to the pixels' Reranker.score; --keep-shards writes valid shards
+    holding exactly the kept samples, every member's bytes unchanged; bad samples reported."""
+    import tarfile
+
+    from edje_search.distributed.sources import iter_shard
+
+    entries = json.loads((shapes_dir / "test.json").read_text())[:12]
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    originals = {}
+    for s in range(2):
+        samples = []
+        for i, e in enumerate(entries[s * 6:(s + 1) * 6]):
+            key = f"{s:02d}{i:04d}"
+            members = {"png": (shapes_dir / e["image"]).read_bytes(), "txt": e["caption"][0].encode(),
+                       "json": json.dumps({"id": key}).encode()}
+            if s == 1 and i == 2:
+                members.pop("txt")  # no caption
+            if s == 1 and i == 4:
+                members["png"] = b"\x89PNG broken"
+            samples.append((key, members))
+            originals[(f"{s:02d}.tar", key)] = members
+        _write_shard(shards / f"{s:02d}.tar", samples)
+    out, kept_dir = tmp_path / "scores.jsonl", tmp_path / "kept"
+    all_scores = tmp_path / "all.jsonl"
+    run("score", shards, "--model", model.path, "--out", all_scores, "--batch-size", 4, "--no-progress")
+    records = read_jsonl(all_scores)
+    assert len(records) == 10 and all("#" in r["image"] for r in records)
+    skipped = read_jsonl(str(all_scores) + ".skipped.jsonl")
+    assert len(skipped) == 2 and "no caption" in skipped[0]["reason"] and "not a readable image" in skipped[1]["reason"]
+    by_key = {(Path(r["image"].split("#")[0]).name, r["image"].split("#")[1].split(".")[0]): r for r in records}
+    keys = sorted(by_key)
+    pixels = torch.stack([model.first_stage.preprocess(Image.open(__import__("io").BytesIO(
+        originals[k]["png"])).convert("RGB")) for k in keys])
+    expected = model.reranker.score([by_key[k]["caption"] for k in keys], pixel_values=pixels).numpy()
+    np.testing.assert_allclose([by_key[k]["logit"] for k in keys], expected, atol=1e-5)
+
+    cut = float(np.median([r["prob"] for r in records]))
+    report = json.loads(run("score", shards, "--model", model.path, "--out", out, "--keep-min-prob", cut,
+                            "--keep-shards", kept_dir, "--json", "--no-progress").stdout)
+    kept = {k for k in keys if by_key[k]["prob"] >= cut}
+    assert 0 < len(kept) < 10 and report["kept_shards"]["samples_kept"] == len(kept)
+    found = set()
+    for shard in sorted(kept_dir.glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            for member in tar.getmembers():
+                key, ext = member.name.split(".", 1)
+                assert tar.extractfile(member).read() == originals[(shard.name, key)][ext]
+                assert member.mtime == 1_700_000_000
+                found.add((shard.name, key))
+        assert all(not s.error for s in iter_shard(str(shard)))
+    assert found == kept
+    assert run("score", shards, "--model", model.path, "--out", tmp_path / "x.jsonl", "--keep-shards", kept_dir,
+               ok=False).exit_code == 2

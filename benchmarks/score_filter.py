@@ -5,7 +5,8 @@ scored from image files (decode + vision tower + joint encoder), in one run, on 
     python -m benchmarks.score_filter --arch tiny        # the tests' tiny model
     python -m benchmarks.score_filter --model DIR        # any saved model
 
-Both paths run the library's own scorers (scoring.FileScorer, scoring.IndexScorer) through the
+Each path runs with and without the first-stage cosine (``score --no-cosine``: no text-tower
+pass). Both paths run the library's own scorers (scoring.FileScorer, scoring.IndexScorer) through the
 resumable writer the command uses, so what is timed is what `score` does, minus process start
 and model loading. Speed does not depend on the weights. Figures are medians over repeats after
 a warm-up; results are merged into benchmarks/results/score_filter.json under the model's key.
@@ -60,23 +61,29 @@ def measure(model_dir: Path, *, images: int, image_side: int, repeats: int, batc
         return lambda: run_scoring(read_pairs(pairs), scorer, ResumableOutput(out, {}, overwrite=True),
                                    progress=False)
 
-    files = FileScorer(engine.model, batch_size=batch_size, num_workers=workers)
-    index = IndexScorer(engine, batch_size=64)
     n_pairs = sum(1 for _ in read_pairs(pairs))
-    try:
-        files_s = median_seconds(scoring(files, work / "files.jsonl"), warmup=1, repeats=repeats)
-        index_s = median_seconds(scoring(index, work / "index.jsonl"), warmup=1, repeats=repeats)
-    finally:
-        files.close()
+    seconds = {}
+    for cosine in (True, False):
+        suffix = "" if cosine else "_no_cosine"
+        files = FileScorer(engine.model, batch_size=batch_size, num_workers=workers, cosine=cosine)
+        try:
+            seconds["files" + suffix] = median_seconds(scoring(files, work / f"files{suffix}.jsonl"), warmup=1,
+                                                       repeats=repeats)
+        finally:
+            files.close()
+        index = IndexScorer(engine, batch_size=64, cosine=cosine)
+        seconds["index" + suffix] = median_seconds(scoring(index, work / f"index{suffix}.jsonl"), warmup=1,
+                                                   repeats=repeats)
     by_file = [json.loads(x) for x in (work / "files.jsonl").read_text().splitlines()]
     by_index = [json.loads(x) for x in (work / "index.jsonl").read_text().splitlines()]
     assert len(by_file) == len(by_index) == n_pairs
     gap = float(np.max(np.abs(np.array([r["logit"] for r in by_file]) - [r["logit"] for r in by_index])))
     return {"pairs": n_pairs, "images": images, "image_side": image_side, "repeats": repeats,
             "batch_size": batch_size, "workers": workers,
-            "files_pairs_per_s": n_pairs / files_s, "index_pairs_per_s": n_pairs / index_s,
-            "speedup": files_s / index_s, "files_s": files_s, "index_s": index_s,
-            "max_logit_gap_fp16_tokens": gap, "index_build_s": build_s,
+            "pairs_per_s": {k: n_pairs / v for k, v in seconds.items()},
+            "speedup_index_over_files": seconds["files"] / seconds["index"],
+            "speedup_index_over_files_no_cosine": seconds["files_no_cosine"] / seconds["index_no_cosine"],
+            "median_s": seconds, "max_logit_gap_fp16_tokens": gap, "index_build_s": build_s,
             "tokens_per_image": engine.store.config.tokens_per_image,
             "token_dtype": engine.store.config.token_dtype}
 

@@ -64,6 +64,9 @@ def _file_id(path: str) -> dict:
 @click.option("--keep-shards", type=click.Path(file_okay=False), default=None,
               help="With webdataset shards and --keep-min-prob: write DIR/NAME.tar per input shard holding only "
                    "the kept samples (members copied unchanged).")
+@click.option("--no-cosine", is_flag=True,
+              help="Skip the first-stage cosine (cosine: null): saves the text tower's pass, which can cost more "
+                   "than the joint encoder.")
 @click.option("--overwrite", is_flag=True, help="Start again even if OUT holds an earlier (unfinished) run.")
 @click.option("--chunk", default=512, show_default=True, type=click.IntRange(1),
               help="Pairs read, scored and written durably at a time (what an interruption can lose).")
@@ -71,16 +74,16 @@ def _file_id(path: str) -> dict:
 @device_option
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 @json_option
-def score_cmd(pairs, out, model, index_dir, image_root, texts, keep_min_prob, keep_shards, overwrite, chunk, batch_size, workers,
-              device, no_progress, as_json):
+def score_cmd(pairs, out, model, index_dir, image_root, texts, keep_min_prob, keep_shards, no_cosine, overwrite,
+              chunk, batch_size, workers, device, no_progress, as_json):
     """Joint-encoder logit, probability and first-stage cosine of every (image, caption) pair.
 
     PAIRS is JSON Lines of {"image", "caption"} (.jsonl), a BLIP-style JSON list (a caption may be
     a list), or webdataset shards (a .tar, a folder of them, or a .txt list of them; captions from
-    KEY.txt, images named SHARD.tar#MEMBER). Streams in chunks; re-running the same command after an interruption carries on
-    where it stopped (state in OUT.state.json). Bad entries and unreadable images are skipped and
-    listed in OUT.skipped.jsonl with the reason. prob is not calibrated: pick --keep-min-prob on
-    labelled validation pairs.
+    KEY.txt, images named SHARD.tar#MEMBER). Streams in chunks; re-running the same command after
+    an interruption carries on where it stopped (state in OUT.state.json). Bad entries and
+    unreadable images are skipped and listed in OUT.skipped.jsonl with the reason. prob is not
+    calibrated: pick --keep-min-prob on labelled validation pairs.
     """
     from edje_search.score_run import ResumableOutput, run_scoring
     from edje_search.score_shards import ShardScorer, shard_pairs, write_kept_shards
@@ -96,7 +99,7 @@ def score_cmd(pairs, out, model, index_dir, image_root, texts, keep_min_prob, ke
     if keep_shards is not None and (shards is None or keep_min_prob is None):
         raise click.UsageError("--keep-shards goes with webdataset shards as PAIRS and --keep-min-prob")
     engine, loaded = _open(model, index_dir, device)
-    signature = {"model": loaded.fingerprint(), "keep_min_prob": keep_min_prob,
+    signature = {"model": loaded.fingerprint(), "keep_min_prob": keep_min_prob, "cosine": not no_cosine,
                  "index": os.path.abspath(index_dir) if index_dir else None}
     if shards is not None:
         signature.update(shards=[_file_id(s) for s in shards])
@@ -116,11 +119,11 @@ def score_cmd(pairs, out, model, index_dir, image_root, texts, keep_min_prob, ke
     output = ResumableOutput(out, signature, overwrite=overwrite)
     total = None if no_progress else sum(1 for _ in items())
     if engine is not None:
-        scorer = IndexScorer(engine, batch_size=max(batch_size, 64))
+        scorer = IndexScorer(engine, batch_size=max(batch_size, 64), cosine=not no_cosine)
     elif shards is not None:
-        scorer = ShardScorer(loaded, batch_size=batch_size)
+        scorer = ShardScorer(loaded, batch_size=batch_size, cosine=not no_cosine)
     else:
-        scorer = FileScorer(loaded, batch_size=batch_size, num_workers=workers)
+        scorer = FileScorer(loaded, batch_size=batch_size, num_workers=workers, cosine=not no_cosine)
     shown = []
 
     def on_bad(bad):

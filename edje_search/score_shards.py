@@ -22,7 +22,7 @@ from .fsutil import atomic_write
 from .images import decode_image, failure_reason
 from .models.bundle import EdjeModel
 from .pipeline import embed_pixels
-from .scoring import BadEntry, Pair, _record, joint_and_cosine
+from .scoring import BadEntry, Pair, _each, _record, joint_and_cosine
 
 
 def shard_pairs(shards: Iterable[str]) -> Iterator[Pair | BadEntry]:
@@ -46,9 +46,10 @@ class ShardScorer:
     DataLoader workers of FileScorer (one file per item) cannot share.
     """
 
-    def __init__(self, model: EdjeModel, *, batch_size: int = 32):
+    def __init__(self, model: EdjeModel, *, batch_size: int = 32, cosine: bool = True):
         self.model = model
         self.batch_size = batch_size
+        self.cosine = cosine
         cfg = model.first_stage.config
         self._decode = lambda data: model.first_stage.preprocess(
             decode_image(data, cfg.image_size, resize_mode=cfg.resize_mode))
@@ -70,8 +71,8 @@ class ShardScorer:
             tokens.append(t)
         logits, cosines = joint_and_cosine(self.model, [p.caption for p in good], np.concatenate(vectors),
                                            torch.from_numpy(np.concatenate(tokens)), np.arange(len(good)),
-                                           batch_size=self.batch_size)
-        return [_record(p, lg, c) for p, lg, c in zip(good, logits, cosines)], bad
+                                           batch_size=self.batch_size, cosine=self.cosine)
+        return [_record(p, lg, c) for p, lg, c in zip(good, logits, _each(cosines, len(good)))], bad
 
     def close(self) -> None:
         pass

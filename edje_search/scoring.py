@@ -130,34 +130,43 @@ def embed_captions(model: EdjeModel, captions: Sequence[str], batch_size: int = 
 
 
 def joint_and_cosine(model: EdjeModel, captions: Sequence[str], vectors: np.ndarray, tokens: torch.Tensor,
-                     image_idx: np.ndarray, *, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+                     image_idx: np.ndarray, *, batch_size: int = 64,
+                     cosine: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
     """(logits, cosines) of the pairs (``captions[i]``, image ``image_idx[i]``), images given by
-    their first-stage vectors (U, E) and stored tokens (U, m, D_lm)."""
+    their first-stage vectors (U, E) and stored tokens (U, m, D_lm). ``cosine=False`` skips the
+    first-stage text tower (cosines None), which can cost more than the joint encoder itself."""
     first = {}  # caption -> its index among the distinct captions (each is encoded once)
     caption_idx = np.array([first.setdefault(c, len(first)) for c in captions], dtype=np.int64)
     unique = list(first)
     image_idx = np.asarray(image_idx, dtype=np.int64)
     with inference_autocast(model.device):
         logits = model.reranker.score_pairs(unique, tokens, caption_idx, image_idx, batch_size=batch_size)
+    if not cosine:
+        return logits, None
     text = embed_captions(model, unique)
     cosines = np.einsum("ij,ij->i", text[caption_idx], np.asarray(vectors, np.float32)[image_idx])
     return logits, cosines.astype(np.float32)
 
 
-def _record(pair: Pair, logit: float, cosine: float) -> dict:
+def _record(pair: Pair, logit: float, cosine: float | None) -> dict:
     rec = {"image": pair.image, "caption": pair.caption, "logit": round(float(logit), 6),
-           "prob": round(float(sigmoid(logit)), 6), "cosine": round(float(cosine), 6)}
+           "prob": round(float(sigmoid(logit)), 6), "cosine": None if cosine is None else round(float(cosine), 6)}
     if pair.row is not None:
         rec["row"] = pair.row
     return rec
 
 
+def _each(cosines: np.ndarray | None, n: int):
+    return cosines if cosines is not None else [None] * n
+
+
 class FileScorer:
     """Scores pairs whose images are files: decode workers and the vision tower, kept for a run."""
 
-    def __init__(self, model: EdjeModel, *, batch_size: int = 32, num_workers: int = 2):
+    def __init__(self, model: EdjeModel, *, batch_size: int = 32, num_workers: int = 2, cosine: bool = True):
         self.model = model
         self.batch_size = batch_size
+        self.cosine = cosine
         # float32 tokens: the joint encoder sees what Reranker.score(pixel_values=...) computes
         self._embedder = ImageEmbedder(model, batch_size=batch_size, num_workers=num_workers, token_dtype="float32")
 
@@ -167,18 +176,19 @@ class FileScorer:
         where, vectors, tokens, failed = {}, [], [], {}
         for batch in self._embedder.embed(paths, progress=False):
             failed.update(batch.failed)
-            for i, path in enumerate(batch.paths):
+            for path in batch.paths:
                 where[path] = len(where)
             vectors.append(batch.vectors)
             tokens.append(batch.tokens)
         good = [p for p in pairs if p.path in where]
-        bad = [BadEntry(p.position, p.image, failed.get(p.path, "image not read")) for p in pairs if p.path not in where]
+        bad = [BadEntry(p.position, p.image, failed.get(p.path, "image not read"))
+               for p in pairs if p.path not in where]
         if not good:
             return [], bad
         logits, cosines = joint_and_cosine(
             self.model, [p.caption for p in good], np.concatenate(vectors), torch.from_numpy(np.concatenate(tokens)),
-            np.array([where[p.path] for p in good]), batch_size=self.batch_size)
-        return [_record(p, lg, c) for p, lg, c in zip(good, logits, cosines)], bad
+            np.array([where[p.path] for p in good]), batch_size=self.batch_size, cosine=self.cosine)
+        return [_record(p, lg, c) for p, lg, c in zip(good, logits, _each(cosines, len(good)))], bad
 
     def close(self) -> None:
         self._embedder.close()
@@ -187,9 +197,10 @@ class FileScorer:
 class IndexScorer:
     """Scores pairs whose images are indexed rows, from their stored tokens (no vision tower)."""
 
-    def __init__(self, engine, *, batch_size: int = 64):
+    def __init__(self, engine, *, batch_size: int = 64, cosine: bool = True):
         self.engine = engine
         self.batch_size = batch_size
+        self.cosine = cosine
 
     def score(self, pairs: list[Pair]) -> tuple[list[dict], list[BadEntry]]:
         store = self.engine.store
@@ -204,14 +215,15 @@ class IndexScorer:
         rows, image_idx = np.unique(np.array([p.row for p in good], dtype=np.int64), return_inverse=True)
         tokens = torch.from_numpy(np.asarray(store.tokens.get(rows), dtype=np.float32))
         logits, cosines = joint_and_cosine(self.engine.model, [p.caption for p in good], store.vectors(rows),
-                                           tokens, image_idx, batch_size=self.batch_size)
-        return [_record(p, lg, c) for p, lg, c in zip(good, logits, cosines)], bad
+                                           tokens, image_idx, batch_size=self.batch_size, cosine=self.cosine)
+        return [_record(p, lg, c) for p, lg, c in zip(good, logits, _each(cosines, len(good)))], bad
 
     def close(self) -> None:
         pass
 
 
-def score_rows(engine, texts: Sequence[str], rows: Sequence[int], *, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+def score_rows(engine, texts: Sequence[str], rows: Sequence[int], *,
+               batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """(logits, cosines) of (``texts[i]``, indexed row ``rows[i]``) pairs, from stored tokens.
     Rows that are not live in the engine's generation are refused (BadInput)."""
     texts = [str(t) for t in texts]

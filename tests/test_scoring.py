@@ -234,6 +234,10 @@ def test_index_rows_against_their_own_captions(tmp_path, model, shapes_dir):
     assert [r["caption"] for r in records] == [m["caption"] for m in meta[:5]]
     np.testing.assert_allclose([r["logit"] for r in records],
                                engine.score([m["caption"] for m in meta[:5]], [r["row"] for r in records]), atol=1e-5)
+    bare = tmp_path / "bare.jsonl"
+    run("score", "--index", tmp_path / "idx", "--out", bare, "--no-cosine", "--no-progress")
+    assert all(r["cosine"] is None for r in read_jsonl(bare))
+    assert [r["logit"] for r in read_jsonl(bare)] == [r["logit"] for r in records]
     texts = tmp_path / "texts.jsonl"
     run("score", "--index", tmp_path / "idx", "--out", texts, "--text", "a red circle", "--text", "two blue squares",
         "--no-progress")

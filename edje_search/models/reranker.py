@@ -257,7 +257,8 @@ class Reranker(nn.Module):
         if not isinstance(items, torch.Tensor):
             first_stage = self.vision_encoder
             if first_stage is None:
-                raise ModelMissing("ranking images needs the vision tower: load with Reranker.from_pretrained(MODEL_DIR)")
+                raise ModelMissing("ranking images needs the vision tower: load with "
+                                   "Reranker.from_pretrained(MODEL_DIR)")
             items = torch.stack([first_stage.preprocess(im.convert("RGB")) for im in items])
         if items.dim() == 3:
             if items.shape[2] != self.token_width:

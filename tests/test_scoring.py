@@ -360,3 +360,36 @@ def test_webdataset_shards_scored_and_filtered(shapes_dir, model, tmp_path):
     assert found == kept
     assert run("score", shards, "--model", model.path, "--out", tmp_path / "x.jsonl", "--keep-shards", kept_dir,
                ok=False).exit_code == 2
+
+
+def test_hard_mismatches_change_only_binding_or_relation(shapes_dir):
+    """The quality benchmark's hard negatives: the same words, with the relation reversed or the
+    two objects' colours exchanged, and never the scene's own other caption."""
+    import random
+
+    from benchmarks.score_quality import PHRASE, hard_mismatch, mismatched_pairs
+
+    entries = json.loads((shapes_dir / "test.json").read_text())
+    rng = random.Random(0)
+    changed = 0
+    for e in entries:
+        caption = e["caption"][0]
+        swapped = hard_mismatch(caption, rng)
+        if swapped is None:
+            continue
+        changed += 1
+        assert swapped != caption and swapped not in e["caption"]
+        before, after = caption.split(), swapped.split()
+        assert len(before) == len(after)
+        diff = [i for i, (a, b) in enumerate(zip(before, after)) if a != b]
+        if len(diff) == 1:  # a relation reversed
+            assert {before[diff[0]], after[diff[0]]} in ({"left", "right"}, {"above", "below"})
+        else:  # two colours exchanged
+            assert len(diff) == 2 and before[diff[0]] == after[diff[1]] and before[diff[1]] == after[diff[0]]
+        colours = [m.group(3) for m in PHRASE.finditer(caption)]
+        assert sorted(m.group(3) for m in PHRASE.finditer(swapped)) == sorted(colours)
+    assert changed > len(entries) // 2
+    pairs, labels, kinds = mismatched_pairs(entries, shapes_dir, seed=0)
+    assert len(pairs) == len(entries) and set(kinds) <= {"match", "hard", "random"}
+    assert all(labels[i] == (kinds[i] == "match") for i in range(len(kinds)))
+    assert all(p["caption"] == e["caption"][0] for p, e, k in zip(pairs, entries, kinds) if k == "match")

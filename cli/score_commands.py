@@ -146,7 +146,10 @@ def score_cmd(pairs, out, model, index_dir, image_root, texts, keep_min_prob, ke
         return
     if len(shown) > SHOW_BAD:
         click.echo(f"... and {len(shown) - SHOW_BAD} more", err=True)
-    resumed = f" (resumed after {report.resumed_from} items)" if report.resumed_from else ""
+    if report.resumed_from and report.resumed_from == report.done:
+        resumed = " (already complete: nothing left to score)"
+    else:
+        resumed = f" (resumed after {report.resumed_from} items)" if report.resumed_from else ""
     kept = f", {report.kept} kept" if keep_min_prob is not None else ""
     echo_text(f"scored {report.scored} pairs{kept}, {report.skipped} skipped{resumed} -> {out}")
     if report.skipped:

@@ -393,3 +393,22 @@ def test_hard_mismatches_change_only_binding_or_relation(shapes_dir):
     assert len(pairs) == len(entries) and set(kinds) <= {"match", "hard", "random"}
     assert all(labels[i] == (kinds[i] == "match") for i in range(len(kinds)))
     assert all(p["caption"] == e["caption"][0] for p, e, k in zip(pairs, entries, kinds) if k == "match")
+
+
+def test_quality_benchmark_runs_end_to_end(shapes_dir, tiny_model_dir, tmp_path):
+    """The filtering and zero-shot benchmark on the generated splits (a random model: the figures
+    mean nothing; their bookkeeping must add up)."""
+    from benchmarks.score_quality import main
+
+    res = main(["--model", str(tiny_model_dir), "--data", str(shapes_dir), "--out", str(tmp_path / "q.json"),
+                "--shortlist", "4"])
+    assert json.loads((tmp_path / "q.json").read_text()) == res
+    for name in ("joint_prob", "first_stage_cosine"):
+        f = res["filtering"][name]
+        counts = f["test_counts"]
+        assert sum(counts.values()) == f["all"]["pairs"] == 40
+        assert f["matches_and_hard"]["pairs"] == counts["match"] + counts["hard"]
+        assert 0 <= f["hard_mismatches_kept"] <= counts["hard"] and 0 <= f["all"]["precision"] <= 1
+    z = res["zero_shot"]
+    assert z["images"] == 40 and z["labels"] == 32
+    assert 0 <= z["joint_top1_accuracy"] <= 1 and 0 <= z["first_stage_top1_accuracy"] <= 1

@@ -11,7 +11,7 @@ EXTRAS ?= dev,cpu,ray,serve
 DEMO_DIR ?= runs/demo
 export EDJE_HOME ?= $(CURDIR)/runs/home
 
-# model and labelled split for `make fidelity` (the longer run the README describes)
+# model and labelled split for `make fidelity` (the longer run docs/results.md describes)
 FIDELITY_MODEL ?= runs/long/model
 FIDELITY_DATA ?= runs/demo/data/test.json
 
@@ -20,14 +20,13 @@ FIDELITY_DATA ?= runs/demo/data/test.json
 help:  ## Show this help
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-12s %s\n", $$1, $$2}'
 
-# the engine alone (what `make demo` runs): 109 s on a 2-core machine with pip's cache warm (the
-# default EXTRAS took 211 s before the compile change below). Its FAISS build follows EXTRAS, so a
+# the engine alone (what `make demo` runs). Its FAISS build follows EXTRAS, so a
 # fresh full install gets one FAISS. To switch an existing .venv between faiss-cpu and faiss-gpu,
 # `make clean` first: the two break each other in one environment.
 CORE_EXTRAS := $(if $(findstring gpu,$(EXTRAS)),gpu,cpu)
 CORE := $(VENV)/.core-$(CORE_EXTRAS)
 
-# pip byte-compiles what it installs on one core (about 57 of its 128 s here); compileall does it
+# pip byte-compiles what it installs on one core; compileall does it
 # on every core afterwards, skipping torch's test helpers, test folders and transformers' model
 # folders other than the auto classes, BERT and SigLIP (most of its 2,900 files, unused here).
 # Python compiles anything skipped if it is ever imported. A file that fails to compile is
@@ -74,17 +73,17 @@ test-all: install  ## Run every test, including the slow end-to-end ones
 demo: install-core  ## Make data, train (or reuse) the demo model, index, query, evaluate
 	bash scripts/demo.sh
 
-bench: install  ## Quick benchmark run (N = 10k; writes benchmarks/results/ and the README table)
+bench: install  ## Quick benchmark run (N = 10k; writes benchmarks/results/ and the table in docs/benchmarks.md)
 	$(PY) -m benchmarks.run --quick
-	$(PY) -m benchmarks.report --readme
+	$(PY) -m benchmarks.report --docs
 
 bench-full: install  ## Full benchmark run (N = 10k and 100k)
 	$(PY) -m benchmarks.run
-	$(PY) -m benchmarks.report --readme
+	$(PY) -m benchmarks.report --docs
 
 fidelity: install  ## Backends and int8 tokens against eager fp32 on FIDELITY_MODEL / FIDELITY_DATA
 	$(PY) -m benchmarks.fidelity --model $(FIDELITY_MODEL) --data $(FIDELITY_DATA)
-	$(PY) -m benchmarks.report --readme
+	$(PY) -m benchmarks.report --docs
 
 lint: install  ## Static checks
 	$(VENV)/bin/ruff check edje_search cli tests benchmarks

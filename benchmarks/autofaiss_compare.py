@@ -15,7 +15,7 @@ What it does. It writes N vectors from benchmarks.scale.Vectors (the rows scale.
 .npy file under --work, and draws 1,000 held-out queries the same way. It builds each index
 in its own process on one thread:
 - ours: choose_recipe, new_segment_index, a training sample, tune_recall, as
-  IndexStore._encode_all does;
+  storage/compaction.encode_all does;
 - autofaiss: build_index in the other venv, once with should_be_memory_mappable (our segments
   are memory-mapped, so this is the like-for-like case) and once with its defaults.
 Then it measures each index on the same queries with k=10: recall@10 against exact search
@@ -41,7 +41,7 @@ import numpy as np
 from benchmarks import timing
 from benchmarks.scale import Vectors
 from edje_search.storage import vector_index
-from edje_search.storage.index_store import TARGET_RECALL, tune_recall
+from edje_search.storage.compaction import TARGET_RECALL, tune_recall
 
 faiss = vector_index.faiss
 RESULTS = Path(__file__).parent / "results" / "autofaiss.json"
@@ -118,7 +118,7 @@ def exact_neighbours(vectors: np.ndarray, queries: np.ndarray, k: int, chunk: in
 
 # ----------------------------------------------------------------------------- builders
 def build_ours(vectors_path: Path, out_dir: Path) -> dict:
-    """One-shot build the way IndexStore._encode_all retrains: recipe by size, a training sample,
+    """One-shot build the way storage/compaction.encode_all retrains: recipe by size, a training sample,
     every row added under its row id, nprobe/efSearch tuned to TARGET_RECALL. Run in a child."""
     faiss.omp_set_num_threads(1)
     t0 = time.perf_counter()

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edje_search.devices import inference_autocast
+from edje_search.devices import precision_autocast
 from edje_search.models.reranker import TOKENS_ON_DEVICE_BYTES
 
 from .build import write_photos
@@ -84,13 +84,13 @@ def _score(reranker, stored: torch.Tensor, device: torch.device) -> None:
     """One query's pool: CAPTION against every stored image, in one batch, as search scores it
     (tokenising, host gather and copy included)."""
     n = len(stored)
-    with torch.inference_mode(), inference_autocast(device):
+    with torch.inference_mode(), precision_autocast(device):
         reranker.score_pairs([CAPTION], stored, np.zeros(n, np.int64), np.arange(n), batch_size=n)
 
 
 def _joint_only(reranker, batch, stored: torch.Tensor) -> None:
     """The joint encoder and score head alone on an already tokenized, already uploaded batch."""
-    with torch.inference_mode(), inference_autocast(stored.device):
+    with torch.inference_mode(), precision_autocast(stored.device):
         hidden = reranker.joint(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], stored)
         reranker.joint.score_hidden(hidden, batch["attention_mask"])
 

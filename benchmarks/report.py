@@ -1,9 +1,9 @@
-"""Render benchmarks/results/bench.json (and fidelity.json) as the Markdown kept in the README.
+"""Render benchmarks/results/bench.json (and fidelity.json) as the Markdown kept in docs/benchmarks.md.
 
-    python -m benchmarks.report            # print
-    python -m benchmarks.report --readme   # rewrite the README block between the bench markers
+    python -m benchmarks.report          # print
+    python -m benchmarks.report --docs   # rewrite the block between the bench markers of docs/benchmarks.md
 
-tests/test_bench_report.py checks that the README block equals what the results files render.
+tests/test_bench_report.py checks that the docs block equals what the results files render.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
-README = Path(__file__).parent.parent / "README.md"
+DOC = Path(__file__).parent.parent / "docs" / "benchmarks.md"
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 
@@ -90,20 +90,20 @@ def load() -> tuple[dict, dict | None]:
     return res, json.loads(fid_file.read_text()) if fid_file.is_file() else None
 
 
-def readme_block(text: str) -> str:
+def doc_block(text: str) -> str:
     return text[text.index(START) + len(START):text.index(END)].strip("\n")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--readme", action="store_true", help="rewrite the README's benchmark block")
+    ap.add_argument("--docs", action="store_true", help="rewrite the benchmark block of docs/benchmarks.md")
     args = ap.parse_args()
     table = render(*load())
-    if args.readme:
-        text = README.read_text()
+    if args.docs:
+        text = DOC.read_text()
         text = text[:text.index(START) + len(START)] + "\n" + table + "\n" + text[text.index(END):]
-        README.write_text(text)
-        print(f"updated {README}")
+        DOC.write_text(text)
+        print(f"updated {DOC}")
     else:
         print(table)
 

@@ -93,7 +93,7 @@ def exact_top_k(index: Path, queries: np.ndarray, k: int) -> np.ndarray:
     store = IndexStore.open(index)
     best_s = np.full((len(queries), k), -np.inf, np.float32)
     best_r = np.full((len(queries), k), -1, np.int64)
-    for start, vecs in store._vectors.iter_rows(batch=100_000):
+    for start, vecs in store.vector_array.iter_rows(batch=100_000):
         s = queries @ np.asarray(vecs).T
         rows = np.broadcast_to(np.arange(start, start + len(vecs)), s.shape)
         cat_s, cat_r = np.concatenate([best_s, s], 1), np.concatenate([best_r, rows], 1)

@@ -7,8 +7,8 @@ instead of timing out. Requests go to loopback only; every loop is bounded in ti
 whole run stops itself within --budget seconds.
 
     python -m benchmarks.serve_load                 # writes benchmarks/results/serve.json
-    python -m benchmarks.serve_load --readme        # and rewrites the README's serve block
-    python -m benchmarks.serve_load --render-only   # only the README block, from serve.json
+    python -m benchmarks.serve_load --docs          # and rewrites the serve block of docs/serving.md
+    python -m benchmarks.serve_load --render-only   # only that block, from serve.json
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ from edje_search.serve.batching import BatchSettings
 from .timing import machine
 
 RESULTS = Path(__file__).parent / "results" / "serve.json"
-README = Path(__file__).parent.parent / "README.md"
+DOC = Path(__file__).parent.parent / "docs" / "serving.md"
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "white", "gray"]
 SHAPES = ["circle", "square", "triangle", "star", "cross"]
 
@@ -227,13 +227,13 @@ def render(res: dict) -> str:
     return "\n".join(lines)
 
 
-def write_readme(res: dict) -> None:
-    text = README.read_text(encoding="utf-8")
+def write_doc(res: dict) -> None:
+    text = DOC.read_text(encoding="utf-8")
     block = f"<!-- serve:start -->\n{render(res)}\n<!-- serve:end -->"
     new, n = re.subn(r"<!-- serve:start -->.*?<!-- serve:end -->", lambda m: block, text, flags=re.S)
     if n != 1:
-        raise SystemExit("README.md has no <!-- serve:start --> ... <!-- serve:end --> block")
-    README.write_text(new, encoding="utf-8")
+        raise SystemExit(f"{DOC} has no <!-- serve:start --> ... <!-- serve:end --> block")
+    DOC.write_text(new, encoding="utf-8")
 
 
 def main() -> None:
@@ -249,12 +249,12 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--rerank-k", type=int, default=20)
     ap.add_argument("--budget", type=float, default=60.0, help="the load phases stop after this many seconds")
-    ap.add_argument("--readme", action="store_true", help="rewrite the README's serve block from the results")
+    ap.add_argument("--docs", action="store_true", help="rewrite the serve block of docs/serving.md from the results")
     ap.add_argument("--render-only", action="store_true",
-                    help="only rewrite the README's serve block from the existing results file")
+                    help="only rewrite the serve block of docs/serving.md from the existing results file")
     args = ap.parse_args()
     if args.render_only:
-        write_readme(json.loads(RESULTS.read_text()))
+        write_doc(json.loads(RESULTS.read_text()))
         return
 
     levels = [int(x) for x in args.levels.split(",")] + [args.overload_clients]
@@ -310,9 +310,9 @@ def main() -> None:
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(res, indent=2) + "\n")
     print(f"wrote {RESULTS}")
-    if args.readme:
-        write_readme(res)
-        print(f"rewrote the serve block of {README}")
+    if args.docs:
+        write_doc(res)
+        print(f"rewrote the serve block of {DOC}")
 
 
 if __name__ == "__main__":

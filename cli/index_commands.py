@@ -11,9 +11,11 @@ from pathlib import Path
 
 import click
 
+from edje_search.config import DEFAULT_RERANK_K
+from edje_search.storage.layout import SKIPPED_FILE
+
 from .common import BACKENDS, Failure, echo_text, emit_json, index_option, json_option
 
-SKIPPED_FILE = "skipped.jsonl"
 SHOW_SKIPPED = 10  # skipped files named on stderr after a build; the rest are in skipped.jsonl
 
 
@@ -57,16 +59,16 @@ def loader_options(f):
 
 
 def _report_build(engine, report, as_json: bool) -> None:
-    skipped_file = engine.store.directory / SKIPPED_FILE  # written by the engine with the build
+    skipped_file = engine.directory / SKIPPED_FILE  # written by the engine with the build
     if as_json:
         emit_json({**dataclasses.asdict(report), "skipped": [{"path": p, "reason": r} for p, r in report.skipped],
-                   "images": len(engine.store), "index": str(engine.store.directory)})
+                   "images": len(engine), "index": str(engine.directory)})
         return
     for p, reason in report.skipped[:SHOW_SKIPPED]:
         echo_text(f"skipped {p}: {reason}", err=True)
     if len(report.skipped) > SHOW_SKIPPED:
         click.echo(f"... and {len(report.skipped) - SHOW_SKIPPED} more", err=True)
-    click.echo(f"{report.summary()}; index {engine.store.directory} holds {len(engine.store)} images")
+    click.echo(f"{report.summary()}; index {engine.directory} holds {len(engine)} images")
     if report.skipped:
         click.echo(f"skipped files and reasons: {skipped_file}")
 
@@ -150,21 +152,27 @@ def add(paths, index_dir, model, batch_size, workers, no_progress, wait, as_json
 @click.command("remove")
 @click.argument("paths", nargs=-1, required=True)
 @index_option
+@click.option("--all", "--yes", "allow_all", is_flag=True,
+              help="Allow a removal that would leave the index empty (refused otherwise, exit 2).")
 @wait_option
 @json_option
-def remove(paths, index_dir, wait, as_json):
+def remove(paths, index_dir, allow_all, wait, as_json):
     """Remove files, or everything under the folders given, from an index (the files themselves
-    are not touched; they need not exist any more). Exits 1 if nothing indexed matched."""
+    are not touched; they need not exist any more). Exits 1 if nothing indexed matched; exits 2
+    for an empty or blank argument, and for a removal of every image without --all."""
+    from edje_search.validation import removal_paths
+
+    removal_paths(paths)  # '' or ' ' (an unset shell variable) is refused before the index is opened
     from edje_search.engine import Engine
 
     engine = Engine.from_pretrained(index_dir, writable=True, lock_wait=wait)
-    n = engine.remove(paths)
+    n = engine.remove(paths, allow_all=allow_all)
     if n == 0:
         raise Failure(f"nothing in the index {index_dir} matches {' '.join(paths)} (give indexed files or folders)")
     if as_json:
-        emit_json({"removed": n, "images": len(engine.store)})
+        emit_json({"removed": n, "images": len(engine)})
     else:
-        click.echo(f"{n} removed; index holds {len(engine.store)} images")
+        click.echo(f"{n} removed; index holds {len(engine)} images")
 
 
 @click.command("query")
@@ -172,11 +180,11 @@ def remove(paths, index_dir, wait, as_json):
 @index_option
 @click.option("-k", "k", default=10, show_default=True,
               help="Number of results (an index with fewer images returns them all, with a note on stderr).")
-@click.option("--rerank-k", default=20, show_default=True,
+@click.option("--rerank-k", default=DEFAULT_RERANK_K, show_default=True,
               help="First-stage candidates rescored by the joint encoder (0 = no reranking).")
 @click.option("--model", default=None, help="Model to query with (default: the index's own model).")
 @click.option("--backend", type=click.Choice(BACKENDS), default="eager", show_default=True,
-              help="How the reranker runs; onnx-int8 is the fastest on CPUs (see the README's fidelity table).")
+              help="How the reranker runs; onnx-int8 is the fastest on CPUs (see docs/benchmarks.md, fidelity).")
 @click.option("--compare", is_flag=True, help="Show first-stage and reranked top-k side by side.")
 @device_option
 @json_option
@@ -187,7 +195,10 @@ def query(text, index_dir, k, rerank_k, model, backend, compare, device, as_json
     the model's fusion weight x first-stage similarity (first); the weight is 0 unless
     `edje-search calibrate` set it. Hits below --rerank-k keep their first-stage order."""
     from edje_search.errors import BadInput
+    from edje_search.validation import check_query
 
+    for q in text:  # the library's rule, checked before the model loads
+        check_query(q)
     if k <= 0:
         raise BadInput("-k must be at least 1")
     if rerank_k < 0:
@@ -195,7 +206,7 @@ def query(text, index_dir, k, rerank_k, model, backend, compare, device, as_json
     from edje_search.engine import Engine
 
     engine = Engine.from_pretrained(index_dir, model=model, backend=backend, device=device)
-    n = len(engine.store)
+    n = len(engine)
     if n == 0:
         raise Failure(f"the index {index_dir} is empty: add images with `edje-search build-index`")
     if k > n:
@@ -240,7 +251,7 @@ def _print_side_by_side(q, plain, reranked) -> None:
 @json_option
 def info(index_dir, as_json):
     """Describe an index: size, FAISS recipe, token shape and the model that built it (loads no model)."""
-    from edje_search.storage.index_store import index_info
+    from edje_search.inspection import index_info
 
     data = index_info(index_dir)
     if as_json:
@@ -259,7 +270,8 @@ def info(index_dir, as_json):
 def verify(index_dir, deep, as_json):
     """Check every manifest row against FAISS, the stored vectors and tokens, and the model's
     fingerprint (exit 1 with the problems if anything is wrong; `edje-search repair` fixes what it can)."""
-    from edje_search.storage.index_store import IndexStore, verify_index
+    from edje_search.inspection import verify_index
+    from edje_search.storage.index_store import IndexStore
 
     store = IndexStore.open(index_dir)  # a missing or unreadable index is an error, not a problem list
     if deep:
@@ -286,7 +298,8 @@ def verify(index_dir, deep, as_json):
 def repair(index_dir, wait, as_json):
     """Rebuild FAISS from the stored vectors, drop rows whose vectors or tokens are unreadable
     (listed; run build-index again to embed those files anew) and remove stray files. Loads no model."""
-    from edje_search.storage.index_store import IndexStore, verify_index
+    from edje_search.inspection import verify_index
+    from edje_search.storage.index_store import IndexStore
 
     store = IndexStore.open(index_dir, mode="r+", lock_wait=wait)
     with store.writing():

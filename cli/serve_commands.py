@@ -13,10 +13,10 @@ from .common import BACKENDS, index_option
                    "set --token too.")
 @click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535), help="TCP port.")
 @click.option("--backend", type=click.Choice(BACKENDS), default="eager", show_default=True,
-              help="How the reranker runs (see the README's fidelity table).")
+              help="How the reranker runs (see docs/benchmarks.md, fidelity).")
 @click.option("--device", default=None, help="torch device for the model (default: CUDA when present, else CPU).")
 @click.option("--token", envvar="EDJE_TOKEN", show_envvar=True, default=None,
-              help="Require 'Authorization: Bearer TOKEN' on every request (browsers: open /?token=TOKEN once).")
+              help="Require 'Authorization: Bearer TOKEN' on every request (browsers log in once at /login).")
 @click.option("--max-batch", default=32, show_default=True, type=click.IntRange(1),
               help="Queries gathered into one engine call.")
 @click.option("--max-wait-ms", default=1.0, show_default=True, type=click.FloatRange(0),
@@ -31,13 +31,32 @@ from .common import BACKENDS, index_option
               help="Largest rerank_k a request may ask.")
 @click.option("--max-upload-mb", default=20.0, show_default=True, type=click.FloatRange(0.001),
               help="Largest image upload, in MiB.")
+@click.option("--allowed-hosts", default=None, metavar="NAMES",
+              help="Comma-separated Host header names the server answers (others get 400; '*' for any). "
+                   "Default: localhost, 127.0.0.1 and [::1] when bound to loopback (stops DNS rebinding), "
+                   "any otherwise.")
+@click.option("--body-timeout", default=30.0, show_default=True, type=click.FloatRange(1),
+              help="Seconds a request body may take to arrive whole; slower requests get 408 and are closed.")
+@click.option("--max-connections", default=1024, show_default=True, type=click.IntRange(1),
+              help="Open connections (uvicorn's limit_concurrency); past it, requests get 503.")
+@click.option("--max-connections-per-client", "per_client", default=128, show_default=True, type=click.IntRange(1),
+              help="Open connections one client address may hold; more are closed at once.")
+@click.option("--header-timeout", default=10.0, show_default=True, type=click.FloatRange(0.1),
+              help="Seconds a request line and headers may take to arrive; slower connections are closed.")
+@click.option("--keep-alive", default=5, show_default=True, type=click.IntRange(1),
+              help="Seconds an idle connection is kept open (uvicorn's timeout_keep_alive).")
+@click.option("--max-decodes", default=2, show_default=True, type=click.IntRange(1),
+              help="Uploads, thumbnails and image files decoded or read at once (bounds their memory).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True)
 def serve(index_dir, host, port, backend, device, token, max_batch, max_wait_ms, max_queue, no_batching,
-          refresh_interval, max_k, max_rerank_k, max_upload_mb, log_level):
+          refresh_interval, max_k, max_rerank_k, max_upload_mb, allowed_hosts, body_timeout, max_connections,
+          per_client, header_timeout, keep_alive, max_decodes, log_level):
     """Serve INDEX over HTTP: JSON API (docs at /docs) and a web gallery at /."""
     try:
         from edje_search.serve import BatchSettings, ServeLimits, create_app, is_loopback, run
+        from edje_search.serve.hardening import default_allowed_hosts
+        from edje_search.serve.server import ConnectionLimits
     except ImportError as e:
         raise click.ClickException(f"serving needs the [serve] extra: pip install 'edje-search[serve]' ({e})") from e
     from edje_search import Engine
@@ -48,13 +67,24 @@ def serve(index_dir, host, port, backend, device, token, max_batch, max_wait_ms,
         click.echo(f"warning: serving on {host} without --token: anyone who can reach it can search and "
                    f"download the indexed images", err=True)
     batching = BatchSettings.off(max_queue) if no_batching else BatchSettings(max_batch, max_wait_ms, max_queue)
-    limits = ServeLimits(max_k=max_k, max_rerank_k=max_rerank_k, max_upload_bytes=int(max_upload_mb * 2**20))
+    hosts = default_allowed_hosts(host) if allowed_hosts is None else [
+        h.strip().lower() for h in allowed_hosts.split(",") if h.strip()]
+    if hosts is not None and not hosts:
+        raise click.BadParameter("give at least one host name (or '*')", param_hint="--allowed-hosts")
+    if hosts is not None and any("*" in h[1:] or (h.startswith("*") and h != "*" and not h.startswith("*."))
+                                 for h in hosts):
+        raise click.BadParameter("wildcards only as '*' or '*.example.com'", param_hint="--allowed-hosts")
+    limits = ServeLimits(max_k=max_k, max_rerank_k=max_rerank_k, max_upload_bytes=int(max_upload_mb * 2**20),
+                         body_timeout_s=body_timeout, max_concurrent_decodes=max_decodes)
     engine = Engine.from_pretrained(index_dir, device=device, backend=backend)
-    app = create_app(engine, limits=limits, batching=batching, token=token, refresh_interval_s=refresh_interval)
+    app = create_app(engine, limits=limits, batching=batching, token=token, refresh_interval_s=refresh_interval,
+                     allowed_hosts=None if hosts is None or "*" in hosts else hosts)
     shown = "localhost" if host in ("127.0.0.1", "::1") else host
-    click.echo(f"serving {index_dir} ({len(engine.store)} images) on http://{shown}:{port}/ "
-               f"(API docs at /docs{'; browsers open /?token=TOKEN once' if token else ''})")
-    run(app, host=host, port=port, log_level=log_level)
+    click.echo(f"serving {index_dir} ({len(engine)} images) on http://{shown}:{port}/ "
+               f"(API docs at /docs{'; browsers log in at /login' if token else ''})")
+    run(app, host=host, port=port, log_level=log_level, token=token,
+        connections=ConnectionLimits(max_connections=max_connections, keep_alive_s=keep_alive,
+                                     per_client=per_client, header_timeout_s=header_timeout))
 
 
 COMMANDS = (serve,)

@@ -9,7 +9,11 @@ from pathlib import Path
 
 import click
 
+from edje_search.config import DEFAULT_RERANK_K, PRECISIONS
+from edje_search.training.configs import FirstStageTrainConfig, RerankerTrainConfig
+
 from .common import BACKENDS, emit_json, json_option
+from .config_flags import config_flags, config_from_flags
 
 
 def threads_option(f):
@@ -87,34 +91,24 @@ def _data_options(f):
 @_data_options
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Run folder; the model goes to OUT/first_stage, resumable state to OUT/train_state.pt.")
-@click.option("--steps", default=400, show_default=True,
-              help="Optimizer steps (each --batch-size captions). The loss should end well below chance, "
-                   "ln(batch size); a warning says when it did not.")
-@click.option("--epochs", default=None, type=float,
-              help="Passes over the captions instead of --steps (small data sets need many).")
-@click.option("--batch-size", default=256, show_default=True)
-@click.option("--lr", default=1e-3, show_default=True)
-@click.option("--image-size", default=48, show_default=True, help="Input resolution of the image tower.")
-@click.option("--width", default=128, show_default=True, help="Width of the ViT image tower.")
-@click.option("--layers", default=4, show_default=True, help="Depth of the ViT image tower.")
+@config_flags(FirstStageTrainConfig)
 @click.option("--features/--no-features", default=True, show_default=True,
               help="Also write the trained model's features of the training set to OUT/features.pt "
                    "(image embeddings, vision tokens, caption embeddings), for `train reranker --features`.")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available).")
-@click.option("--seed", default=0, show_default=True)
 @threads_option
-def train_first_stage_cmd(annotations, image_root, out_dir, steps, epochs, batch_size, lr, image_size, width, layers,
-                          features, device, seed, threads):
+def train_first_stage_cmd(annotations, image_root, out_dir, config_file, features, device, threads, **flags):
     """Contrastively train a small ViT against the locked bundled MiniLM text tower."""
-    from edje_search.training.first_stage import FirstStageTrainConfig, train_first_stage
+    from edje_search.training.features import FEATURES_NAME
+    from edje_search.training.first_stage import train_first_stage
 
+    cfg = config_from_flags(FirstStageTrainConfig, flags, config_file)
+    if cfg.epochs:
+        cfg = dataclasses.replace(cfg, steps=None)
     _use_threads(threads)
     _show_training_messages()
     data = _read_training_data(annotations, image_root)
-    cfg = FirstStageTrainConfig(steps=None if epochs else steps, epochs=epochs, batch_size=batch_size, lr=lr,
-                                image_size=image_size, width=width, layers=layers, seed=seed)
-    from edje_search.training.features import FEATURES_NAME
-
+    _save_run_config(out_dir, cfg)
     model = train_first_stage(data, out_dir, cfg, device=device, save_features=features)
     model.save_pretrained(Path(out_dir) / "first_stage")
     click.echo(f"first stage saved to {Path(out_dir) / 'first_stage'}")
@@ -129,10 +123,7 @@ def train_first_stage_cmd(annotations, image_root, out_dir, steps, epochs, batch
               help="First-stage directory (from `train first-stage`, or an EDJE model's first_stage/).")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Run folder; the model goes to OUT/model, resumable state to OUT/train_state.pt.")
-@click.option("--variant", type=click.Choice(["compressed", "local"]), default="compressed", show_default=True,
-              help="compressed: attention adapter to --n-queries tokens; local: keep every vision token.")
-@click.option("--n-queries", default=16, show_default=True, help="Stored tokens per image (compressed variant).")
-@click.option("--mlp-dim", default=8192, show_default=True, help="Hidden width of the adapter MLP.")
+@config_flags(RerankerTrainConfig)
 @click.option("--teacher", "teacher_dir", default=None, type=click.Path(exists=True, file_okay=False),
               help="Trained model directory to distil from (e.g. the local variant).")
 @click.option("--init-from", default=None, type=click.Path(exists=True, file_okay=False),
@@ -142,77 +133,40 @@ def train_first_stage_cmd(annotations, image_root, out_dir, steps, epochs, batch
                    "they match this first stage and data, instead of encoding every image and caption again.")
 @click.option("--language-model", "lm_dir", default=None, type=click.Path(exists=True, file_okay=False),
               help="BERT directory to start the joint encoder from (default: bundled MiniLM-L6).")
-@click.option("--lm-layers", default=None, type=int, help="Keep only the first N language-model layers.")
-@click.option("--score-head", type=click.Choice(["pooler", "mean"]), default="pooler", show_default=True,
-              help="What the score head reads: pooler = the paper's BERT pooler on the first position; mean = "
-                   "the mean of every position, which a mean-pooled sentence model (the bundled MiniLM) "
-                   "can match with from the first steps.")
-@click.option("--adapter-warmup", default=0, show_default=True,
-              help="Steps of caption-word warm-up of a fresh adapter before the joint encoder trains: its "
-                   "tokens learn to resemble the word embeddings of their image's caption, so matching "
-                   "starts learning at once instead of after 100+ steps at chance. Cheap (no joint-encoder "
-                   "pass); 300 takes about a minute on 2 CPU cores.")
-@click.option("--dropout", default=None, type=click.FloatRange(0.0, 1.0, max_open=True),
-              help="Dropout of the joint encoder while training (default: its checkpoint's, 0.1 for MiniLM). "
-                   "0 makes a CPU step about 7% cheaper and suits short runs that see most captions once at most.")
-@click.option("--steps", default=1000, show_default=True, help="Optimizer steps.")
-@click.option("--batch-size", default=32, show_default=True, help="Pairs per process per micro-batch.")
-@click.option("--grad-accum", default=1, show_default=True, help="Micro-batches per optimizer step.")
-@click.option("--lr", default=1e-4, show_default=True)
-@click.option("--weight-decay", default=0.05, show_default=True)
-@click.option("--neighbour-group", default=1, show_default=True,
-              help="Build batches from groups of N images the first stage finds close to one caption, so "
-                   "in-batch negatives are as hard as the top-k reranked at query time (1 = random batches).")
-@click.option("--mining-pool", default=0, show_default=True,
-              help="Mine each pair's negatives among this many pairs: the global batch plus random others "
-                   "(first-stage features are cached, so a large pool costs no encoder passes; the paper "
-                   "mines over 8 x 32 = 256). 0 = the global batch only.")
-@click.option("--mining-pool-from", default=0, show_default=True, type=click.IntRange(min=0),
-              help="Optimizer steps of in-batch negatives before --mining-pool is used (0 = the pool from "
-                   "the first step). A fresh joint encoder learns the coarse distinctions first, then the "
-                   "finer ones the pool offers.")
-@click.option("--w-itm", default=1.0, show_default=True, help="Weight of the matching loss.")
-@click.option("--w-mlm", default=1.0, show_default=True, help="Weight of masked-LM (0 for fine-tuning).")
-@click.option("--w-recovery", default=1.0, show_default=True, help="Weight of text-embedding recovery.")
-@click.option("--w-distill", default=1.0, show_default=True, help="Weight of distillation (needs --teacher).")
-@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
-              help="bf16 autocast pays on GPUs; on CPUs it is often slower for training.")
 @click.option("--name", default="edje", show_default=True, help="Name recorded in the model directory.")
 @click.option("--device", default=None, help="cpu, cuda, ... (default: cuda if available).")
-@click.option("--seed", default=0, show_default=True)
 @threads_option
-def train_reranker_cmd(annotations, image_root, first_stage_dir, out_dir, variant, n_queries, mlp_dim, teacher_dir,
-                       init_from, features_path, lm_dir, lm_layers, score_head, adapter_warmup, dropout, steps,
-                       batch_size, grad_accum, lr, weight_decay, w_itm, w_mlm, w_recovery, w_distill,
-                       neighbour_group, mining_pool, mining_pool_from, precision,
-                       name, device, seed, threads):
+def train_reranker_cmd(annotations, image_root, first_stage_dir, out_dir, config_file, teacher_dir, init_from,
+                       features_path, lm_dir, name, device, threads, **flags):
     """Train the adapter + joint encoder with ITM (hard negatives), MLM, recovery and distillation."""
-    from edje_search.training.reranker import RerankerTrainConfig, train_reranker
+    from edje_search.training.reranker import train_reranker
 
+    cfg = config_from_flags(RerankerTrainConfig, flags, config_file)
+    if not teacher_dir:
+        cfg = dataclasses.replace(cfg, w_distill=0.0)
     _use_threads(threads)
     _show_training_messages()
     data = _read_training_data(annotations, image_root)
-    cfg = RerankerTrainConfig(variant=variant, n_queries=n_queries, mlp_dim=mlp_dim, lm_layers=lm_layers,
-                              score_head=score_head, adapter_warmup=adapter_warmup, dropout=dropout,
-                              steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
-                              weight_decay=weight_decay, w_itm=w_itm, w_mlm=w_mlm, w_recovery=w_recovery,
-                              w_distill=w_distill if teacher_dir else 0.0, neighbour_group=neighbour_group,
-                              mining_pool=mining_pool, mining_pool_from=mining_pool_from,
-                              precision=precision, seed=seed)
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    (Path(out_dir) / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+    _save_run_config(out_dir, cfg)
     train_reranker(first_stage_dir, data, out_dir, cfg, teacher_dir=teacher_dir, init_from=init_from,
                    lm_dir=lm_dir, features_path=features_path, name=name, device=device)
     click.echo(f"model saved to {Path(out_dir) / 'model'}")
+
+
+def _save_run_config(out_dir: str, cfg) -> None:
+    """OUT/train_config.json: what this run was told (``--config`` reads it back)."""
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    (Path(out_dir) / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
 
 
 @click.command("eval")
 @_data_options
 @click.option("--model", "models", multiple=True, required=True,
               help="Model directory or name; repeat to compare rerankers sharing one first stage.")
-@click.option("--rerank-k", default=10, show_default=True, help="First-stage candidates to rerank.")
-@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
-              help="Joint-encoder precision while scoring.")
+@click.option("--rerank-k", default=DEFAULT_RERANK_K, show_default=True, help="First-stage candidates to rerank.")
+@click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
+              help="Joint-encoder precision while scoring; auto is what search uses (bf16 or fp16 autocast "
+                   "on CUDA, fp32 on the CPU).")
 @click.option("--batch-size", default=128, show_default=True, help="Pairs per joint-encoder batch.")
 @click.option("--backend", type=click.Choice(BACKENDS), default="eager", show_default=True,
               help="How the rerankers run (see `edje-search query --help`).")
@@ -252,7 +206,7 @@ def eval_cmd(annotations, image_root, models, rerank_k, precision, batch_size, b
 @click.command("calibrate")
 @_data_options
 @click.option("--model", "model_name", required=True, help="Model directory or name to calibrate.")
-@click.option("--rerank-k", default=10, show_default=True, help="First-stage candidates to rerank.")
+@click.option("--rerank-k", default=DEFAULT_RERANK_K, show_default=True, help="First-stage candidates to rerank.")
 @click.option("--weights", default=None,
               help="Comma-separated fusion weights to try (default: 0,1,2,5,10,20,50,100,200).")
 @click.option("--batch-size", default=128, show_default=True, help="Pairs per joint-encoder batch.")

@@ -14,7 +14,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from .devices import inference_autocast
+from .devices import precision_autocast
 from .errors import BadInput
 from .models.bundle import EdjeModel
 from .pipeline import ImageEmbedder
@@ -69,7 +69,7 @@ class LabelSet:
         cosines = vectors @ self.embeddings.T  # (N, L)
         width = min(s.shortlist, n_labels)
         shortlist = np.argsort(-cosines, axis=1, kind="stable")[:, :width]  # (N, width), first-stage order
-        with inference_autocast(self.model.device):
+        with precision_autocast(self.model.device):
             logits = self.model.reranker.score_pairs(
                 self.prompts, tokens, shortlist.reshape(-1), np.repeat(np.arange(n), width),
                 batch_size=s.batch_size).reshape(n, width)

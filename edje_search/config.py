@@ -8,6 +8,11 @@ from typing import Any, TypeVar
 
 from .fsutil import atomic_write_text
 
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # devices.precision_autocast
+# First-stage candidates the joint encoder reranks when the caller does not say: the one default of
+# the library, the CLI, the server and evaluation (docs/results.md, "How many candidates to rerank").
+DEFAULT_RERANK_K = 20
+
 T = TypeVar("T")
 
 
@@ -55,7 +60,7 @@ class FirstStageConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RerankerConfig:
-    """The joint encoder and the adapter in front of it (DESIGN.md, architecture)."""
+    """The joint encoder and the adapter in front of it (docs/architecture.md)."""
 
     variant: str  # "compressed" (attention adapter to n_queries tokens) or "local" (per-token MLP)
     vision_width: int  # D_v, width of the vision encoder's output tokens

@@ -1,6 +1,6 @@
 """Import a checkpoint of the official EDJE training code into a project model directory.
 
-The checkpoint is a torch file ``{"model": state_dict}`` (layout in DESIGN.md). The first stage
+The checkpoint is a torch file ``{"model": state_dict}`` (layout in docs/architecture.md). The first stage
 comes from its ``clip.*`` weights (a transformers SiglipModel), the reranker from
 ``vision_projection.*``, ``language_model.*``, ``classification_head.*`` and ``text_projection.*``.
 """

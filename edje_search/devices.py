@@ -1,8 +1,11 @@
 """Device and precision choices shared by indexing, search, training and evaluation.
 
-One rule for every path: the device asked for, else CUDA when present, else the CPU; model
-inference on CUDA runs under autocast (bf16 where the GPU has it, else fp16) and on the CPU in
-fp32 (this torch build's CPU bf16 matmuls are several times slower than fp32: see README).
+One rule for every path: the device asked for, else CUDA when present, else the CPU. One
+precision rule, :func:`precision_autocast`, for indexing, search, evaluation, calibration and
+training: "auto" (what inference uses unless told otherwise) is autocast to bf16 on GPUs that
+have it, else fp16 on CUDA, and fp32 on the CPU, where this torch build's bf16 matmuls are
+several times slower than fp32 (docs/benchmarks.md); training defaults to "fp32" and takes
+"bf16" on request.
 """
 from __future__ import annotations
 
@@ -10,9 +13,8 @@ import contextlib
 
 import torch
 
+from .config import PRECISIONS
 from .errors import BadInput
-
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 def pick_device(device: str | torch.device | None = None) -> torch.device:
@@ -46,7 +48,7 @@ def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype
     return None
 
 
-def inference_autocast(device: torch.device, precision: str = "auto"):
+def precision_autocast(device: torch.device, precision: str = "auto"):
     """Context manager: autocast to :func:`autocast_dtype` on ``device``, or nothing for fp32."""
     dtype = autocast_dtype(device, precision)
     if dtype is None:

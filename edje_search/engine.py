@@ -6,28 +6,30 @@ Query flow: embed text -> FAISS top rerank_k -> gather stored tokens -> joint-en
 from __future__ import annotations
 
 import dataclasses
-import os
-import threading
+import logging
 import time
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 
-from .config import IndexConfig
-from .devices import inference_autocast, pick_device
+from .config import DEFAULT_RERANK_K, IndexConfig
+from .devices import precision_autocast, pick_device
 from .errors import BadInput, BadQuery, IndexExists, ModelMismatch, ModelMissing
-from .images import is_image_path, iter_image_files
+from .indexer import BuildReport, Indexer
+from .pipeline import embed_pixels
 from .models.bundle import EdjeModel
 from .models.registry import load_model
-from .pipeline import BackgroundCommits, ImageEmbedder, embed_files
-from .ranking import rank_pool
-from .storage.index_store import (IndexStore, RepairReport, record_model_path, resolve_model_path, verify_index,
-                                  write_skipped)
-from .storage.token_store import bytes_per_image, working_dtype
+from .ranking import rank_pool, score_rows
+from .inspection import store_summary, verify_index
+from .storage.index_store import IndexStore
+from .storage.integrity import RepairReport
+from .validation import MAX_ROW, check_query
 
-MAX_QUERY_CHARS = 2000
+logger = logging.getLogger(__name__)
+
 MODEL_SUBDIR = "model"  # where an index keeps a model that was built in memory
 
 
@@ -48,27 +50,6 @@ class Hit:
     score: float | None = None
 
 
-@dataclasses.dataclass
-class BuildReport:
-    added: int = 0
-    unchanged: int = 0
-    removed: int = 0
-    duplicates: int = 0  # added by copying the rows of identical content, without a model pass
-    skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)
-
-    def summary(self) -> str:
-        return (f"{self.added} added ({self.duplicates} duplicates of indexed content), {self.unchanged} unchanged, "
-                f"{self.removed} removed, {len(self.skipped)} skipped")
-
-
-def _file_stat(path: str) -> tuple[int, int]:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return (-1, -1)
-    return (st.st_size, st.st_mtime_ns)
-
-
 class StageClock:
     """Wall-clock milliseconds per named stage, in order."""
 
@@ -82,25 +63,15 @@ class StageClock:
         self._last = now
 
 
-def _check_query(text: str) -> str:
-    if not isinstance(text, str) or not text.strip():
-        raise BadQuery("empty query: give some text to search for")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise BadQuery("query is not valid UTF-8 text") from e
-    if len(text) > MAX_QUERY_CHARS:
-        raise BadQuery(f"query too long ({len(text)} characters; the limit is {MAX_QUERY_CHARS})")
-    return text
-
-
 class Engine:
     """Two-stage image search over one index directory."""
 
     def __init__(self, store: IndexStore, model: EdjeModel):
         self.store = store
         self.model = model
-        self._store_lock = threading.RLock()  # commits run on a writer thread while embedding goes on
+        self._indexer = Indexer(store, model)
+        logger.info("index %s: %d images, generation %d, model %s on %s", store.directory, len(store),
+                    store.generation, model.name, model.device)
         self.last_timings: dict[str, float] = {}  # milliseconds per stage of the latest search
 
     # -------------------------------------------------------------------------- construction
@@ -169,7 +140,7 @@ class Engine:
         ``writable`` engines take the writer lock for each write, waiting ``lock_wait`` seconds."""
         store = IndexStore.open(index_dir, mode="r+" if writable else "r", lock_wait=lock_wait)
         if model is None:
-            model_path = resolve_model_path(store)
+            model_path = store.model_dir
             if not model_path.is_dir():
                 raise ModelMissing(f"the model this index was built with is gone: {model_path} "
                                    f"(pass --model with that model)")
@@ -184,9 +155,9 @@ class Engine:
                 f"index {index_dir} was built with model {store.config.model_fingerprint} "
                 f"({store.config.model_path}) but the model given is {model.fingerprint()} ({model.path}); "
                 f"use that model or rebuild the index")
-        if writable and not resolve_model_path(store).is_dir() and model.path is not None:
+        if writable and not store.model_dir.is_dir() and model.path is not None:
             with store.writing():  # the model moved: remember where it is now
-                record_model_path(store, model.path)
+                store.record_model_dir(model.path)
         model.to(pick_device(device)).eval()
         model.reranker.use_backend(backend)
         return cls(store, model)
@@ -200,6 +171,11 @@ class Engine:
         return self.store.refresh()
 
     # ------------------------------------------------------------------------------- indexing
+    @property
+    def indexer(self) -> Indexer:
+        """The writing half of the engine (indexer.py): what a custom build needs beyond the methods below."""
+        return self._indexer
+
     def add(self, paths: Iterable[str | Path], *, batch_size: int = 32, num_workers: int = 2,
             commit_every: int = 512, progress: bool = True, report: BuildReport | None = None,
             removed_rows: Sequence[int] = (), optimize: bool = True) -> BuildReport:
@@ -209,90 +185,19 @@ class Engine:
         without a commit of their own); their paths count as new. Paths that are not image
         files (by extension, images.is_image_path) are skipped with a reason.
         """
-        report = report or BuildReport()
-        with self.store.writing(), self._indexer(batch_size, num_workers) as embedder:
-            self._add_paths(paths, report, removed_rows, embedder, commit_every=commit_every, progress=progress)
-            if optimize:
-                self.store.optimize()
-            write_skipped(self.store.directory, report.skipped)
-        return report
+        return self._indexer.add(paths, batch_size=batch_size, num_workers=num_workers, commit_every=commit_every,
+                                 progress=progress, report=report, removed_rows=removed_rows, optimize=optimize)
 
-    def _indexer(self, batch_size: int, num_workers: int) -> ImageEmbedder:
-        """Decode workers + model for a whole build (one long-lived DataLoader, not one per chunk)."""
-        return ImageEmbedder(self.model, batch_size=batch_size, num_workers=num_workers,
-                             token_dtype=working_dtype(self.store.config.token_dtype),
-                             known_hashes=self.store.hash_lookup())
+    def sync(self, root: str | Path, *, chunk_files: int = 4096, batch_size: int = 32, num_workers: int = 2,
+             commit_every: int = 512, progress: bool = True) -> BuildReport:
+        """Make the index mirror the images under ``root``: add new files, re-embed changed ones
+        (size or modification time differ), drop deleted ones. Holds the writer lock throughout.
 
-    def _add_paths(self, paths: Iterable[str | Path], report: BuildReport, removed_rows: Sequence[int],
-                   embedder: ImageEmbedder, *, commit_every: int, progress: bool) -> None:
-        todo = []
-        for p in paths:
-            p = os.path.abspath(p)
-            if not is_image_path(p):
-                report.skipped.append((p, "not an image file extension"))
-            else:
-                todo.append(p)
-        dropped = set(int(r) for r in removed_rows)
-        known = {path for path, e in self.store.lookup_paths(todo).items() if e.row not in dropped}
-        report.unchanged += sum(1 for p in todo if p in known)
-        todo = list(dict.fromkeys(p for p in todo if p not in known))
-        missed = self._embed_and_commit(embedder, todo, report, list(removed_rows),
-                                        commit_every=commit_every, progress=progress)
-        if missed:  # duplicates of rows removed meanwhile: embed them after all
-            with ImageEmbedder(self.model, batch_size=embedder.batch_size, num_workers=0,
-                               token_dtype=embedder.token_dtype) as again:
-                self._embed_and_commit(again, missed, report, [], commit_every=commit_every, progress=False)
-
-    def _embed_and_commit(self, embedder: ImageEmbedder, todo: list[str], report: BuildReport,
-                          to_remove: list[int], *, commit_every: int, progress: bool) -> list[str]:
-        """Embed ``todo`` and commit every ``commit_every`` rows on a writer thread, so the model
-        never waits on the disk. Returns the paths reported as duplicates of content that is no
-        longer indexed (the caller embeds them)."""
-        pending: list = []
-        n_pending = 0
-        missed: list[str] = []
-        with BackgroundCommits() as committer:
-            for batch in embedder.embed(todo, progress=progress):
-                report.skipped.extend(batch.failed)
-                if batch.duplicates:  # same content as an indexed file: copy its rows, no model pass
-                    with self._store_lock:
-                        missed += self._copy_duplicates(batch, report)
-                if batch.paths:
-                    pending.append(batch)
-                    n_pending += len(batch.paths)
-                if n_pending >= commit_every:
-                    committer.submit(self._commit, pending, to_remove, report)
-                    pending, n_pending, to_remove = [], 0, []
-            committer.submit(self._commit, pending, to_remove, report)
-        return missed
-
-    def _copy_duplicates(self, batch, report: BuildReport) -> list[str]:
-        rows = [self.store.row_of_hash(h) for _, h, _ in batch.duplicates]
-        dup = [(d, r) for d, r in zip(batch.duplicates, rows) if r is not None]
-        report.duplicates += len(dup)
-        if dup:
-            rows = [r for _, r in dup]
-            batch.paths += [p for (p, _, _), _ in dup]
-            batch.hashes += [h for (_, h, _), _ in dup]
-            batch.stats += [st for (_, _, st), _ in dup]
-            batch.vectors = np.concatenate([batch.vectors, self.store.vectors(rows)])
-            batch.tokens = np.concatenate([batch.tokens, self.store.tokens.get(rows).astype(batch.tokens.dtype)])
-        return [p for (p, _, _), r in zip(batch.duplicates, rows) if r is None]
-
-    def _commit(self, batches: list, removed_rows: Sequence[int] = (), report: BuildReport | None = None) -> int:
-        if not batches and not removed_rows:
-            return 0
-        cfg = self.store.config
-        paths = [p for b in batches for p in b.paths]
-        vectors = np.concatenate([b.vectors for b in batches]) if batches else np.zeros((0, cfg.dim), np.float32)
-        tokens = np.concatenate([b.tokens for b in batches]) if batches else np.zeros(
-            (0, cfg.tokens_per_image, cfg.token_width), np.float16)
-        with self._store_lock:  # the embedding thread reads the store for duplicates meanwhile
-            self.store.commit(paths, [h for b in batches for h in b.hashes], vectors, tokens,
-                              removed_rows=removed_rows, new_stats=[st for b in batches for st in b.stats])
-        if report is not None:
-            report.added += len(paths)
-        return len(paths)
+        The folder is walked as a stream and processed ``chunk_files`` paths at a time, so work
+        starts at once on very large folders; deletions are applied once the walk has ended.
+        """
+        return self._indexer.sync(root, chunk_files=chunk_files, batch_size=batch_size, num_workers=num_workers,
+                                  commit_every=commit_every, progress=progress)
 
     def add_embeddings(self, paths: Sequence[str], vectors: np.ndarray, tokens: np.ndarray, *,
                        metadata: Sequence[dict | None] | None = None, hashes: Sequence[str | None] | None = None,
@@ -307,98 +212,13 @@ class Engine:
         unchanged, changed and duplicate files apart. Paths already indexed are left
         as they are and counted unchanged. Same checks and commit guarantees as :meth:`add`.
         """
-        cfg = self.store.config
-        paths = [os.fsdecode(p) for p in paths]
-        vectors = np.asarray(vectors)
-        tokens = np.asarray(tokens)
-        n = len(paths)
-        if vectors.shape != (n, cfg.dim):
-            raise BadInput(f"vectors must have shape ({n}, {cfg.dim}), got {vectors.shape}")
-        if tokens.shape != (n, cfg.tokens_per_image, cfg.token_width):
-            raise BadInput(f"tokens must have shape ({n}, {cfg.tokens_per_image}, {cfg.token_width}), "
-                           f"got {tokens.shape}")
-        for name, arr in (("vectors", vectors), ("tokens", tokens)):
-            if not np.issubdtype(arr.dtype, np.floating):
-                raise BadInput(f"{name} must be floating point, got {arr.dtype}")
-            if not np.all(np.isfinite(arr)):
-                raise BadInput(f"{name} contain NaN or infinite values")
-        if len(set(paths)) != n:
-            raise BadInput("paths repeat within one add_embeddings call")
-        for given, what in ((metadata, "metadata"), (hashes, "hashes"), (stats, "stats")):
-            if given is not None and len(given) != n:
-                raise BadInput(f"{what} has {len(given)} entries for {n} paths")
-        report = BuildReport()
-        with self.store.writing():
-            known = self.store.lookup_paths(paths)
-            keep = np.array([p not in known for p in paths], dtype=bool)
-            report.unchanged = int((~keep).sum())
-            idx = np.nonzero(keep)[0]
-            for s in range(0, len(idx), commit_every):
-                part = idx[s:s + commit_every]
-                self.store.commit([paths[i] for i in part], [hashes[i] if hashes else None for i in part],
-                                  vectors[part].astype(np.float32), tokens[part],
-                                  new_stats=[stats[i] for i in part] if stats is not None else None,
-                                  new_meta=[metadata[i] for i in part] if metadata is not None else None)
-                report.added += len(part)
-            if optimize:
-                self.store.optimize()
-        return report
+        return self._indexer.add_embeddings(paths, vectors, tokens, metadata=metadata, hashes=hashes, stats=stats,
+                                            commit_every=commit_every, optimize=optimize)
 
-    def remove(self, paths: Iterable[str | Path]) -> int:
-        """Drop the rows of these files, or of every file under a folder given; returns how many."""
-        with self.store.writing():
-            rows: list[int] = []
-            wanted = [os.path.abspath(p) for p in paths]
-            rows += [e.row for e in self.store.lookup_paths(wanted).values()]
-            for p in wanted:  # a folder, even one already deleted from disk: everything under it
-                rows += [e.row for e in self.store.live_under(p.rstrip(os.sep) + os.sep)]
-            rows = sorted(set(rows))
-            if rows:
-                self.store.commit([], [], np.zeros((0, self.store.config.dim), np.float32),
-                                  np.zeros((0, self.store.config.tokens_per_image, self.store.config.token_width)),
-                                  removed_rows=rows)
-                self.store.optimize()
-        return len(rows)
-
-    def sync(self, root: str | Path, *, chunk_files: int = 4096, batch_size: int = 32, num_workers: int = 2,
-             commit_every: int = 512, progress: bool = True) -> BuildReport:
-        """Make the index mirror the images under ``root``: add new files, re-embed changed ones
-        (size or modification time differ), drop deleted ones. Holds the writer lock throughout.
-
-        The folder is walked as a stream and processed ``chunk_files`` paths at a time, so work
-        starts at once on very large folders; deletions are applied once the walk has ended.
-        """
-        root_abs = os.path.abspath(root)
-        prefix = root_abs.rstrip(os.sep) + os.sep
-        report = BuildReport()
-        seen: set[str] = set()
-        chunk: list[str] = []
-        with self.store.writing(), self._indexer(batch_size, num_workers) as embedder:
-            def flush() -> None:
-                indexed = self.store.lookup_paths(chunk)
-                changed = [indexed[p].row for p in chunk
-                           if p in indexed and _file_stat(p) != (indexed[p].size, indexed[p].mtime_ns)]
-                self._add_paths(chunk, report, changed, embedder, commit_every=commit_every, progress=progress)
-                chunk.clear()
-
-            for path in iter_image_files(root):
-                p = os.path.abspath(path)
-                seen.add(p)
-                chunk.append(p)
-                if len(chunk) >= chunk_files:
-                    flush()
-            flush()
-            gone = [e.row for e in self.store.live_under(prefix) if e.path not in seen]
-            if os.path.isfile(root_abs) or not os.path.exists(root_abs):
-                gone += [e.row for path, e in self.store.lookup_paths([root_abs]).items() if path not in seen]
-            if gone:
-                self.store.commit([], [], np.zeros((0, self.store.config.dim), np.float32),
-                                  np.zeros((0, self.store.config.tokens_per_image, self.store.config.token_width)),
-                                  removed_rows=gone)
-            report.removed = len(gone)
-            self.store.optimize()
-            write_skipped(self.store.directory, report.skipped)
-        return report
+    def remove(self, paths: Iterable[str | Path], *, allow_all: bool = False) -> int:
+        """Drop the rows of these files, or of every file under a folder given; returns how many.
+        Empty or blank paths are refused, and so is emptying the whole index unless ``allow_all``."""
+        return self._indexer.remove(paths, allow_all=allow_all)
 
     def optimize(self) -> dict:
         """Merge small FAISS segments and retrain the recipe as the index grows (writers call it after
@@ -406,53 +226,30 @@ class Engine:
         with self.store.writing():
             return self.store.optimize()
 
-    def repair(self) -> "RepairReport":
+    def repair(self) -> RepairReport:
         """Rebuild FAISS from the stored vectors, drop rows whose vectors or tokens are unreadable
         (listed in the report; build-index embeds them again), remove stray files."""
         with self.store.writing():
             return self.store.repair()
 
     def verify(self, *, deep: int = 0) -> list[str]:
-        """Problems found (empty = healthy): everything :func:`verify_index` checks, and with
+        """Problems found (empty = healthy): everything :func:`inspection.verify_index` checks, and with
         ``deep`` > 0, that many indexed files re-embedded and compared with their stored rows."""
         problems = verify_index(self.store.directory)
         if deep and not problems:
-            problems += self._verify_sample(deep)
-        return problems
-
-    def _verify_sample(self, n: int) -> list[str]:
-        rng = np.random.default_rng(0)
-        entries = [e for e in self.store.iter_entries() if os.path.isfile(e.path)]
-        if not entries:
-            return []
-        pick = [entries[i] for i in sorted(rng.choice(len(entries), min(n, len(entries)), replace=False))]
-        problems = []
-        dtype = working_dtype(self.store.config.token_dtype)
-        for batch in embed_files(self.model, [e.path for e in pick], batch_size=16, num_workers=0,
-                                 token_dtype=dtype, progress=False):
-            by_path = {e.path: e for e in pick}
-            rows = [by_path[p].row for p in batch.paths]
-            if not rows:
-                continue
-            stored_v = self.store.vectors(rows)
-            stored_t = self.store.tokens.get(rows).astype(np.float32)
-            for i, p in enumerate(batch.paths):
-                if not np.allclose(stored_v[i], batch.vectors[i], atol=1e-3):
-                    problems.append(f"re-embedding {p} gives a different vector than row {rows[i]} holds")
-                elif not np.allclose(stored_t[i], batch.tokens[i].astype(np.float32), atol=5e-2, rtol=2e-2):
-                    problems.append(f"re-embedding {p} gives different tokens than row {rows[i]} holds")
+            problems += self._indexer.check_sample(deep)
         return problems
 
     # -------------------------------------------------------------------------------- search
-    def search(self, query: str, *, k: int = 10, rerank_k: int = 50, batch_size: int = 64) -> list[Hit]:
+    def search(self, query: str, *, k: int = 10, rerank_k: int = DEFAULT_RERANK_K, batch_size: int = 64) -> list[Hit]:
         """Top ``k`` images for one text query; the first ``rerank_k`` candidates are reranked."""
         return self.search_batch([query], k=k, rerank_k=rerank_k, batch_size=batch_size)[0]
 
     @torch.inference_mode()
-    def search_batch(self, queries: Sequence[str], *, k: int = 10, rerank_k: int = 50,
+    def search_batch(self, queries: Sequence[str], *, k: int = 10, rerank_k: int = DEFAULT_RERANK_K,
                      batch_size: int = 64) -> list[list[Hit]]:
         """Like :meth:`search` for several queries; their pairs are scored in shared batches."""
-        queries = [_check_query(q) for q in queries]
+        queries = [check_query(q) for q in queries]
         n = len(self.store)
         if n == 0:
             raise BadQuery("the index is empty: add images with `edje-search build-index`")
@@ -461,21 +258,20 @@ class Engine:
         k = min(k, n)
         pool = min(max(k, rerank_k), n)
         clock = StageClock()
-        with inference_autocast(self.model.device):  # bf16/fp16 on CUDA, fp32 on the CPU
-            q = self.model.embed_texts(list(queries)).float().cpu().numpy()
-        clock.lap("text_embed")
-        first_scores, rows = self.store.search(q, pool)  # (Q, pool)
-        clock.lap("faiss")
         n_rerank = min(rerank_k, pool)
-        with inference_autocast(self.model.device):
-            rerank = self._rerank_pool(queries, rows[:, :n_rerank], batch_size, clock) if n_rerank else None
+        with precision_autocast(self.model.device):  # bf16/fp16 on CUDA, fp32 on the CPU
+            q = self.model.embed_texts(list(queries)).float().cpu().numpy()
+            clock.lap("text_embed")
+            first_scores, rows = self.store.search(q, pool)  # (Q, pool)
+            clock.lap("faiss")
+            rerank = score_rows(self.model.reranker, self.store.tokens.get, queries, rows[:, :n_rerank],
+                                batch_size, clock) if n_rerank else None
         by_row = self.store.paths(rows[rows >= 0].tolist())
         fusion_weight = self.model.fusion_weight
         results = []
         for qi in range(len(queries)):
             cand = [(int(r), float(s)) for r, s in zip(rows[qi], first_scores[qi]) if r >= 0]
-            head = cand[:n_rerank]
-            tail = cand[n_rerank:]
+            head, tail = cand[:n_rerank], cand[n_rerank:]
             rs = rerank[qi][: len(head)] if rerank is not None else np.zeros(0, np.float32)
             order, fused = rank_pool(rs, np.array([s for _, s in head]), fusion_weight)
             ranked = [(*head[i], float(rs[i]), float(fused[i])) for i in order] + [(r, s, None, None) for r, s in tail]
@@ -485,34 +281,12 @@ class Engine:
         self.last_timings = {**clock.ms, "total": sum(clock.ms.values())}
         return results
 
-    def _rerank_pool(self, queries: Sequence[str], rows: np.ndarray, batch_size: int,
-                     clock: "StageClock | None" = None) -> np.ndarray:
-        """Joint-encoder scores (Q, p) for each query against its candidate rows."""
-        flat = rows.reshape(-1)
-        valid = flat >= 0
-        uniq, inverse = np.unique(flat[valid], return_inverse=True)
-        tokens = torch.from_numpy(np.asarray(self.store.tokens.get(uniq), dtype=np.float32))
-        if clock:
-            clock.lap("gather")
-        captions = np.repeat(np.arange(len(queries)), rows.shape[1])[valid]
-        scores = np.full(flat.shape, -np.inf, dtype=np.float32)
-        scores[valid] = self.model.reranker.score_pairs(queries, tokens, captions, inverse, batch_size=batch_size)
-        if clock:
-            clock.lap("rerank")
-        return scores.reshape(rows.shape)
-
     def score(self, texts: Sequence[str], rows: Sequence[int], *, batch_size: int = 64) -> np.ndarray:
         """Joint-encoder logits (P,) of the pairs (``texts[i]``, indexed row ``rows[i]``), from the
         stored tokens; scoring.score_rows also gives the first-stage cosines."""
-        from .scoring import score_rows
+        from . import scoring
 
-        return score_rows(self, texts, rows, batch_size=batch_size)[0]
-
-    def rerank_all(self, query: str, batch_size: int = 64) -> np.ndarray:
-        """Joint-encoder score of ``query`` against every live row, by manifest order (oracle)."""
-        rows = np.array([[e.row for e in self.store.iter_entries()]])
-        with torch.inference_mode():
-            return self._rerank_pool([query], rows, batch_size)[0]
+        return scoring.score_rows(self, texts, rows, batch_size=batch_size)[0]
 
     # ------------------------------------------------------------------- rows and neighbours
     @property
@@ -524,6 +298,64 @@ class Engine:
         """Row -> file path for those of ``rows`` that are live in this generation."""
         return self.store.paths(rows)
 
+    def __len__(self) -> int:
+        """Images searchable in the open generation."""
+        return len(self.store)
+
+    @property
+    def directory(self) -> Path:
+        """The index directory."""
+        return self.store.directory
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        """A decoded RGB image -> (3, H, W) pixels as the model expects them (for :meth:`search_by_image`)."""
+        return self.model.first_stage.preprocess(image)
+
+    @property
+    def image_input(self) -> tuple[int, str]:
+        """(side, resize mode) of the model's image input: what an upload's decode guard checks against."""
+        return int(self.model.first_stage.config.image_size), str(self.model.first_stage.config.resize_mode)
+
+    @torch.inference_mode()
+    def search_by_image(self, queries: Sequence[int | torch.Tensor], *, k: int = 10) -> list[list[Hit] | None]:
+        """First-stage neighbours of images: each query is an indexed row (its stored embedding;
+        the row itself is left out of its hits) or preprocessed (3, H, W) pixels (:meth:`preprocess`).
+        The first stage embeds images and texts into one space and FAISS holds the image
+        embeddings, so an image query is a plain nearest-neighbour search there; nothing is
+        reranked. A row that is not live gives None instead of a list of hits."""
+        if k <= 0:
+            raise BadQuery(f"k must be positive (got k={k})")
+        clock = StageClock()
+        vectors: list[np.ndarray | None] = [None] * len(queries)
+        uploads = [i for i, q in enumerate(queries) if isinstance(q, torch.Tensor)]
+        if uploads:
+            embedded, _ = embed_pixels(self.model, torch.stack([queries[i] for i in uploads]))
+            for i, v in zip(uploads, embedded):
+                vectors[i] = v
+        clock.lap("image_embed")
+        own_row = [None if isinstance(q, torch.Tensor) else int(q) for q in queries]
+        live = self.store.paths([r for r in own_row if r is not None and 0 <= r <= MAX_ROW])
+        for i, row in enumerate(own_row):
+            if row is not None and row in live:
+                vectors[i] = self.store.vectors([row])[0]
+        clock.lap("gather")
+        results: list[list[Hit] | None] = [None] * len(queries)
+        asked = [i for i, v in enumerate(vectors) if v is not None]
+        n = len(self.store)
+        if asked and n:
+            scores, rows = self.store.search(np.stack([vectors[i] for i in asked]).astype(np.float32), min(k + 1, n))
+            clock.lap("faiss")
+            paths = self.store.paths(rows[rows >= 0].tolist())
+            for qi, i in enumerate(asked):
+                found = [(int(r), float(s)) for r, s in zip(rows[qi], scores[qi]) if r >= 0 and r != own_row[i]]
+                results[i] = [Hit(rank=j + 1, row=r, path=paths[r], first_stage_score=s, rerank_score=None)
+                              for j, (r, s) in enumerate(found[:k])]
+        else:
+            for i in asked:
+                results[i] = []
+        self.last_timings = {**clock.ms, "total": sum(clock.ms.values())}
+        return results
+
     def search_vectors(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """First-stage nearest neighbours of (Q, E) embeddings, e.g. of images for image-to-image
         search: (scores (Q, k), rows (Q, k)), rows -1 where fewer than k images exist."""
@@ -534,13 +366,5 @@ class Engine:
 
     # ---------------------------------------------------------------------------------- info
     def info(self) -> dict:
-        cfg = self.store.config
-        return {
-            "index": str(self.store.directory), "images": len(self.store), "rows": self.store.n_rows,
-            "generation": self.store.generation, "factory": cfg.factory, "dim": cfg.dim,
-            "tokens_per_image": cfg.tokens_per_image, "token_width": cfg.token_width,
-            "token_dtype": cfg.token_dtype,
-            "bytes_per_image": bytes_per_image(cfg.tokens_per_image, cfg.token_width, cfg.token_dtype),
-            "model": cfg.model_path, "model_name": self.model.name, "model_fingerprint": cfg.model_fingerprint,
-            "fusion_weight": self.model.fusion_weight,
-        }
+        """What the open generation holds (inspection.store_summary) and the model serving it."""
+        return {**store_summary(self.store), "model_name": self.model.name, "fusion_weight": self.model.fusion_weight}

@@ -20,13 +20,14 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from .config import DEFAULT_RERANK_K
 from .data.annotations import CaptionSet
+from .devices import precision_autocast
 from .errors import BadInput
 from .models.bundle import EdjeModel
 from .pipeline import embed_files
 from .ranking import rerank_order
 from .storage.token_store import TOKEN_DTYPES, dequantize, quantize_per_token, working_dtype
-from .training.common import autocast
 
 __all__ = [
     "EncodedSet", "RerankedSet", "calibrate_fusion", "encode_set", "evaluate", "first_correct_rank",
@@ -116,12 +117,12 @@ def encode_set(models: EdjeModel | Sequence[EdjeModel], data: CaptionSet, *, tok
 
 
 def pair_scorer(model: EdjeModel, captions: list[str], tokens: torch.Tensor, *, captions_are_queries: bool,
-                batch_size: int = 128, precision: str = "fp32", progress: bool = True):
+                batch_size: int = 128, precision: str = "auto", progress: bool = True):
     """A ``score_pairs(query_idx, item_idx)`` callable over a caption list and stored tokens (N, m, d),
     scoring through :meth:`Reranker.score_pairs` (the engine's path)."""
     def score(q_idx: np.ndarray, item_idx: np.ndarray) -> np.ndarray:
         cap_idx, img_idx = (q_idx, item_idx) if captions_are_queries else (item_idx, q_idx)
-        with autocast(model.device, precision):
+        with precision_autocast(model.device, precision):
             return model.reranker.score_pairs(captions, tokens, cap_idx, img_idx, batch_size=batch_size,
                                               progress=progress)
     return score
@@ -154,8 +155,9 @@ def first_stage_rankings(enc: EncodedSet, data: CaptionSet) -> tuple[dict, dict,
     return orders, first, targets
 
 
-def rerank_set(model: EdjeModel, data: CaptionSet, enc: EncodedSet, tokens: torch.Tensor, *, rerank_k: int = 10,
-               precision: str = "fp32", batch_size: int = 128, progress: bool = True) -> RerankedSet:
+def rerank_set(model: EdjeModel, data: CaptionSet, enc: EncodedSet, tokens: torch.Tensor, *,
+               rerank_k: int = DEFAULT_RERANK_K,
+               precision: str = "auto", batch_size: int = 128, progress: bool = True) -> RerankedSet:
     """Score each direction's first-stage top ``rerank_k`` with ``model`` over its stored ``tokens``.
 
     A (caption, image) pair in both directions' top k is scored once: on the demo's 1,000 test
@@ -174,7 +176,8 @@ def rerank_set(model: EdjeModel, data: CaptionSet, enc: EncodedSet, tokens: torc
     return RerankedSet(orders, first, scores, targets)
 
 
-def evaluate(models: Sequence[EdjeModel], data: CaptionSet, *, rerank_k: int = 10, precision: str = "fp32",
+def evaluate(models: Sequence[EdjeModel], data: CaptionSet, *, rerank_k: int = DEFAULT_RERANK_K,
+             precision: str = "auto",
              batch_size: int = 128, token_dtype: str = "float16", progress: bool = True) -> dict:
     """Recall table for the first stage of ``models[0]`` and for each model's reranker.
 
@@ -211,7 +214,8 @@ def evaluate(models: Sequence[EdjeModel], data: CaptionSet, *, rerank_k: int = 1
 FUSION_GRID = (0.0, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0)
 
 
-def calibrate_fusion(model: EdjeModel, data: CaptionSet, *, rerank_k: int = 10, weights: Sequence[float] = FUSION_GRID,
+def calibrate_fusion(model: EdjeModel, data: CaptionSet, *, rerank_k: int = DEFAULT_RERANK_K,
+                     weights: Sequence[float] = FUSION_GRID,
                      batch_size: int = 128, token_dtype: str = "float16", progress: bool = True) -> dict:
     """R@1 for each candidate fusion weight on a validation split; picks the best mean of both directions.
 

@@ -292,6 +292,20 @@ class DecodeLimits:
     seconds: float | None = DECODE_SECONDS
 
 
+def decode_untrusted(data: bytes, limits: DecodeLimits = DecodeLimits(), min_size: int | None = None, *,
+                     resize_mode: str | None = None) -> Image.Image:
+    """The one guarded decode for bytes from outside (indexed files, uploads, thumbnails, score
+    and classify inputs): at most ``limits.max_file_bytes`` bytes; the header's size checked
+    against ``limits.max_pixels`` and, with ``resize_mode``, against the pixels of the model's
+    resize to ``min_size`` before any pixel is decoded; first frame only; and a time limit where
+    :func:`time_limit` can set one. Raises :class:`Unusable` or :class:`DecodeTimeout`."""
+    if len(data) > limits.max_file_bytes:
+        raise Unusable(f"file too large ({len(data):,} bytes; the limit is {limits.max_file_bytes:,})")
+    with time_limit(limits.seconds):
+        return decode_image(data, min_size, resize_mode=resize_mode, max_pixels=limits.max_pixels,
+                            max_resized_pixels=limits.max_resized_pixels)
+
+
 class ImageFileDataset:
     """Paths -> dicts with index, sha256 and a preprocessed tensor, or a skip reason (map-style
     dataset for a torch DataLoader). No file raises: every failure becomes a reason."""
@@ -327,8 +341,7 @@ class ImageFileDataset:
         stat_ = (st.st_size, st.st_mtime_ns)
         if sha in self.known_hashes:
             return {"index": i, "sha256": sha, "stat": stat_, "pixels": None, "error": None, "duplicate": True}
-        image = decode_image(data, self.min_size, resize_mode=self.resize_mode, max_pixels=self.limits.max_pixels,
-                             max_resized_pixels=self.limits.max_resized_pixels)
+        image = decode_untrusted(data, self.limits, self.min_size, resize_mode=self.resize_mode)
         del data
         pixels = self.transform(image)
         return {"index": i, "sha256": sha, "stat": stat_, "pixels": pixels, "error": None, "duplicate": False}

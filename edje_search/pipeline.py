@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .devices import inference_autocast, to_device
+from .devices import precision_autocast, to_device
 from .images import ImageFileDataset, collate_images, image_loader
 from .models.bundle import EdjeModel
 
@@ -55,7 +55,7 @@ def embed_pixels(model: EdjeModel, pixels: torch.Tensor, *, precision: str = "au
     the model's device (pinned, non-blocking on CUDA) and runs under that device's autocast.
     """
     device = model.device
-    with torch.inference_mode(), inference_autocast(device, precision):
+    with torch.inference_mode(), precision_autocast(device, precision):
         vectors, tokens = model.embed_images(to_device(pixels, device))
     vectors = torch.nn.functional.normalize(vectors.float(), dim=-1)  # re-normalise after low precision
     return vectors.cpu().numpy(), tokens.float().cpu().numpy().astype(token_dtype)

@@ -7,7 +7,10 @@ first-stage order. Candidates beyond the reranked pool keep their first-stage or
 """
 from __future__ import annotations
 
+from typing import Callable, Sequence
+
 import numpy as np
+import torch
 
 
 def fused_scores(logits: np.ndarray, first_stage: np.ndarray, fusion_weight: float) -> np.ndarray:
@@ -37,3 +40,22 @@ def rerank_order(order: np.ndarray, logits: np.ndarray, first_stage: np.ndarray 
     positions, _ = rank_pool(logits, head_first, fusion_weight)
     head = np.take_along_axis(order[:, :k], positions, axis=1)
     return np.concatenate([head, order[:, k:]], axis=1)
+
+
+def score_rows(reranker, tokens_of: Callable[[np.ndarray], np.ndarray], queries: Sequence[str], rows: np.ndarray,
+               batch_size: int, clock=None) -> np.ndarray:
+    """Joint-encoder logits (Q, p) of each query against its candidate ``rows`` (Q, p), -inf where a
+    row is -1. Each row's stored tokens (``tokens_of(unique rows)``) are read once however many
+    queries share it; ``clock.lap`` (optional) marks the gather and rerank stages."""
+    flat = rows.reshape(-1)
+    valid = flat >= 0
+    uniq, inverse = np.unique(flat[valid], return_inverse=True)
+    tokens = torch.from_numpy(np.asarray(tokens_of(uniq), dtype=np.float32))
+    if clock:
+        clock.lap("gather")
+    captions = np.repeat(np.arange(len(queries)), rows.shape[1])[valid]
+    scores = np.full(flat.shape, -np.inf, dtype=np.float32)
+    scores[valid] = reranker.score_pairs(list(queries), tokens, captions, inverse, batch_size=batch_size)
+    if clock:
+        clock.lap("rerank")
+    return scores.reshape(rows.shape)

@@ -21,7 +21,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from .devices import inference_autocast
+from .devices import precision_autocast
 from .errors import BadInput
 from .models.bundle import EdjeModel
 from .pipeline import ImageEmbedder
@@ -123,7 +123,7 @@ def embed_captions(model: EdjeModel, captions: Sequence[str], batch_size: int = 
     """First-stage text embeddings (N, E) float32, L2-normalised."""
     out = []
     for s in range(0, len(captions), batch_size):
-        with inference_autocast(model.device):
+        with precision_autocast(model.device):
             emb = model.embed_texts(list(captions[s:s + batch_size]))
         out.append(torch.nn.functional.normalize(emb.float(), dim=-1).cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, model.first_stage.embed_dim), np.float32)
@@ -139,7 +139,7 @@ def joint_and_cosine(model: EdjeModel, captions: Sequence[str], vectors: np.ndar
     caption_idx = np.array([first.setdefault(c, len(first)) for c in captions], dtype=np.int64)
     unique = list(first)
     image_idx = np.asarray(image_idx, dtype=np.int64)
-    with inference_autocast(model.device):
+    with precision_autocast(model.device):
         logits = model.reranker.score_pairs(unique, tokens, caption_idx, image_idx, batch_size=batch_size)
     if not cosine:
         return logits, None

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 
+import click
 import pytest
 from click.testing import CliRunner
 
@@ -153,7 +154,9 @@ def test_json_is_valid_utf8_for_file_names_that_are_not(tmp_path, tiny_model_dir
 
 
 def test_remove_a_folder_removes_everything_under_it(built_index, shapes_dir):
-    out = json.loads(run("remove", shapes_dir / "test", "--index", built_index, "--json").stdout)
+    refused = run("remove", shapes_dir / "test", "--index", built_index, ok=False)
+    assert refused.exit_code == 2 and "--all" in refused.output
+    out = json.loads(run("remove", shapes_dir / "test", "--index", built_index, "--all", "--json").stdout)
     assert out == {"removed": 40, "images": 0}
     again = run("remove", shapes_dir / "test", "--index", built_index, ok=False)
     assert again.exit_code == 1 and "nothing in the index" in again.output
@@ -259,3 +262,31 @@ def test_train_first_stage_then_reranker_then_eval(tmp_path, shapes_dir):
     with torch.no_grad():
         fs.clip.logit_scale.add_(1.0)
     assert load_cached_features(first / "features.pt", features_key(fs, data)) is None
+
+
+def test_train_flags_come_from_the_config_and_a_saved_config_is_overridden_by_typed_flags(tmp_path):
+    """`train` flags are generated from the config dataclasses: same names and defaults as the
+    library, and `--config FILE` starts from a saved run's config that typed flags override."""
+    import dataclasses as dc
+
+    from click.testing import CliRunner
+    from edje_search.training.configs import RerankerTrainConfig
+    from edje_search_cli.config_flags import config_flags, config_from_flags
+
+    @click.command()
+    @config_flags(RerankerTrainConfig)
+    def show(config_file, **flags):
+        click.echo(json.dumps(dc.asdict(config_from_flags(RerankerTrainConfig, flags, config_file))))
+
+    runner = CliRunner()
+    plain = json.loads(runner.invoke(show, []).output)
+    assert plain == dc.asdict(RerankerTrainConfig())
+    saved = tmp_path / "train_config.json"
+    saved.write_text(json.dumps(dc.asdict(RerankerTrainConfig(steps=77, lr=5e-5, mlp_dim=64))))
+    got = json.loads(runner.invoke(show, ["--config", str(saved), "--steps", "12"]).output)
+    assert (got["steps"], got["lr"], got["mlp_dim"]) == (12, 5e-5, 64)
+    saved.write_text(json.dumps({"steps": 3, "no_such_field": 1}))
+    res = runner.invoke(show, ["--config", str(saved)])
+    assert res.exit_code == 2 and "no_such_field" in res.output
+    res = runner.invoke(show, ["--variant", "nonsense"])
+    assert res.exit_code == 2

@@ -2,7 +2,7 @@
 equals a clean one.
 
 The default suite injects the crash deterministically between the commit's steps
-(index_store._fault: the same points where kill -9 would hurt most); the slow suite keeps the
+(storage/layout.fault: the same points where kill -9 would hurt most); the slow suite keeps the
 random kill -9 trials against the real command line.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ import pytest
 
 from edje_search import Engine
 from edje_search.data.synthetic import make_dataset
-from edje_search.storage import index_store
+from edje_search.storage import compaction, layout
 
 POINTS = ["after_vectors", "after_tokens", "after_faiss", "after_manifest", "after_optimize_commit"]
 
@@ -62,13 +62,13 @@ def test_crash_at_every_commit_step_keeps_the_index_whole(point, hit, tmp_path, 
             if calls["n"] == hit:
                 raise SimulatedCrash(name)
 
-    monkeypatch.setattr(index_store, "_fault", crash_at)
+    monkeypatch.setattr(layout, "fault", crash_at)
     index = tmp_path / "idx"
     # "after_optimize_commit" is reached once the FAISS segments are merged: force small merges
-    monkeypatch.setattr(index_store, "MERGE_FANOUT", 2)
+    monkeypatch.setattr(compaction, "MERGE_FANOUT", 2)
     with pytest.raises(SimulatedCrash):
         _build(shapes_dir / "test", index, tiny_model_dir)
-    monkeypatch.setattr(index_store, "_fault", lambda name: None)
+    monkeypatch.setattr(layout, "fault", lambda name: None)
     engine = Engine.from_pretrained(index)  # the crashed index opens, verifies and answers
     assert engine.verify() == []
     if len(engine.store):

@@ -31,6 +31,34 @@ def test_autocast_dtype_by_device_and_precision():
         autocast_dtype(cpu, "int4")
 
 
+def test_search_eval_and_calibrate_score_pairs_under_one_precision_rule(built_index, shapes_dir, monkeypatch):
+    """Search, evaluation and calibration ask devices.precision_autocast for the same precision
+    ("auto" unless told), so on a GPU they score pairs in one dtype (bf16 where the GPU has it)."""
+    from edje_search import devices, engine as engine_module, evaluation
+    from edje_search.data.annotations import read_captions
+
+    asked: dict[str, list[str]] = {"search": [], "eval": []}
+
+    def recorder(where):
+        def record(device, precision="auto"):
+            asked[where].append(precision)
+            return devices.precision_autocast(device, precision)
+        return record
+
+    monkeypatch.setattr(engine_module, "precision_autocast", recorder("search"))
+    monkeypatch.setattr(evaluation, "precision_autocast", recorder("eval"))
+    eng = Engine.from_pretrained(built_index, device="cpu")
+    eng.search("a red circle", k=3, rerank_k=5)
+    data = read_captions(shapes_dir / "test.json")
+    evaluation.evaluate([eng.model], data, rerank_k=5, progress=False)
+    evaluation.calibrate_fusion(eng.model, data, rerank_k=5, weights=(0.0, 1.0), progress=False)
+    assert set(asked["search"]) == set(asked["eval"]) == {"auto"}
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert autocast_dtype(torch.device("cuda"), "auto") is torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert autocast_dtype(torch.device("cuda"), "auto") is torch.float16
+
+
 def test_engine_create_puts_the_model_on_the_device_asked_for(tiny_model_dir, tmp_path):
     engine = Engine.create(tmp_path / "a", load_model(tiny_model_dir), device="cpu")
     assert engine.model.device == torch.device("cpu")

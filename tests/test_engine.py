@@ -10,6 +10,7 @@ import torch
 
 from edje_search import Engine, ModelMismatch, load_model
 from edje_search.models.registry import build_tiny_model
+from edje_search.ranking import score_rows
 
 QUERIES = ["a small red circle left of a large blue square", "two small green triangles and a small white diamond"]
 
@@ -22,7 +23,8 @@ def test_rerank_everything_equals_brute_force(built_index):
     for q in QUERIES:
         hits = engine.search(q, k=n, rerank_k=n)
         rows = [e.row for e in engine.store.entries]
-        brute = engine.rerank_all(q)
+        with torch.inference_mode():  # every live row scored through the engine's pool scorer
+            brute = score_rows(engine.model.reranker, engine.store.tokens.get, [q], np.array([rows]), 64)[0]
         # reference: score every image independently, one pair at a time
         with torch.no_grad():
             tok = torch.from_numpy(engine.store.tokens.get(rows).astype(np.float32))

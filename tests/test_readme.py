@@ -1,6 +1,6 @@
-"""The README's Python examples run as written, against tiny models built offline.
+"""The Python examples of README.md and docs/library.md run as written, against tiny models built offline.
 
-Each ```python block of README.md runs in a fresh namespace, in a folder holding ``./photos``,
+Each ```python block of those pages runs in a fresh namespace, in a folder holding ``./photos``,
 with ``$EDJE_HOME`` holding a tiny ``edje-demo``. The names a block leaves to the reader
 (``MODEL_DIR``, ``image_paths``, ``captions``) are given; what the block computes is checked.
 """
@@ -16,16 +16,17 @@ import torch
 from edje_search import EdjeModel
 from edje_search.convert import convert_official
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+PAGES = (ROOT / "README.md", ROOT / "docs" / "library.md")
 
 
 def python_blocks() -> list[str]:
-    return re.findall(r"^```python\n(.*?)^```$", README.read_text(), flags=re.S | re.M)
+    return [b for page in PAGES for b in re.findall(r"^```python\n(.*?)^```$", page.read_text(), flags=re.S | re.M)]
 
 
 def block_with(text: str) -> str:
     found = [b for b in python_blocks() if text in b]
-    assert len(found) == 1, f"expected one README python block containing {text!r}, found {len(found)}"
+    assert len(found) == 1, f"expected one python block containing {text!r} in the pages, found {len(found)}"
     return found[0]
 
 
@@ -45,6 +46,8 @@ def readme_home(tmp_path, monkeypatch, tiny_model_dir, shapes_dir) -> Path:
 def test_every_python_block_is_covered():
     blocks = python_blocks()
     assert len(blocks) == 3
+    readme = PAGES[0].read_text()
+    assert "Engine.create_or_open" in readme, "the README keeps the library example"
     covered = ("Engine.create_or_open", "except EdjeError", "Reranker.from_pretrained(MODEL_DIR)")
     assert all(any(c in b for c in covered) for b in blocks)
 
@@ -56,6 +59,10 @@ def test_library_example(readme_home, capsys):
     printed = capsys.readouterr().out.strip().splitlines()
     assert len(printed) == 5 and all(line.startswith(str(i + 1)) for i, line in enumerate(printed))
     assert (readme_home / "indexes" / "photos").is_dir()
+    # the output the README shows is this run's (benchmarks/readme_example.py sets it up the same way)
+    shown = (ROOT / "benchmarks" / "results" / "readme_library_example.txt").read_text().splitlines()[1:]
+    assert [line.replace(f"{readme_home}/", "") for line in printed] == shown
+    assert all(f"    {line}" in PAGES[0].read_text() for line in shown)
 
 
 def test_error_example(readme_home, capsys):

@@ -21,7 +21,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from edje_search import Engine  # noqa: E402
 from edje_search.serve import (  # noqa: E402
-    BatchSettings, MicroBatcher, Overloaded, ServeLimits, create_app, index_view, schemas)
+    BatchSettings, MicroBatcher, Overloaded, ServeLimits, create_app, schemas)
 from edje_search.serve.files import FileRefused, read_indexed_file  # noqa: E402
 
 QUERY = "a small red circle left of a large blue square"
@@ -95,7 +95,7 @@ def test_get_search_matches_the_engine_and_shows_both_orders(client, engine):
     t = body["timings"]
     assert {"text_embed", "faiss", "gather", "rerank", "total"} <= set(t["stages_ms"])
     assert t["batch_queries"] >= 1 and t["queue_ms"] >= 0
-    assert body["generation"] == index_view.generation(engine)
+    assert body["generation"] == engine.generation
 
 
 def test_post_search_batch_equals_single_queries(client):
@@ -163,7 +163,7 @@ def test_image_search_by_upload_and_by_row(client, engine):
     assert r.status_code == 200, r.text
     body = r.json()
     schemas.ImageSearchResponse.model_validate(body)
-    vectors = index_view.row_vectors(engine, rows)
+    vectors = np.asarray(engine.store.vectors(rows), dtype=np.float32)
     sims = vectors @ vectors[rows.index(row)]
     expected = [rows[i] for i in np.argsort(-sims, kind="stable") if rows[i] != row][:4]
     assert body["query_row"] == row and [h["row"] for h in body["hits"]] == expected
@@ -236,10 +236,10 @@ def test_symlink_escape_and_non_images_are_refused(tmp_path):
 # ---------------------------------------------------------------------------- status, docs, pages
 def test_info_health_docs_and_gallery(client, engine):
     info = client.get("/info").json()
-    assert info["images"] == index_view.image_count(engine) and info["limits"]["max_k"] == 100
+    assert info["images"] == len(engine) and info["limits"]["max_k"] == 100
     assert info["batching"]["max_batch"] == 32
     health = client.get("/health").json()
-    assert health["status"] == "ok" and health["images"] == index_view.image_count(engine)
+    assert health["status"] == "ok" and health["images"] == len(engine)
     paths = client.get("/openapi.json").json()["paths"]
     assert {"/search", "/search/image", "/images/{row}", "/thumbnails/{row}", "/info", "/health"} <= set(paths)
     assert {"get", "post"} <= set(paths["/search"])
@@ -271,9 +271,12 @@ def test_token_required_on_every_endpoint(engine):
         assert c.post("/search", json={"queries": [QUERY]}, headers=good).status_code == 200
         assert_json_error(c.post("/search/image", data={"row": 0}), 401)
         assert c.get("/", headers={"WWW-Authenticate": "x"}).status_code == 401
-        # a browser: /?token= once sets the session cookie, then <img> requests carry it
-        assert_json_error(c.get("/?token=wrong", follow_redirects=False), 401)
-        r = c.get("/?token=s3cret-token", follow_redirects=False)
+        # a browser: sent to the login form, whose POST sets the session cookie; <img> requests carry it
+        assert c.get("/", headers={"Accept": "text/html"}, follow_redirects=False).headers["location"] == "/login"
+        assert 'name="token"' in c.get("/login").text
+        assert c.post("/login", data={"token": "wrong"}, follow_redirects=False).status_code == 401
+        assert_json_error(c.get("/?token=s3cret-token", follow_redirects=False), 401)  # URLs carry no login
+        r = c.post("/login", data={"token": "s3cret-token"}, follow_redirects=False)
         cookie = r.headers["set-cookie"]
         assert r.status_code == 303 and "HttpOnly" in cookie and "s3cret" not in cookie
         assert c.get("/thumbnails/0").status_code == 200

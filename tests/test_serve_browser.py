@@ -94,10 +94,14 @@ def wait_for_thumbnails(page, n: int) -> None:
 
 def test_gallery_search_switch_viewer_and_image_search(server, page, _built_index):
     url, headers = server
-    # without the token the page is refused; /?token= sets the session cookie and redirects to /
+    # without the token the page is refused; a browser is sent to the login form, whose POST sets
+    # the session cookie and redirects to /
     assert httpx.get(f"{url}/").status_code == 401
-    page.goto(f"{url}/?token={TOKEN}")
-    assert page.url == f"{url}/"
+    page.goto(f"{url}/")
+    assert page.url == f"{url}/login"
+    page.fill("#token", TOKEN)
+    page.click("#login-button")
+    page.wait_for_url(f"{url}/")
     page.wait_for_function("() => document.querySelector('#index-info').textContent.includes('40 images')")
 
     page.fill("#query", QUERY)

@@ -9,7 +9,7 @@ import pytest
 from edje_search.config import IndexConfig
 from edje_search.storage import vector_index
 from edje_search.errors import BadInput, EdjeError, IndexCorrupt, IndexLocked
-from edje_search.storage.index_store import IndexError_, IndexStore
+from edje_search.storage.index_store import IndexStore
 from edje_search.storage.token_store import (Int8ZarrTokenStore, MemoryTokenStore, TokenStore, ZarrTokenStore,
                                              bytes_per_image, create_token_store, open_token_store,
                                              quantize_per_token)
@@ -177,7 +177,7 @@ def test_open_errors_are_clear(tmp_path):
     (tmp_path / "old" / "index.json").write_text('{"format_version": 1}')
     with pytest.raises(IndexCorrupt, match="format 1"):
         IndexStore.open(tmp_path / "old")
-    assert issubclass(IndexCorrupt, EdjeError) and IndexError_ is IndexCorrupt
+    assert issubclass(IndexCorrupt, EdjeError)
 
 
 def test_create_is_atomic_and_never_touches_an_existing_index(tmp_path):
@@ -239,7 +239,7 @@ def test_damage_is_found_by_verify_and_fixed_by_repair(tmp_path):
     # stored vectors in one commit
     for p in (root / "faiss").glob("seg-*"):
         p.unlink()
-    from edje_search.storage.index_store import verify_index
+    from edje_search.inspection import verify_index
     assert any("FAISS file missing" in p for p in verify_index(root))
     with pytest.raises(IndexCorrupt, match="repair"):
         IndexStore.open(root)
@@ -324,7 +324,7 @@ def test_removal_works_for_every_recipe(tmp_path, factory):
 
 
 def test_segments_merge_and_recipes_retrain_as_the_index_grows(tmp_path, monkeypatch):
-    from edje_search.storage import index_store
+    from edje_search.storage import compaction
     monkeypatch.setattr(vector_index, "FLAT_BELOW", 500)  # a small index stands in for 100k vectors
     rng = np.random.default_rng(9)
     centers = _unit(rng, 20, 16)
@@ -341,7 +341,7 @@ def test_segments_merge_and_recipes_retrain_as_the_index_grows(tmp_path, monkeyp
     with store.writing():
         done = store.optimize()
     assert done["action"] == "retrain" and store.recipe.startswith("IVF") and store.settings["nprobe"] >= 1
-    assert done["recall_at_10"] >= index_store.TARGET_RECALL
+    assert done["recall_at_10"] >= compaction.TARGET_RECALL
     _commit(store, ["/late"], v[:1], t[:1])  # new rows are encoded with the trained recipe
     reopened = IndexStore.open(tmp_path / "i")
     assert reopened.verify() == [] and len(reopened) == 2001

@@ -23,6 +23,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import BadInput, EdjeError
+from ..indexer import BuildReport, changed_or_gone
 from ..pipeline import BackgroundCommits
 from ..storage.token_store import working_dtype
 from .sources import SHARD_SEPARATOR, Source, resolve_source
@@ -61,13 +62,12 @@ def ray_build_index(engine, source: str | os.PathLike, *, address: str | None = 
     does; files whose size or modification time changed are dropped and embedded again.
     Returns the BuildReport (added, unchanged, removed, skipped with reasons).
     """
-    from ..engine import BuildReport
-
     if batch_size <= 0 or decode_batch <= 0 or commit_every <= 0:
         raise BadInput("batch_size, decode_batch and commit_every must be positive")
     ray = import_ray()
     src = resolve_source(source)
-    model = engine.model
+    indexer = engine.indexer
+    model = indexer.model
     if model.path is None:
         raise BadInput("the Ray build needs a saved model directory (the index's model)")
     own_ray = not ray.is_initialized()
@@ -85,7 +85,7 @@ def ray_build_index(engine, source: str | os.PathLike, *, address: str | None = 
             raise BadInput("device cuda asked for, but the Ray cluster has no GPUs")
         actors = actors or (gpus if device.startswith("cuda") else 1)
         removed = _drop_changed_and_gone(engine, src, Path(source)) if src.kind == "files" else 0
-        ds = _dataset(ray, engine, src, DecodeSpec.for_model(model), decode_batch, report)
+        ds = _dataset(ray, indexer.store, src, DecodeSpec.for_model(model), decode_batch, report)
         if ds is None:
             report.removed = removed
             return report
@@ -93,9 +93,9 @@ def ray_build_index(engine, source: str | os.PathLike, *, address: str | None = 
         # (max_task_retries=-1) by default; tests/test_ray_build.py kills one mid-build.
         ds = ds.map_batches(
             EmbedWorker, batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
-            fn_constructor_kwargs=dict(model_dir=str(model.path), fingerprint=engine.store.config.model_fingerprint,
+            fn_constructor_kwargs=dict(model_dir=str(model.path), fingerprint=indexer.store.config.model_fingerprint,
                                        device=device, precision=precision,
-                                       token_dtype=working_dtype(engine.store.config.token_dtype),
+                                       token_dtype=working_dtype(indexer.store.config.token_dtype),
                                        threads=max(1, int(actor_cpus))),
             num_gpus=1 if device.startswith("cuda") else 0, num_cpus=actor_cpus,
         )
@@ -110,7 +110,9 @@ def ray_build_index(engine, source: str | os.PathLike, *, address: str | None = 
                     commits.submit(engine.add_embeddings, [str(p) for p in batch["path"][ok]],
                                    batch["vector"][ok], batch["tokens"][ok],
                                    metadata=metas if any(m is not None for m in metas) else None,
-                                   hashes=[str(h) for h in batch["sha256"][ok]], optimize=False)
+                                   hashes=[str(h) for h in batch["sha256"][ok]],
+                                   stats=list(zip(batch["size"][ok].tolist(), batch["mtime_ns"][ok].tolist())),
+                                   optimize=False)
                 if on_batch is not None:
                     on_batch(received)
         for part in commits.wait():
@@ -124,12 +126,12 @@ def ray_build_index(engine, source: str | os.PathLike, *, address: str | None = 
     return report
 
 
-def _dataset(ray, engine, src: Source, spec: DecodeSpec, decode_batch: int, report):
+def _dataset(ray, store, src: Source, spec: DecodeSpec, decode_batch: int, report):
     """The decoded-rows dataset of the images of ``src`` not yet in the index (None: nothing new)."""
     if src.kind == "shards":
         rows = []
         for shard in src.paths:
-            done = [e.path for e in engine.store.live_under(shard + SHARD_SEPARATOR)]
+            done = [e.path for e in store.live_under(shard + SHARD_SEPARATOR)]
             rows.append({"shard": shard, "done": json.dumps(done)})
             report.unchanged += len(done)
         return ray.data.from_items(rows, override_num_blocks=max(1, len(rows))).map_batches(
@@ -137,7 +139,7 @@ def _dataset(ray, engine, src: Source, spec: DecodeSpec, decode_batch: int, repo
     todo = []
     for s in range(0, len(src.paths), LOOKUP_CHUNK):
         part = list(src.paths[s:s + LOOKUP_CHUNK])
-        known = engine.store.lookup_paths(part)
+        known = store.lookup_paths(part)
         report.unchanged += len(known)
         todo += [p for p in part if p not in known]
     if not todo:
@@ -148,17 +150,13 @@ def _dataset(ray, engine, src: Source, spec: DecodeSpec, decode_batch: int, repo
 
 
 def _drop_changed_and_gone(engine, src: Source, root: Path) -> int:
-    """Drop rows of files that changed (size, mtime) or, for a folder, that are gone; how many."""
-    from ..engine import _file_stat
-
-    gone: list[str] = []
-    seen = set(src.paths)
+    """Drop rows of files that changed or, for a folder, that are gone (indexer.changed_or_gone,
+    the rule of the single-process build); how many."""
+    store = engine.indexer.store
+    rows: list[int] = []
     for s in range(0, len(src.paths), LOOKUP_CHUNK):
-        part = list(src.paths[s:s + LOOKUP_CHUNK])
-        # rows without a recorded size/mtime (size -1: added from precomputed embeddings) count as unchanged
-        gone += [p for p, e in engine.store.lookup_paths(part).items()
-                 if e.size >= 0 and _file_stat(p) != (e.size, e.mtime_ns)]
+        changed, _ = changed_or_gone(store, list(src.paths[s:s + LOOKUP_CHUNK]))
+        rows += changed
     if root.is_dir():
-        prefix = os.path.abspath(root).rstrip(os.sep) + os.sep
-        gone += [e.path for e in engine.store.live_under(prefix) if e.path not in seen]
-    return engine.remove(gone) if gone else 0
+        rows += changed_or_gone(store, [], root=str(root), seen=set(src.paths))[1]
+    return engine.indexer.remove_rows(rows) if rows else 0

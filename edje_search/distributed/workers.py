@@ -14,7 +14,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from ..images import DecodeLimits, ImageFileDataset, decode_image, failure_reason, file_sha256, time_limit
+from ..images import DecodeLimits, ImageFileDataset, decode_untrusted, failure_reason, file_sha256, time_limit
 from .sources import iter_shard
 
 logger = logging.getLogger(__name__)
@@ -36,13 +36,17 @@ class DecodeSpec:
 
 
 def _rows(spec: DecodeSpec, paths: list[str], shas: list[str], pixels: list, errors: list[str],
-          metas: list[str]) -> dict[str, np.ndarray]:
+          metas: list[str], stats: list | None = None) -> dict[str, np.ndarray]:
+    stats = [st or (-1, -1) for st in stats] if stats else [(-1, -1)] * len(paths)
     blank = np.zeros((3, spec.image_size, spec.image_size), np.float32)
     return {
         "path": np.array(paths, dtype=object),
         "sha256": np.array(shas, dtype=object),
         "meta": np.array(metas, dtype=object),  # JSON text ("" for none): dicts of any keys travel as text
         "error": np.array(errors, dtype=object),
+        # (size, mtime_ns) of exactly the bytes read, so later builds notice a changed file; -1 for shard samples
+        "size": np.array([st[0] for st in stats], dtype=np.int64),
+        "mtime_ns": np.array([st[1] for st in stats], dtype=np.int64),
         "pixels": np.stack([blank if p is None else np.asarray(p, np.float32) for p in pixels]) if paths
         else np.zeros((0, 3, spec.image_size, spec.image_size), np.float32),
     }
@@ -56,14 +60,13 @@ def decode_files(batch: dict[str, np.ndarray], spec: DecodeSpec) -> dict[str, np
     paths = [str(p) for p in batch["path"]]
     items = [dataset.load(i, p) for i, p in enumerate(paths)]
     return _rows(spec, paths, [it["sha256"] or "" for it in items], [it["pixels"] for it in items],
-                 [it["error"] or "" for it in items], [""] * len(paths))
+                 [it["error"] or "" for it in items], [""] * len(paths), [it["stat"] for it in items])
 
 
 def decode_bytes(data: bytes, spec: DecodeSpec):
     """Image bytes -> preprocessed (3, S, S) tensor; raises like the file path does."""
     with time_limit(spec.limits.seconds):
-        image = decode_image(data, spec.image_size, resize_mode=spec.resize_mode,
-                             max_pixels=spec.limits.max_pixels, max_resized_pixels=spec.limits.max_resized_pixels)
+        image = decode_untrusted(data, spec.limits, spec.image_size, resize_mode=spec.resize_mode)
         return spec.transform(image)
 
 
@@ -132,4 +135,4 @@ class EmbedWorker:
             vectors[ok], tokens[ok] = embed_pixels(self.model, pixels, precision=self.precision,
                                                    token_dtype=self.token_dtype)
         return {"path": batch["path"], "sha256": batch["sha256"], "meta": batch["meta"], "error": batch["error"],
-                "vector": vectors, "tokens": tokens}
+                "size": batch["size"], "mtime_ns": batch["mtime_ns"], "vector": vectors, "tokens": tokens}

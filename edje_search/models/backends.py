@@ -17,7 +17,6 @@ special-token ids in the example are the model's own.
 from __future__ import annotations
 
 import copy
-import hashlib
 import logging
 import warnings
 from pathlib import Path
@@ -30,6 +29,7 @@ from torch import nn
 from ..errors import BadInput
 from ..fsutil import atomic_write
 from .joint_encoder import JointEncoder
+from .loading import weights_hash
 from .names import BACKENDS, edje_home
 
 logger = logging.getLogger(__name__)
@@ -98,14 +98,6 @@ class OnnxScorer:
                  "image_tokens": image_tokens.detach().float().cpu().numpy()}
         (logits,) = self.session.run(["logits"], feeds)
         return torch.from_numpy(logits).to(input_ids.device)
-
-
-def weights_hash(module: nn.Module) -> str:
-    h = hashlib.sha256()
-    for name, t in sorted(module.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def onnx_cache_dir() -> Path:
@@ -179,7 +171,7 @@ def make_scorer(joint: JointEncoder, backend: str, example: Mapping[str, torch.T
             copy.deepcopy(_ScoreGraph(joint)).float().cpu(),
             {nn.Linear: torch.ao.quantization.per_channel_dynamic_qconfig}, dtype=torch.qint8)
         return TorchScorer("dynamic-int8", quantized, device=torch.device("cpu"))
-    folder = (cache_dir or onnx_cache_dir()) / weights_hash(joint)
+    folder = (cache_dir or onnx_cache_dir()) / weights_hash(joint)[:16]
     fp32 = folder / "scorer.onnx"
     if not fp32.is_file():
         export_onnx(joint, fp32, example)

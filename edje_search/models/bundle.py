@@ -65,7 +65,7 @@ class EdjeModel:
         if self._fingerprint is None:
             if self.path is None:
                 raise RuntimeError("fingerprint() needs a saved model; call save_pretrained first")
-            self._fingerprint = tensor_fingerprint(self.path)  # a model saved before fingerprints were stored
+            self._fingerprint = tensor_fingerprint(self.path)  # edje.json without a fingerprint: hash once
         return self._fingerprint
 
     def save_pretrained(self, directory: str | Path) -> Path:

@@ -17,12 +17,10 @@ import torch.nn.functional as F
 from open_clip.model import CLIP, CustomTextCLIP
 from open_clip.timm_model import TimmModel
 from open_clip.transformer import VisionTransformer
-from safetensors.torch import save_model
 from torch import nn
 
-from .loading import map_weights, skip_init
-from ..config import FirstStageConfig, load_config, save_config
-from ..fsutil import atomic_write
+from .loading import map_weights, save_component, skip_init
+from ..config import FirstStageConfig, load_config
 
 CONFIG_NAME = "first_stage.json"
 WEIGHTS_NAME = "first_stage.safetensors"
@@ -135,11 +133,7 @@ class FirstStage(nn.Module):
 
     # ---------------------------------------------------------------------------- persistence
     def save_pretrained(self, directory: str | Path) -> None:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        save_config(self.config, directory / CONFIG_NAME)
-        # atomic: a process that has these weights memory-mapped (loading.map_weights) keeps its copy
-        atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_model(self.clip, str(tmp)))
+        directory = save_component(directory, self.config, CONFIG_NAME, self.clip, WEIGHTS_NAME)
         if self.tokenizer_dir is not None and self.tokenizer_dir.resolve() != (directory / TOKENIZER_DIR).resolve():
             # tokenizer and architecture files only: the text weights are in our safetensors
             shutil.copytree(self.tokenizer_dir, directory / TOKENIZER_DIR, dirs_exist_ok=True,

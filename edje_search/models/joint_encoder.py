@@ -1,6 +1,6 @@
 """The joint encoder: a BERT that reads a caption and an image's stored tokens together.
 
-Input layout (DESIGN.md): the tokenizer's pair encoding of (caption, <image> x m), i.e.
+Input layout (docs/architecture.md): the tokenizer's pair encoding of (caption, <image> x m), i.e.
 ``[CLS] caption [SEP] <image> ... <image> [SEP]`` with token types 0/1, and the word
 embeddings at the ``<image>`` positions replaced by the m image tokens, in order.
 """

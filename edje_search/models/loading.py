@@ -23,12 +23,18 @@ when the weights come from a file right after:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 from pathlib import Path
 from unittest import mock
 
+import torch
+from safetensors.torch import save_model
 from torch import nn
+
+from ..config import save_config
+from ..fsutil import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -94,3 +100,26 @@ def map_weights(module: nn.Module, path: str | Path) -> tuple[list[str], list[st
         return load_model(module, str(path), strict=False)
     result = module.load_state_dict(state, strict=False, assign=True)
     return list(result.missing_keys), list(result.unexpected_keys)
+
+
+def save_component(directory: str | Path, config, config_name: str, module: nn.Module, weights_name: str) -> Path:
+    """Write one model part's directory: its frozen config as JSON and its weights as safetensors.
+
+    The weights file is replaced by an atomic rename, so a process that has the old weights
+    memory-mapped (:func:`map_weights`) keeps reading its own copy."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_config(config, directory / config_name)
+    atomic_write(directory / weights_name, lambda tmp: save_model(module, str(tmp)))
+    return directory
+
+
+def weights_hash(module: nn.Module) -> str:
+    """SHA-256 of every parameter and buffer (name, dtype, shape, bytes) of a module in memory
+    (cache keys; a saved model is identified by models.info.tensor_fingerprint of its files)."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))  # no copy of the bytes
+    return h.hexdigest()

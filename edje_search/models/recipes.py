@@ -31,7 +31,7 @@ class Recipe:
 
 @dataclasses.dataclass(frozen=True)
 class PaperArchitecture:
-    """Shapes of a paper configuration (DESIGN.md); weights come from a hub or a conversion."""
+    """Shapes of a paper configuration (docs/architecture.md); weights come from a hub or a conversion."""
 
     open_clip_arch: str  # first stage and vision tokens
     open_clip_pretrained: str

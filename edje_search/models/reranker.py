@@ -11,18 +11,20 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, BertConfig, PreTrainedTokenizerBase
 
-from ..config import RerankerConfig, load_config, save_config
+from ..config import RerankerConfig, load_config
 from ..errors import BadInput, ModelMissing
-from ..fsutil import atomic_write, atomic_write_text
+from ..fsutil import atomic_write_text
 from .adapter import TokenCompressor, local_projector
 from .backends import PairScorer, make_scorer
+from .first_stage import FirstStage
+from .info import is_model_dir
 from .joint_encoder import JointEncoder, check_image_slots, encode_pairs
-from .loading import skip_init
+from .loading import save_component, skip_init
 
 CONFIG_NAME = "reranker.json"
 BERT_CONFIG_NAME = "bert_config.json"
@@ -208,8 +210,7 @@ class Reranker(nn.Module):
         evaluation. Each caption is pair-encoded once, not once per pair, and the stored tokens
         go to the device in one copy when they fit in :data:`TOKENS_ON_DEVICE_BYTES`; pairs then
         run in batches sorted by caption length, each cut to its longest caption, so a batch pads
-        to little. (Per-pair tokenising and host-side gathers held a GPU at a tenth of the joint
-        encoder's own rate: benchmarks/results/gpu.json.)
+        to little: a GPU then runs at the joint encoder's own rate instead of waiting on the host.
         """
         caption_idx = np.asarray(caption_idx, dtype=np.int64).reshape(-1)
         token_idx = np.asarray(token_idx, dtype=np.int64).reshape(-1)
@@ -279,30 +280,26 @@ class Reranker(nn.Module):
     # ---------------------------------------------------------------------------- persistence
     def save_pretrained(self, directory: str | Path) -> None:
         """Write a reranker directory (config, BERT config, tokenizer, weights); not the vision tower."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        save_config(self.config, directory / CONFIG_NAME)
+        directory = save_component(directory, self.config, CONFIG_NAME, self, WEIGHTS_NAME)
         atomic_write_text(directory / BERT_CONFIG_NAME, self.language_model.config.to_json_string())
         self.tokenizer.save_pretrained(str(directory / TOKENIZER_DIR))
-        atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_model(self, str(tmp)))
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> "Reranker":
         """Load from a model directory (``edje.json``, ``first_stage/``, ``reranker/``) or from its
         ``reranker/`` sub-directory. The first stage's vision tower is attached whenever the
         model directory has one, so all three inputs of :meth:`score` work."""
-        from .bundle import EdjeModel, is_model_dir  # the bundle imports this module
-        from .first_stage import FirstStage
-
         directory = Path(directory)
         if is_model_dir(directory):
-            return EdjeModel.from_pretrained(directory).reranker
-        if not (directory / CONFIG_NAME).is_file():
+            reranker_dir, model_dir = directory / "reranker", directory
+        elif (directory / CONFIG_NAME).is_file():
+            reranker_dir, model_dir = directory, directory.parent
+        else:
             raise ModelMissing(f"{directory} is neither a model directory (no edje.json) nor a reranker "
                                f"directory (no {CONFIG_NAME})")
-        reranker = cls.from_reranker_dir(directory)
-        if is_model_dir(directory.parent) and (directory.parent / "first_stage").is_dir():
-            reranker.attach_vision_encoder(FirstStage.from_pretrained(directory.parent / "first_stage"))
+        reranker = cls.from_reranker_dir(reranker_dir)
+        if is_model_dir(model_dir) and (model_dir / "first_stage").is_dir():
+            reranker.attach_vision_encoder(FirstStage.from_pretrained(model_dir / "first_stage").eval())
         return reranker
 
     @classmethod

@@ -12,13 +12,11 @@ from pathlib import Path
 import open_clip
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_model
 from torch import nn
 from transformers import AutoTokenizer, SiglipConfig, SiglipModel
 
-from ..config import FirstStageConfig, save_config
-from ..fsutil import atomic_write
-from .loading import map_weights, skip_init
+from ..config import FirstStageConfig
+from .loading import map_weights, save_component, skip_init
 
 CONFIG_NAME = "first_stage.json"
 WEIGHTS_NAME = "first_stage.safetensors"
@@ -79,10 +77,7 @@ class SiglipFirstStage(nn.Module):
         return F.normalize(out.pooler_output, dim=-1)
 
     def save_pretrained(self, directory: str | Path) -> None:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        save_config(self.config, directory / CONFIG_NAME)
-        atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_model(self.clip, str(tmp)))
+        directory = save_component(directory, self.config, CONFIG_NAME, self.clip, WEIGHTS_NAME)
         if self.tokenizer_dir.resolve() != (directory / TOKENIZER_DIR).resolve():
             self.tokenizer.save_pretrained(str(directory / TOKENIZER_DIR))
 

@@ -6,35 +6,42 @@ call goes through one :class:`~edje_search.serve.batching.MicroBatcher` and its 
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import logging
 from pathlib import Path
 from typing import Annotated, Optional
 
+import anyio
 from fastapi import FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from .. import __version__
+from ..config import DEFAULT_RERANK_K
 from ..engine import Engine
 from ..errors import BadInput, BadQuery, EdjeError, IndexCorrupt
-from ..images import decode_image
-from . import index_view, schemas
+from ..images import DecodeLimits, decode_untrusted
+from ..storage.roots import IndexedFolders
+from ..validation import MAX_ROW
+from . import schemas
 from .batching import BatchInfo, BatchSettings, MicroBatcher, Overloaded
 from .files import FileRefused, ThumbnailCache, read_indexed_file
+from .hardening import BodyTimeout
 from .limits import ServeLimits
+from .login import add_login_routes
 from .scoring_routes import UPLOAD_PATHS, scoring_router
 from .security import BodyLimit, InFlightLimit, RequestCounter, TokenAuth
 from .service import IMAGE_KEY, ImageJob, RowGone, SearchService, TextJob, text_key
 
 logger = logging.getLogger(__name__)
 STATIC_DIR = Path(__file__).parent / "static"
-ERRORS = {400: {"model": schemas.ErrorOut}, 401: {"model": schemas.ErrorOut}, 413: {"model": schemas.ErrorOut},
-          503: {"model": schemas.ErrorOut}}
+ERRORS = {400: {"model": schemas.ErrorOut}, 401: {"model": schemas.ErrorOut}, 408: {"model": schemas.ErrorOut},
+          413: {"model": schemas.ErrorOut}, 503: {"model": schemas.ErrorOut}}
 
 
 def _documented(model) -> dict:
@@ -74,17 +81,31 @@ def _row_number(row: str) -> int:
 
 def create_app(engine: Engine, *, limits: ServeLimits | None = None, batching: BatchSettings | None = None,
                token: str | None = None, refresh_interval_s: float = 1.0, thumbnail_size: int = 256,
-               max_in_flight: int | None = None) -> FastAPI:
+               max_in_flight: int | None = None, allowed_hosts: list[str] | None = None) -> FastAPI:
     """The ASGI app serving ``engine``. ``token`` (when given) is required on every request;
     ``limits`` and ``batching`` default to :class:`ServeLimits` and :class:`BatchSettings`;
-    ``max_in_flight`` requests at once (default: max_queue + max_batch), more get 503."""
+    ``max_in_flight`` requests at once (default: max_queue + max_batch), more get 503;
+    ``allowed_hosts`` (when given) are the only Host header names answered (others get 400)."""
     limits = limits or ServeLimits()
     batching = batching or BatchSettings()
     service = SearchService(engine, refresh_interval_s=refresh_interval_s)
     in_progress = RequestCounter()
     batcher = MicroBatcher(service.run, batching, before_batch=service.maybe_refresh,
                            coming=lambda: in_progress.value - batcher.queued_jobs - batcher.running_jobs)
-    thumbnails = ThumbnailCache(size=thumbnail_size)
+    folders = IndexedFolders(engine.directory)
+    thumbnails = ThumbnailCache(size=thumbnail_size, folders=folders)
+    # Every decode of untrusted bytes (uploads, thumbnails) and every indexed file read holds one of
+    # these slots, so simultaneous requests add up to at most this many images' memory.
+    decode_slots = anyio.CapacityLimiter(limits.max_concurrent_decodes)
+    image_size, resize_mode = engine.image_input
+    upload_limits = DecodeLimits(max_file_bytes=limits.max_upload_bytes)
+
+    async def in_decode_slot(fn, *args):
+        return await anyio.to_thread.run_sync(functools.partial(fn, *args), limiter=decode_slots)
+
+    def decode_upload(data: bytes):
+        # the same guarded decode as indexing: the header is checked against the model's resize first
+        return engine.preprocess(decode_untrusted(data, upload_limits, image_size, resize_mode=resize_mode))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -104,11 +125,15 @@ def create_app(engine: Engine, *, limits: ServeLimits | None = None, batching: B
     app.add_middleware(BodyLimit, limit_for=lambda path: limits.max_upload_bytes
                        if path == "/search/image" or path in UPLOAD_PATHS
                        else limits.max_json_bytes)
+    app.add_middleware(BodyTimeout, seconds=limits.body_timeout_s)
     # every admitted search can be in the engine's queue or batch; more than that is refused at once
     app.add_middleware(InFlightLimit, limit=max_in_flight or batching.max_queue + batching.max_batch,
                        counter=in_progress)
     if token is not None:
-        app.add_middleware(TokenAuth, token=token)  # added last = outermost: checked before anything else
+        app.add_middleware(TokenAuth, token=token)
+        add_login_routes(app, token)
+    if allowed_hosts is not None:  # outermost: a foreign Host (DNS rebinding) gets 400 before anything else
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts), www_redirect=False)
 
     # ------------------------------------------------------------------------------ errors
     @app.exception_handler(HTTPException)
@@ -164,7 +189,8 @@ def create_app(engine: Engine, *, limits: ServeLimits | None = None, batching: B
     @app.get("/search", response_model=None, responses=_documented(schemas.SearchResponse), tags=["search"])
     async def search(request: Request, q: str = Query(..., description="the text to search for"),
                      k: int = Query(10, description="results to return"),
-                     rerank_k: int = Query(20, description="first-stage candidates reranked by the joint encoder")):
+                     rerank_k: int = Query(DEFAULT_RERANK_K,
+                                           description="first-stage candidates reranked by the joint encoder")):
         """Top k images for one text query, in the reranked order and the first stage's order."""
         limits.check_query(q)
         limits.check_k(k)
@@ -172,7 +198,7 @@ def create_app(engine: Engine, *, limits: ServeLimits | None = None, batching: B
         (results, stages), info = await batcher.submit(text_key(rerank_k), TextJob([q], k), weight=1)
         p = prefix(request)
         result = results[0]
-        return JSONResponse({"query": q, "k": k, "rerank_k": rerank_k, "generation": index_view.generation(engine),
+        return JSONResponse({"query": q, "k": k, "rerank_k": rerank_k, "generation": engine.generation,
                              "hits": [_with_urls(h, p) for h in result["hits"]],
                              "first_stage": [_with_urls(h, p) for h in result["first_stage"]],
                              "timings": _timings(stages, info)})
@@ -187,7 +213,7 @@ def create_app(engine: Engine, *, limits: ServeLimits | None = None, batching: B
                                                        weight=len(queries))
         p = prefix(request)
         return JSONResponse({
-            "k": body.k, "rerank_k": body.rerank_k, "generation": index_view.generation(engine),
+            "k": body.k, "rerank_k": body.rerank_k, "generation": engine.generation,
             "results": [{"query": r["query"], "hits": [_with_urls(h, p) for h in r["hits"]],
                          "first_stage": [_with_urls(h, p) for h in r["first_stage"]]} for r in results],
             "timings": _timings(stages, info)})
@@ -195,35 +221,37 @@ def create_app(engine: Engine, *, limits: ServeLimits | None = None, batching: B
     @app.post("/search/image", response_model=None, responses=_documented(schemas.ImageSearchResponse), tags=["search"])
     async def search_image(request: Request,
                            file: Annotated[Optional[UploadFile], File(description="an image to search with")] = None,
-                           row: Annotated[Optional[int], Form(description="or an indexed row to search from")] = None,
+                           row: Annotated[Optional[int], Form(ge=0, le=MAX_ROW,
+                                                              description="or an indexed row to search from")] = None,
                            k: Annotated[int, Form()] = 10):
         """Nearest images by first-stage image embedding, to an uploaded image or an indexed one."""
         limits.check_k(k)
         if (file is None) == (row is None):
             raise HTTPException(400, "give exactly one of 'file' (an upload) or 'row' (an indexed image)")
         if row is not None:
-            if index_view.path_of_row(engine, row) is None:
+            if row not in engine.paths([row]):
                 raise RowGone(f"row {row} is not in the index")
             job = ImageJob(k=k, row=row)
         else:
             data = await file.read()
             try:
-                image = await run_in_threadpool(decode_image, data)
+                pixels = await in_decode_slot(decode_upload, data)
             except ValueError as e:
                 raise HTTPException(400, f"not a usable image: {e}") from None
-            job = ImageJob(k=k, pixels=await run_in_threadpool(index_view.preprocess, engine, image))
+            job = ImageJob(k=k, pixels=pixels)
         (result, stages), info = await batcher.submit(IMAGE_KEY, job)
         if isinstance(result, Exception):
             raise result
         p = prefix(request)
-        return JSONResponse({"query_row": row, "k": k, "generation": index_view.generation(engine),
+        return JSONResponse({"query_row": row, "k": k, "generation": engine.generation,
                              "hits": [_with_urls(h, p) for h in result], "timings": _timings(stages, info)})
 
     app.include_router(scoring_router(engine, batcher, limits))  # POST /score, /classify
 
     # ------------------------------------------------------------------------------ files
     def indexed_path(row: str) -> str:  # a manifest look-up: called in the thread pool, off the event loop
-        path = index_view.path_of_row(engine, _row_number(row))
+        number = _row_number(row)
+        path = engine.paths([number]).get(number)
         if path is None:
             raise HTTPException(404, f"row {row} is not in the index")
         return path
@@ -232,7 +260,7 @@ def create_app(engine: Engine, *, limits: ServeLimits | None = None, batching: B
              responses={200: {"content": {"image/*": {}}}, 404: {"model": schemas.ErrorOut}})
     async def image(row: str):
         """The original file of an indexed row (only files in the index are ever served)."""
-        data, media_type, _ = await run_in_threadpool(lambda: read_indexed_file(indexed_path(row)))
+        data, media_type, _ = await in_decode_slot(lambda: read_indexed_file(indexed_path(row), folders))
         return Response(data, media_type=media_type, headers={"Cache-Control": "private, max-age=60",
                                                                "X-Content-Type-Options": "nosniff"})
 
@@ -240,7 +268,7 @@ def create_app(engine: Engine, *, limits: ServeLimits | None = None, batching: B
              responses={200: {"content": {"image/jpeg": {}}}, 404: {"model": schemas.ErrorOut}})
     async def thumbnail(request: Request, row: str):
         """A JPEG of the indexed image, at most thumbnail_size pixels on its longer side (cached)."""
-        data, etag = await run_in_threadpool(lambda: thumbnails.get(indexed_path(row)))
+        data, etag = await in_decode_slot(lambda: thumbnails.get(indexed_path(row)))
         headers = {"ETag": etag, "Cache-Control": "private, max-age=300", "X-Content-Type-Options": "nosniff"}
         if request.headers.get("if-none-match") == etag:
             return Response(status_code=304, headers=headers)
@@ -250,7 +278,7 @@ def create_app(engine: Engine, *, limits: ServeLimits | None = None, batching: B
     @app.get("/health", tags=["status"])
     async def health():
         """Liveness: answers at once, even while the search queue is full."""
-        return {"status": "ok", "images": index_view.image_count(engine), "generation": index_view.generation(engine),
+        return {"status": "ok", "images": len(engine), "generation": engine.generation,
                 "queued": batcher.queued}
 
     @app.get("/info", tags=["status"])

@@ -5,6 +5,8 @@ from typing import Optional
 
 from pydantic import BaseModel, Field
 
+from ..config import DEFAULT_RERANK_K
+
 
 class HitOut(BaseModel):
     rank: int = Field(description="position in the reranked order (1 = best); may exceed k in `first_stage`")
@@ -43,7 +45,7 @@ class SearchResponse(SearchResult):
 class BatchRequest(BaseModel):
     queries: list[str]
     k: int = 10
-    rerank_k: int = 20
+    rerank_k: int = DEFAULT_RERANK_K
 
 
 class BatchResponse(BaseModel):

@@ -7,11 +7,9 @@ import logging
 import time
 from typing import Hashable
 
-import numpy as np
 import torch
 
-from ..engine import Engine, Hit, StageClock
-from . import index_view
+from ..engine import Engine, Hit
 
 logger = logging.getLogger(__name__)
 
@@ -70,8 +68,7 @@ class SearchService:
             return
         self._last_refresh = now
         if self.engine.refresh():
-            logger.info("index refreshed: generation %d, %d images", index_view.generation(self.engine),
-                        index_view.image_count(self.engine))
+            logger.info("index refreshed: generation %d, %d images", self.engine.generation, len(self.engine))
 
     def run(self, key: Hashable, jobs: list) -> list:
         if key == IMAGE_KEY:
@@ -80,7 +77,7 @@ class SearchService:
 
     def _text_batch(self, rerank_k: int, jobs: list[TextJob]) -> list[tuple[list[dict], dict]]:
         queries = [q for job in jobs for q in job.queries]
-        if index_view.image_count(self.engine) == 0:
+        if len(self.engine) == 0:
             return [([{"query": q, "hits": [], "first_stage": []} for q in job.queries], {}) for job in jobs]
         # the whole candidate pool comes back, so both orders can be shown
         pool_k = max(rerank_k, max(job.k for job in jobs))
@@ -95,31 +92,15 @@ class SearchService:
             out.append((results, stages))
         return out
 
-    @torch.inference_mode()
     def _image_batch(self, jobs: list[ImageJob]) -> list:
-        clock = StageClock()
-        uploads = [i for i, job in enumerate(jobs) if job.pixels is not None]
-        vectors = [None] * len(jobs)
-        if uploads:
-            embedded = index_view.embed_pixels(self.engine, torch.stack([jobs[i].pixels for i in uploads]))
-            for i, v in zip(uploads, embedded):
-                vectors[i] = v
-        clock.lap("image_embed")
-        results: list = [None] * len(jobs)
-        for i, job in enumerate(jobs):
-            if job.row is not None:
-                if index_view.path_of_row(self.engine, job.row) is None:
-                    results[i] = RowGone(f"row {job.row} is not in the index")
-                    continue
-                vectors[i] = index_view.row_vectors(self.engine, [job.row])[0]
-        clock.lap("gather")
-        live = [i for i in range(len(jobs)) if results[i] is None]
-        if live:
-            found = index_view.nearest_rows(self.engine, np.stack([vectors[i] for i in live]),
-                                            max(jobs[i].k for i in live), [jobs[i].row for i in live])
-            clock.lap("faiss")
-            for i, hits in zip(live, found):
-                results[i] = [{"rank": r + 1, "row": row, "path": index_view.path_of_row(self.engine, row),
-                               "first_stage_score": score} for r, (row, score) in enumerate(hits[:jobs[i].k])]
-        stages = {**clock.ms, "total": sum(clock.ms.values())}
+        queries = [job.pixels if job.pixels is not None else job.row for job in jobs]
+        found = self.engine.search_by_image(queries, k=max(job.k for job in jobs))
+        stages = dict(self.engine.last_timings)
+        results: list = []
+        for job, hits in zip(jobs, found):
+            if hits is None:
+                results.append(RowGone(f"row {job.row} is not in the index"))
+            else:
+                results.append([{"rank": h.rank, "row": h.row, "path": h.path, "first_stage_score": h.first_stage_score}
+                                for h in hits[:job.k]])
         return [(r, stages) for r in results]

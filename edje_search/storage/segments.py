@@ -7,9 +7,9 @@ commit leaves only a file that no committed generation names. Which segments exi
 recorded by the manifest in the commit's transaction, never by listing a folder.
 
 Why not Zarr: appending rows to a Zarr array rewrites its metadata and the last chunk or
-shard in place, which an object store cannot do atomically; and a gather through Zarr's codec
-pipeline costs tens of milliseconds for 50 rows (DESIGN.md) where a memory-mapped ``.npy``
-costs well under one. The ``.npy`` format keeps each segment readable by any numpy.
+shard in place, which an object store cannot do atomically; and a random gather through
+zarr-python's codec pipeline costs far more per row than a memory-mapped ``.npy``
+(docs/storage.md). The ``.npy`` format keeps each segment readable by any numpy.
 """
 from __future__ import annotations
 

@@ -114,7 +114,7 @@ class MemoryTokenStore:
 class ZarrTokenStore:
     """A chunked Zarr 3 array on local disk, chunked along rows for cheap random gathers.
 
-    Vision tokens barely compress (about 0.92x with Blosc-zstd, DESIGN.md), so chunks are
+    Vision tokens barely compress (Blosc-zstd leaves them at about 0.92x of their size), so chunks are
     stored raw; small row chunks keep a gather of k rows close to k small reads.
     """
 

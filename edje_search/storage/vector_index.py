@@ -14,7 +14,8 @@ except ImportError as e:  # FAISS is an extra: exactly one of faiss-cpu / faiss-
 
 
 def configure_faiss() -> None:
-    """FAISS settings that avoid slow paths (DESIGN.md): batched queries go through BLAS early."""
+    """FAISS settings that avoid slow paths: batched queries go through BLAS from 20 queries on
+    (FAISS's default threshold, 20, is kept explicit here so a FAISS upgrade cannot move it)."""
     faiss.cvar.distance_compute_blas_threshold = 20
 
 
@@ -237,3 +238,16 @@ def exact_top_k(vectors: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
     flat = faiss.IndexFlatIP(vectors.shape[1])
     flat.add(np.ascontiguousarray(vectors, dtype=np.float32))
     return flat.search(np.ascontiguousarray(queries, dtype=np.float32), k)[1]
+
+
+def refine_exact(queries: np.ndarray, rows: np.ndarray, k: int, vectors_of) -> tuple[np.ndarray, np.ndarray]:
+    """Re-score candidate ``rows`` (Q, K) of lossy codes exactly against the stored vectors
+    (``vectors_of(rows)`` -> (n, E)) and keep the best ``k``: (scores (Q, k), rows (Q, k))."""
+    valid = rows >= 0
+    uniq, inverse = np.unique(rows[valid], return_inverse=True)
+    vecs = vectors_of(uniq)
+    exact = np.full(rows.shape, -np.inf, np.float32)
+    q_of = np.broadcast_to(np.arange(len(rows))[:, None], rows.shape)[valid]
+    exact[valid] = np.einsum("nd,nd->n", queries[q_of], vecs[inverse])
+    order = np.argsort(-exact, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(exact, order, 1), np.take_along_axis(rows, order, 1)

@@ -10,7 +10,6 @@ encoding every image and caption a second time.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from tqdm.auto import tqdm
 
 from ..data.annotations import CaptionSet
 from ..models.first_stage import FirstStage
+from ..models.loading import weights_hash
 from ..pipeline import encode_image_files
 from .common import save_checkpoint
 
@@ -33,16 +33,6 @@ class TrainFeatures:
     image_emb: torch.Tensor  # (N, E) float32, normalised
     vision_tokens: torch.Tensor  # (N, n, D_v) float16
     text_emb: torch.Tensor  # (C, E) float32, normalised
-
-
-def weights_hash(module: torch.nn.Module) -> str:
-    """SHA-256 of every parameter and buffer (name, dtype, shape, bytes) of ``module``."""
-    h = hashlib.sha256()
-    for name, t in sorted(module.state_dict().items()):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))  # no copy of the bytes
-    return h.hexdigest()
 
 
 def features_key(first_stage: FirstStage, data: CaptionSet) -> dict:

@@ -6,7 +6,6 @@ per caption and cached.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 from pathlib import Path
 
@@ -19,33 +18,15 @@ from transformers import AutoModel
 
 from ..config import FirstStageConfig
 from ..data.annotations import CaptionSet
-from ..devices import pick_device
+from ..devices import pick_device, precision_autocast
 from ..images import decode_image
 from ..models.first_stage import FirstStage
 from ..models.registry import bundled_minilm_dir
-from .common import autocast, load_checkpoint, make_optimizer, save_checkpoint, seed_everything
+from .configs import FirstStageTrainConfig
+from .common import load_checkpoint, make_optimizer, save_checkpoint, seed_everything
 from .features import FEATURES_NAME, compute_features
 
 logger = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass(frozen=True)
-class FirstStageTrainConfig:
-    image_size: int = 48
-    patch_size: int = 8
-    width: int = 128
-    layers: int = 4
-    head_width: int = 32
-    embed_dim: int = 128
-    context_length: int = 16
-    steps: int | None = 400  # optimizer steps; None: ``epochs`` passes over the captions
-    epochs: float | None = None
-    batch_size: int = 256
-    lr: float = 1e-3
-    weight_decay: float = 0.05
-    warmup_fraction: float = 0.05
-    precision: str = "fp32"
-    seed: int = 0
 
 
 def demo_first_stage(cfg: FirstStageTrainConfig, text_model_dir: Path | None = None) -> FirstStage:
@@ -153,7 +134,7 @@ def train_first_stage(data: CaptionSet, out_dir: str | Path, cfg: FirstStageTrai
         # one caption per image in a batch: duplicates would be false negatives for InfoNCE
         _, keep = np.unique(img_idx.numpy(), return_index=True)
         idx, img_idx = idx[keep], img_idx[keep]
-        with autocast(dev, cfg.precision):
+        with precision_autocast(dev, cfg.precision):
             img_emb, _ = model.encode_image(pixels[img_idx].to(dev, torch.float32))
             txt_emb = F.normalize(model.clip.text.proj(text_feats[idx].to(dev)), dim=-1)
             loss = loss_fn(img_emb.float(), txt_emb.float(), model.clip.logit_scale.exp())

@@ -1,4 +1,4 @@
-"""EDJE training objectives (DESIGN.md): ITM, MLM, text-embedding recovery, distillation."""
+"""EDJE training objectives (docs/architecture.md): ITM, MLM, text-embedding recovery, distillation."""
 from __future__ import annotations
 
 import torch

@@ -18,13 +18,14 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer, BertConfig, BertForMaskedLM, PreTrainedTokenizerBase
 
 from ..data.annotations import CaptionSet
-from ..devices import pick_device
+from ..devices import pick_device, precision_autocast
 from ..errors import BadInput, CheckpointError
 from ..models.bundle import EdjeModel
 from ..models.first_stage import FirstStage
 from ..models.registry import build_reranker, bundled_minilm_dir
 from ..models.reranker import Reranker
-from .common import (TrainLog, all_gather_cat, autocast, data_parallel, gradient_sync, init_distributed,
+from .configs import RerankerTrainConfig
+from .common import (TrainLog, all_gather_cat, data_parallel, gradient_sync, init_distributed,
                      is_main_process, load_checkpoint, make_optimizer, save_checkpoint, seed_everything)
 from .batches import PairBatches, first_stage_neighbours
 from .features import FEATURES_NAME, TrainFeatures, compute_features
@@ -33,37 +34,6 @@ from .mining import match_groups, mine_hard_negatives
 from .warmup import warm_up_adapter
 
 logger = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass(frozen=True)
-class RerankerTrainConfig:
-    variant: str = "compressed"
-    n_queries: int = 16
-    mlp_dim: int = 8192
-    lm_layers: int | None = None  # keep only the first N layers of the language model (None = all)
-    score_head: str = "pooler"  # "pooler" (the paper) or "mean" (see JointEncoder)
-    dropout: float | None = None  # the joint encoder's dropout while training (None: its checkpoint's, 0.1)
-    adapter_warmup: int = 0  # steps of caption-word warm-up of a fresh adapter (training/warmup.py)
-    adapter_warmup_lr: float = 1e-3
-    max_text_len: int = 64
-    steps: int = 1000
-    batch_size: int = 32  # pairs per process per micro-batch
-    grad_accum: int = 1
-    lr: float = 3e-4
-    weight_decay: float = 0.05
-    warmup_fraction: float = 0.05
-    new_module_lr_scale: float = 1.0  # >1 trains the fresh adapter and heads faster (unstable above ~3)
-    neighbour_group: int = 1  # >1: batches of groups of first-stage neighbours (harder in-batch negatives)
-    mining_pool: int = 0  # >global batch: mine negatives among this many pairs (the batch + random others)
-    mining_pool_from: int = 0  # steps of in-batch negatives before the pool is used
-    w_itm: float = 1.0
-    w_mlm: float = 1.0
-    w_recovery: float = 1.0
-    w_distill: float = 1.0
-    mlm_probability: float = 0.5
-    precision: str = "fp32"
-    checkpoint_every: int = 100
-    seed: int = 0
 
 
 def new_reranker(first_stage: FirstStage, cfg: RerankerTrainConfig, lm_dir: Path | None = None) -> Reranker:
@@ -299,7 +269,7 @@ def step_losses(reranker: Reranker, teacher: Reranker | None, feats: TrainFeatur
     pair_imgs = torch.cat([imgs, neg_imgs, imgs])
     vision = feats.vision_tokens[pair_imgs].to(dev).float()  # (3B, n, D_v)
     losses: dict[str, torch.Tensor] = {}
-    with autocast(dev, cfg.precision):
+    with precision_autocast(dev, cfg.precision):
         projected = reranker.project(vision)  # (3B, m, H)
         hidden, pair_batch = reranker.pair_hidden(pair_caps, projected)
         logits = reranker.joint.score_hidden(hidden, pair_batch["attention_mask"]).float()  # (3B,)

@@ -6,7 +6,7 @@ scored from image files (decode + vision tower + joint encoder), in one run, on 
     python -m benchmarks.score_filter --model DIR        # any saved model
 
 Each path runs with and without the first-stage cosine (``score --no-cosine``: no text-tower
-pass). Both paths run the library's own scorers (scoring.FileScorer, scoring.IndexScorer) through the
+pass). Both paths run the library's own scorers (scoring.FileScorer, scoring.RowScorer) through the
 resumable writer the command uses, so what is timed is what `score` does, minus process start
 and model loading. Speed does not depend on the weights. Figures are medians over repeats after
 a warm-up; results are merged into benchmarks/results/score_filter.json under the model's key.
@@ -47,7 +47,7 @@ def measure(model_dir: Path, *, images: int, image_side: int, repeats: int, batc
     from edje_search import Engine, load_model
     from edje_search.data.synthetic import make_dataset
     from edje_search.score_run import ResumableOutput, run_scoring
-    from edje_search.scoring import FileScorer, IndexScorer, read_pairs
+    from edje_search.scoring import FileScorer, read_pairs
 
     data = make_dataset(work / "data", n_train=0, n_val=0, n_test=images, image_size=image_side, progress=False)
     pairs = data["test"]  # BLIP-style: two captions per image
@@ -65,18 +65,19 @@ def measure(model_dir: Path, *, images: int, image_side: int, repeats: int, batc
     seconds = {}
     for cosine in (True, False):
         suffix = "" if cosine else "_no_cosine"
-        files = FileScorer(engine.model, batch_size=batch_size, num_workers=workers, cosine=cosine)
+        files = FileScorer(model, batch_size=batch_size, num_workers=workers, cosine=cosine)
         try:
             seconds["files" + suffix] = median_seconds(scoring(files, work / f"files{suffix}.jsonl"), warmup=1,
                                                        repeats=repeats)
         finally:
             files.close()
-        index = IndexScorer(engine, batch_size=64, cosine=cosine)
+        index = engine.scorer(batch_size=64, cosine=cosine)
         seconds["index" + suffix] = median_seconds(scoring(index, work / f"index{suffix}.jsonl"), warmup=1,
                                                    repeats=repeats)
     by_file = [json.loads(x) for x in (work / "files.jsonl").read_text().splitlines()]
     by_index = [json.loads(x) for x in (work / "index.jsonl").read_text().splitlines()]
     assert len(by_file) == len(by_index) == n_pairs
+    info = engine.info()
     gap = float(np.max(np.abs(np.array([r["logit"] for r in by_file]) - [r["logit"] for r in by_index])))
     return {"pairs": n_pairs, "images": images, "image_side": image_side, "repeats": repeats,
             "batch_size": batch_size, "workers": workers,
@@ -84,8 +85,7 @@ def measure(model_dir: Path, *, images: int, image_side: int, repeats: int, batc
             "speedup_index_over_files": seconds["files"] / seconds["index"],
             "speedup_index_over_files_no_cosine": seconds["files_no_cosine"] / seconds["index_no_cosine"],
             "median_s": seconds, "max_logit_gap_fp16_tokens": gap, "index_build_s": build_s,
-            "tokens_per_image": engine.store.config.tokens_per_image,
-            "token_dtype": engine.store.config.token_dtype}
+            "tokens_per_image": info["tokens_per_image"], "token_dtype": info["token_dtype"]}
 
 
 def main(argv=None) -> dict:

@@ -17,13 +17,14 @@ from .index_commands import device_option, loader_options
 SHOW_BAD = 10  # bad entries named on stderr; all of them are in OUT.skipped.jsonl
 
 
-def _open(model: str | None, index_dir: str | None, device: str):
-    """(engine or None, model): an index's engine (its own model unless one is named), or a model alone."""
+def _open(model: str | None, index_dir: str | None, device: str, **scorer_options):
+    """(rows scorer or None, model): an index's Engine.scorer() (its own model unless one is named),
+    or a model alone."""
     if index_dir is not None:
         from edje_search.engine import Engine
 
-        engine = Engine.from_pretrained(index_dir, model=model, device=device)
-        return engine, engine.model
+        rows = Engine.from_pretrained(index_dir, model=model, device=device).scorer(**scorer_options)
+        return rows, rows.model
     from edje_search.devices import pick_device
     from edje_search.models.registry import load_model
 
@@ -87,7 +88,7 @@ def score_cmd(pairs, out, model, index_dir, image_root, texts, keep_min_prob, ke
     """
     from edje_search.score_run import ResumableOutput, run_scoring
     from edje_search.score_shards import ShardScorer, shard_pairs, write_kept_shards
-    from edje_search.scoring import FileScorer, IndexScorer, index_caption_pairs, read_pairs
+    from edje_search.scoring import FileScorer, read_pairs
 
     if pairs is None and index_dir is None:
         raise click.UsageError("give a PAIRS file, or --index DIR to score indexed rows against their captions")
@@ -98,7 +99,7 @@ def score_cmd(pairs, out, model, index_dir, image_root, texts, keep_min_prob, ke
     shards = _shards(pairs) if pairs is not None else None
     if keep_shards is not None and (shards is None or keep_min_prob is None):
         raise click.UsageError("--keep-shards goes with webdataset shards as PAIRS and --keep-min-prob")
-    engine, loaded = _open(model, index_dir, device)
+    rows, loaded = _open(model, index_dir, device, batch_size=max(batch_size, 64), cosine=not no_cosine)
     signature = {"model": loaded.fingerprint(), "keep_min_prob": keep_min_prob, "cosine": not no_cosine,
                  "index": os.path.abspath(index_dir) if index_dir else None}
     if shards is not None:
@@ -112,14 +113,14 @@ def score_cmd(pairs, out, model, index_dir, image_root, texts, keep_min_prob, ke
         def items():
             return read_pairs(pairs, image_root)
     else:
-        signature.update(texts=list(texts), generation=engine.generation)
+        signature.update(texts=list(texts), generation=rows.generation)
 
         def items():
-            return index_caption_pairs(engine.store, texts)
+            return rows.caption_pairs(texts)
     output = ResumableOutput(out, signature, overwrite=overwrite)
     total = None if no_progress else sum(1 for _ in items())
-    if engine is not None:
-        scorer = IndexScorer(engine, batch_size=max(batch_size, 64), cosine=not no_cosine)
+    if rows is not None:
+        scorer = rows
     elif shards is not None:
         scorer = ShardScorer(loaded, batch_size=batch_size, cosine=not no_cosine)
     else:
@@ -219,9 +220,9 @@ def classify_cmd(images, labels, model, index_dir, template, shortlist, top_k, m
         raise click.UsageError("--labels holds no label")
     settings = ClassifySettings(template=template, shortlist=shortlist, top_k=top_k, multi_label=multi_label,
                                 min_prob=min_prob, batch_size=batch_size)
-    engine, loaded = _open(model, index_dir, device)
-    if engine is not None:
-        total, results = len(engine.store), classify_rows(engine, names, None, settings)
+    rows, loaded = _open(model, index_dir, device, batch_size=batch_size)
+    if rows is not None:
+        total, results = len(rows), classify_rows(rows, names, None, settings)
     else:
         paths = _image_paths(images)
         total, results = len(paths), classify_files(loaded, names, paths, settings, num_workers=workers)

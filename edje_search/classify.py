@@ -89,17 +89,17 @@ class LabelSet:
         return out
 
 
-def classify_rows(engine, labels: Sequence[str], rows: Sequence[int] | None = None,
+def classify_rows(rows_scorer, labels: Sequence[str], rows: Sequence[int] | None = None,
                   settings: ClassifySettings = ClassifySettings(), *, chunk: int = 1024) -> Iterator[dict]:
     """Classify indexed rows (default: every live row, in manifest order) from their stored vectors
-    and tokens, ``chunk`` rows at a time; yields ``{"row", "image", "labels", "first_stage_label"}``."""
-    label_set = LabelSet(engine.model, labels, settings)
-    store = engine.store
+    and tokens, ``chunk`` rows at a time; ``rows_scorer`` is ``Engine.scorer()``. Yields
+    ``{"row", "image", "labels", "first_stage_label"}``."""
+    label_set = LabelSet(rows_scorer.model, labels, settings)
     if rows is None:
-        entries = ((e.row, e.path) for e in store.iter_entries())
+        entries = ((row, path) for row, path, _ in rows_scorer.entries())
     else:
         wanted = [int(r) for r in rows]
-        live = store.paths(wanted)
+        live = rows_scorer.paths(wanted)
         gone = [r for r in wanted if r not in live]
         if gone:
             raise BadInput(f"rows not in the index: {gone[:10]}")
@@ -108,16 +108,15 @@ def classify_rows(engine, labels: Sequence[str], rows: Sequence[int] | None = No
     for item in entries:
         batch.append(item)
         if len(batch) >= chunk:
-            yield from _classify_row_batch(label_set, store, batch)
+            yield from _classify_row_batch(label_set, rows_scorer, batch)
             batch = []
     if batch:
-        yield from _classify_row_batch(label_set, store, batch)
+        yield from _classify_row_batch(label_set, rows_scorer, batch)
 
 
-def _classify_row_batch(label_set: LabelSet, store, batch: list[tuple[int, str]]) -> list[dict]:
-    rows = [r for r, _ in batch]
-    tokens = torch.from_numpy(np.asarray(store.tokens.get(rows), dtype=np.float32))
-    results = label_set.classify(store.vectors(rows), tokens)
+def _classify_row_batch(label_set: LabelSet, rows_scorer, batch: list[tuple[int, str]]) -> list[dict]:
+    vectors, tokens = rows_scorer.row_data([r for r, _ in batch])
+    results = label_set.classify(vectors, tokens)
     return [{"row": r, "image": path, **res} for (r, path), res in zip(batch, results)]
 
 
@@ -142,9 +141,10 @@ def classify(model_or_engine, labels: Sequence[str], images=None, *, rows: Seque
              settings: ClassifySettings = ClassifySettings(), num_workers: int = 0) -> list[dict]:
     """The library entry point: labels for image files (``images``, with an EdjeModel or an Engine)
     or for indexed rows (``rows``, or every row when ``images`` is None, with an Engine)."""
+    is_engine = hasattr(model_or_engine, "scorer")
     if images is not None:
-        model = getattr(model_or_engine, "model", model_or_engine)
+        model = model_or_engine.scorer().model if is_engine else model_or_engine
         return list(classify_files(model, labels, [str(p) for p in images], settings, num_workers=num_workers))
-    if not hasattr(model_or_engine, "store"):
+    if not is_engine:
         raise BadInput("classifying indexed rows needs an Engine (Engine.from_pretrained(INDEX))")
-    return list(classify_rows(model_or_engine, labels, rows, settings))
+    return list(classify_rows(model_or_engine.scorer(batch_size=settings.batch_size), labels, rows, settings))

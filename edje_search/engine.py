@@ -23,6 +23,7 @@ from .pipeline import embed_pixels
 from .models.bundle import EdjeModel
 from .models.registry import load_model
 from .ranking import rank_pool, score_rows
+from .scoring import RowScoring
 from .inspection import store_summary, verify_index
 from .storage.index_store import IndexStore
 from .storage.integrity import RepairReport
@@ -63,7 +64,7 @@ class StageClock:
         self._last = now
 
 
-class Engine:
+class Engine(RowScoring):
     """Two-stage image search over one index directory."""
 
     def __init__(self, store: IndexStore, model: EdjeModel):
@@ -280,13 +281,6 @@ class Engine:
         clock.lap("merge")
         self.last_timings = {**clock.ms, "total": sum(clock.ms.values())}
         return results
-
-    def score(self, texts: Sequence[str], rows: Sequence[int], *, batch_size: int = 64) -> np.ndarray:
-        """Joint-encoder logits (P,) of the pairs (``texts[i]``, indexed row ``rows[i]``), from the
-        stored tokens; scoring.score_rows also gives the first-stage cosines."""
-        from . import scoring
-
-        return scoring.score_rows(self, texts, rows, batch_size=batch_size)[0]
 
     # ------------------------------------------------------------------- rows and neighbours
     @property

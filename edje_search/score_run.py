@@ -137,8 +137,9 @@ class ResumableOutput:
 def run_scoring(items: Iterable[Pair | BadEntry], scorer, output: ResumableOutput, *, min_prob: float | None = None,
                 chunk_size: int = 512, progress: bool = True, total: int | None = None,
                 on_bad: Callable[[BadEntry], None] | None = None) -> RunReport:
-    """Score ``items`` with ``scorer`` (scoring.FileScorer or IndexScorer) into ``output``, ``chunk_size``
-    items at a time (memory stays bounded), keeping records with prob >= ``min_prob`` when given."""
+    """Score ``items`` with ``scorer`` (scoring.FileScorer or RowScorer, score_shards.ShardScorer) into
+    ``output``, ``chunk_size`` items at a time (memory stays bounded), keeping records with
+    prob >= ``min_prob`` when given."""
     report = output.start()
     if report.finished:
         output.close()

@@ -6,7 +6,7 @@ logit orders pairs well but ``prob`` is not a calibrated probability: choose a f
 threshold on labelled validation pairs.
 
 Inputs (:func:`read_pairs`): JSON Lines of ``{"image", "caption"}`` or a BLIP-style JSON list;
-a caption may be a list (one pair per caption). Indexed rows (:func:`index_caption_pairs`)
+a caption may be a list (one pair per caption). Indexed rows (:meth:`RowScorer.caption_pairs`)
 pair with the captions kept in their manifest metadata.
 """
 from __future__ import annotations
@@ -99,25 +99,6 @@ def read_pairs(pairs_file: str | Path, image_root: str | Path | None = None) -> 
             position += 1
 
 
-def index_caption_pairs(store, texts: Sequence[str] = ()) -> Iterator[Pair | BadEntry]:
-    """Every live row of ``store`` with the captions in its metadata (``caption``: a string or a
-    list), or with each of ``texts`` when given; rows in manifest order."""
-    position = 0
-    for entry in store.iter_entries():
-        if texts:
-            caps = list(texts)
-        else:
-            caps = (entry.meta or {}).get("caption")
-            caps = [caps] if isinstance(caps, str) else caps
-            if not isinstance(caps, list) or not caps or not all(isinstance(c, str) and c.strip() for c in caps):
-                yield BadEntry(position, f"row {entry.row}", "no caption in the row's metadata")
-                position += 1
-                continue
-        for c in caps:
-            yield Pair(position, entry.path, c.strip(), entry.path, entry.row)
-            position += 1
-
-
 @torch.inference_mode()
 def embed_captions(model: EdjeModel, captions: Sequence[str], batch_size: int = 256) -> np.ndarray:
     """First-stage text embeddings (N, E) float32, L2-normalised."""
@@ -194,18 +175,81 @@ class FileScorer:
         self._embedder.close()
 
 
-class IndexScorer:
-    """Scores pairs whose images are indexed rows, from their stored tokens (no vision tower)."""
+class RowScorer:
+    """Joint scores of indexed rows, from their stored tokens and vectors (no vision tower).
 
-    def __init__(self, engine, *, batch_size: int = 64, cosine: bool = True):
-        self.engine = engine
+    Made by ``Engine.scorer()`` over the engine's open generation and model. Scores pairs for a
+    scoring run (:meth:`score`), texts against rows (:meth:`score_texts`), and hands rows' data
+    to zero-shot classification (:meth:`row_data`).
+    """
+
+    def __init__(self, store, model: EdjeModel, *, batch_size: int = 64, cosine: bool = True):
+        self._store = store
+        self.model = model
         self.batch_size = batch_size
         self.cosine = cosine
 
+    @property
+    def generation(self) -> int:
+        return int(self._store.generation)
+
+    def __len__(self) -> int:
+        return len(self._store)
+
+    def entries(self) -> Iterator[tuple[int, str, dict | None]]:
+        """(row, path, metadata) of every live row, in manifest order."""
+        for e in self._store.iter_entries():
+            yield e.row, e.path, e.meta
+
+    def paths(self, rows: Iterable[int]) -> dict[int, str]:
+        return self._store.paths(rows)
+
+    def row_data(self, rows: Sequence[int]) -> tuple[np.ndarray, torch.Tensor]:
+        """(first-stage vectors (U, E), stored tokens (U, m, D_lm) float32) of live ``rows``;
+        rows that are not live are refused (BadInput)."""
+        rows = [int(r) for r in rows]
+        live = self._store.paths(rows)
+        gone = [r for r in rows if r not in live]
+        if gone:
+            raise BadInput(f"rows not in the index: {gone[:10]}")
+        tokens = torch.from_numpy(np.asarray(self._store.tokens.get(np.asarray(rows, np.int64)), dtype=np.float32))
+        return np.asarray(self._store.vectors(rows), dtype=np.float32), tokens
+
+    def caption_pairs(self, texts: Sequence[str] = ()) -> Iterator[Pair | BadEntry]:
+        """Every live row with the captions in its metadata (``caption``: a string or a list), or
+        with each of ``texts`` when given; rows in manifest order."""
+        position = 0
+        for row, path, meta in self.entries():
+            caps = list(texts) if texts else (meta or {}).get("caption")
+            caps = [caps] if isinstance(caps, str) else caps
+            if not isinstance(caps, list) or not caps or not all(isinstance(c, str) and c.strip() for c in caps):
+                yield BadEntry(position, f"row {row}", "no caption in the row's metadata")
+                position += 1
+                continue
+            for c in caps:
+                yield Pair(position, path, c.strip(), path, row)
+                position += 1
+
+    def score_texts(self, texts: Sequence[str], rows: Sequence[int]) -> tuple[np.ndarray, np.ndarray | None]:
+        """(logits, cosines) of (``texts[i]``, row ``rows[i]``) pairs; rows must be live."""
+        texts = [str(t) for t in texts]
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        if len(texts) != len(rows):
+            raise BadInput(f"{len(texts)} texts but {len(rows)} rows: give one row per text")
+        if any(not t.strip() for t in texts):
+            raise BadInput("empty text: every text needs some words")
+        if len(rows) == 0:
+            return np.zeros(0, np.float32), (np.zeros(0, np.float32) if self.cosine else None)
+        unique, image_idx = np.unique(rows, return_inverse=True)
+        vectors, tokens = self.row_data(unique.tolist())
+        return joint_and_cosine(self.model, texts, vectors, tokens, image_idx, batch_size=self.batch_size,
+                                cosine=self.cosine)
+
     def score(self, pairs: list[Pair]) -> tuple[list[dict], list[BadEntry]]:
-        store = self.engine.store
-        need = [p.path for p in pairs if p.row is None]
-        found = {path: e.row for path, e in store.lookup_paths(list(dict.fromkeys(need))).items()} if need else {}
+        """Records of the pairs whose image is indexed (looked up by path unless the pair names its
+        row), and the others as bad entries: the scorer protocol of score_run.run_scoring."""
+        need = list(dict.fromkeys(p.path for p in pairs if p.row is None))
+        found = {path: e.row for path, e in self._store.lookup_paths(need).items()} if need else {}
         pairs = [p if p.row is not None or p.path not in found else dataclasses.replace(p, row=found[p.path])
                  for p in pairs]
         good = [p for p in pairs if p.row is not None]
@@ -213,35 +257,27 @@ class IndexScorer:
         if not good:
             return [], bad
         rows, image_idx = np.unique(np.array([p.row for p in good], dtype=np.int64), return_inverse=True)
-        tokens = torch.from_numpy(np.asarray(store.tokens.get(rows), dtype=np.float32))
-        logits, cosines = joint_and_cosine(self.engine.model, [p.caption for p in good], store.vectors(rows),
-                                           tokens, image_idx, batch_size=self.batch_size, cosine=self.cosine)
+        vectors, tokens = self.row_data(rows.tolist())
+        logits, cosines = joint_and_cosine(self.model, [p.caption for p in good], vectors, tokens, image_idx,
+                                           batch_size=self.batch_size, cosine=self.cosine)
         return [_record(p, lg, c) for p, lg, c in zip(good, logits, _each(cosines, len(good)))], bad
 
     def close(self) -> None:
         pass
 
 
-def score_rows(engine, texts: Sequence[str], rows: Sequence[int], *,
-               batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """(logits, cosines) of (``texts[i]``, indexed row ``rows[i]``) pairs, from stored tokens.
-    Rows that are not live in the engine's generation are refused (BadInput)."""
-    texts = [str(t) for t in texts]
-    rows = np.asarray(rows, dtype=np.int64).reshape(-1)
-    if len(texts) != len(rows):
-        raise BadInput(f"{len(texts)} texts but {len(rows)} rows: give one row per text")
-    if any(not t.strip() for t in texts):
-        raise BadInput("empty text: every text needs some words")
-    unique, image_idx = np.unique(rows, return_inverse=True)
-    live = engine.store.paths(unique.tolist())
-    gone = [int(r) for r in unique if int(r) not in live]
-    if gone:
-        raise BadInput(f"rows not in the index: {gone[:10]}")
-    if len(rows) == 0:
-        return np.zeros(0, np.float32), np.zeros(0, np.float32)
-    tokens = torch.from_numpy(np.asarray(engine.store.tokens.get(unique), dtype=np.float32))
-    return joint_and_cosine(engine.model, texts, engine.store.vectors(unique), tokens, image_idx,
-                            batch_size=batch_size)
+class RowScoring:
+    """Engine's joint scoring of indexed rows (Engine derives from it; it reads the engine's
+    ``store`` and ``model``): :meth:`scorer` and :meth:`score`."""
+
+    def scorer(self, *, batch_size: int = 64, cosine: bool = True) -> RowScorer:
+        """Joint scores of indexed rows from their stored tokens, over the open generation and the
+        model: pairs (a scoring run), texts against rows, rows' data for classify."""
+        return RowScorer(self.store, self.model, batch_size=batch_size, cosine=cosine)
+
+    def score(self, texts: Sequence[str], rows: Sequence[int], *, batch_size: int = 64) -> np.ndarray:
+        """Joint-encoder logits (P,) of the pairs (``texts[i]``, indexed row ``rows[i]``)."""
+        return self.scorer(batch_size=batch_size, cosine=False).score_texts(texts, rows)[0]
 
 
 def chunked(items: Iterable, size: int) -> Iterator[list]:

@@ -252,7 +252,7 @@ def test_classify_structure_and_consistency(built_index, shapes_dir, model):
     labels = [f"a {c} {s}" for c in ("red", "blue", "green", "yellow") for s in ("circle", "square", "triangle")]
     engine = Engine.from_pretrained(built_index)
     settings = ClassifySettings(template="there is {}", shortlist=4, top_k=4)
-    results = list(classify_rows(engine, labels, None, settings))
+    results = list(classify_rows(engine.scorer(), labels, None, settings))
     assert len(results) == len(engine.store) == 40
     first = results[0]
     rows = [r["row"] for r in results[:5]]

@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from edje_search import Engine  # noqa: E402
 from edje_search.classify import ClassifySettings, classify_rows  # noqa: E402
-from edje_search.scoring import score_rows, sigmoid  # noqa: E402
+from edje_search.scoring import sigmoid  # noqa: E402
 from edje_search.serve import BatchSettings, ServeLimits, create_app  # noqa: E402
 
 LIMITS = ServeLimits(max_upload_bytes=256 * 1024, max_json_bytes=16 * 1024, max_rerank_k=50)
@@ -42,7 +42,7 @@ def test_score_rows(client, engine):
     texts = ["a small red circle left of a large blue square", "two blue squares and a green circle", "a cat"]
     rows = [0, 5, 5]
     body = client.post("/score", json={"texts": texts, "rows": rows}).json()
-    logits, cosines = score_rows(engine, texts, rows)
+    logits, cosines = engine.scorer().score_texts(texts, rows)
     got = body["results"]
     assert [(r["text"], r["row"]) for r in got] == list(zip(texts, rows))
     np.testing.assert_allclose([r["logit"] for r in got], logits, atol=1e-6)
@@ -72,7 +72,8 @@ def test_score_and_classify_upload(client, engine):
 
     labelled = client.post("/classify/image", files={"file": ("q.png", data, "image/png")},
                            data={"labels": LABELS, "template": "there is {}", "shortlist": 3, "top_k": 3}).json()
-    by_row = next(classify_rows(engine, LABELS, [3], ClassifySettings(template="there is {}", shortlist=3, top_k=3)))
+    settings = ClassifySettings(template="there is {}", shortlist=3, top_k=3)
+    by_row = next(classify_rows(engine.scorer(), LABELS, [3], settings))
     assert [x["label"] for x in labelled["labels"]] == [x["label"] for x in by_row["labels"]]
     np.testing.assert_allclose([x["logit"] for x in labelled["labels"]], [x["logit"] for x in by_row["labels"]],
                                atol=1e-4)
@@ -88,7 +89,7 @@ def test_score_and_classify_upload(client, engine):
 def test_classify_rows(client, engine):
     body = {"labels": LABELS, "rows": [0, 1, 2], "template": "a photo of {}", "shortlist": 3, "top_k": 2}
     got = client.post("/classify", json=body).json()
-    expected = list(classify_rows(engine, LABELS, [0, 1, 2], ClassifySettings(shortlist=3, top_k=2,
+    expected = list(classify_rows(engine.scorer(), LABELS, [0, 1, 2], ClassifySettings(shortlist=3, top_k=2,
                                                                                  template="a photo of {}")))
     assert got["results"] == expected
     multi = client.post("/classify", json={**body, "multi_label": True, "min_prob": 0.0}).json()["results"]

@@ -246,7 +246,8 @@ def create_app(engine: Engine, *, limits: ServeLimits | None = None, batching: B
         return JSONResponse({"query_row": row, "k": k, "generation": engine.generation,
                              "hits": [_with_urls(h, p) for h in result], "timings": _timings(stages, info)})
 
-    app.include_router(scoring_router(engine, batcher, limits))  # POST /score, /classify
+    # POST /score, /classify and their uploads (decoded as /search/image decodes)
+    app.include_router(scoring_router(engine, batcher, limits, lambda data: in_decode_slot(decode_upload, data)))
 
     # ------------------------------------------------------------------------------ files
     def indexed_path(row: str) -> str:  # a manifest look-up: called in the thread pool, off the event loop

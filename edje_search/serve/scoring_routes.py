@@ -5,22 +5,19 @@ Engine work runs in the batcher's engine thread (``MicroBatcher.call``), as sear
 """
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Awaitable, Callable
 
 import numpy as np
 import torch
 from fastapi import APIRouter, File, Form, HTTPException, UploadFile
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
-from starlette.concurrency import run_in_threadpool
 
 from ..classify import ClassifySettings, LabelSet, check_labels, classify_rows
 from ..engine import Engine
 from ..errors import BadQuery
-from ..images import decode_image
 from ..pipeline import embed_pixels
-from ..scoring import embed_captions, score_rows, sigmoid
-from . import index_view
+from ..scoring import embed_captions, sigmoid
 from .batching import MicroBatcher
 from .limits import ServeLimits
 
@@ -67,21 +64,23 @@ def _check_rows(rows: list[int], limits: ServeLimits) -> list[int]:
     return rows
 
 
-async def _upload_pixels(engine: Engine, file: UploadFile) -> torch.Tensor:
+async def _upload_pixels(decode: Callable[[bytes], Awaitable[torch.Tensor]], file: UploadFile) -> torch.Tensor:
     data = await file.read()
     try:
-        image = await run_in_threadpool(decode_image, data)
+        return await decode(data)
     except ValueError as e:
         raise HTTPException(400, f"not a usable image: {e}") from None
-    return await run_in_threadpool(index_view.preprocess, engine, image)
 
 
-def _embed_upload(engine: Engine, pixels: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
-    vectors, tokens = embed_pixels(engine.model, pixels[None], token_dtype="float32")
+def _embed_upload(model, pixels: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
+    vectors, tokens = embed_pixels(model, pixels[None], token_dtype="float32")
     return vectors, torch.from_numpy(tokens)
 
 
-def scoring_router(engine: Engine, batcher: MicroBatcher, limits: ServeLimits) -> APIRouter:
+def scoring_router(engine: Engine, batcher: MicroBatcher, limits: ServeLimits,
+                   decode: Callable[[bytes], Awaitable[torch.Tensor]]) -> APIRouter:
+    """The routes; ``decode`` turns an upload's bytes into model pixels (the server's guarded
+    decode, ValueError for an unusable image)."""
     router = APIRouter(tags=["scores"])
 
     @router.post("/score", response_model=None)
@@ -95,8 +94,8 @@ def scoring_router(engine: Engine, batcher: MicroBatcher, limits: ServeLimits) -
             raise BadQuery(f"{len(texts)} texts for {len(rows)} rows: give one text per row, or a single text")
 
         def work():
-            logits, cosines = score_rows(engine, texts, rows)
-            return logits, cosines, engine.paths(rows), index_view.generation(engine)
+            logits, cosines = engine.scorer().score_texts(texts, rows)
+            return logits, cosines, engine.paths(rows), engine.generation
 
         logits, cosines, paths, gen = await batcher.call(work)
         return JSONResponse({"generation": gen, "results": [
@@ -108,12 +107,13 @@ def scoring_router(engine: Engine, batcher: MicroBatcher, limits: ServeLimits) -
                           texts: Annotated[list[str], Form(description="texts to score against it (repeat)")]):
         """The same scores for texts against an uploaded image (the vision tower runs once)."""
         texts = _check_texts(texts, limits, "texts")
-        pixels = await _upload_pixels(engine, file)
+        pixels = await _upload_pixels(decode, file)
 
         def work():
-            vectors, tokens = _embed_upload(engine, pixels)
-            logits = engine.model.reranker.score_pairs(texts, tokens, np.arange(len(texts)), np.zeros(len(texts), int))
-            return logits, embed_captions(engine.model, texts) @ vectors[0]
+            model = engine.scorer().model
+            vectors, tokens = _embed_upload(model, pixels)
+            logits = model.reranker.score_pairs(texts, tokens, np.arange(len(texts)), np.zeros(len(texts), int))
+            return logits, embed_captions(model, texts) @ vectors[0]
 
         logits, cosines = await batcher.call(work)
         return JSONResponse({"results": [{"text": t, "logit": float(lg), "prob": float(sigmoid(lg)), "cosine": float(c)}
@@ -127,7 +127,7 @@ def scoring_router(engine: Engine, batcher: MicroBatcher, limits: ServeLimits) -
         settings = _settings(body.template, body.shortlist, body.top_k, body.multi_label, body.min_prob, limits)
 
         def work():
-            return list(classify_rows(engine, labels, rows, settings)), index_view.generation(engine)
+            return list(classify_rows(engine.scorer(), labels, rows, settings)), engine.generation
 
         results, gen = await batcher.call(work)
         return JSONResponse({"generation": gen, "results": results})
@@ -142,11 +142,12 @@ def scoring_router(engine: Engine, batcher: MicroBatcher, limits: ServeLimits) -
         """Zero-shot labels of an uploaded image."""
         labels = check_labels(_check_texts(labels, limits, "labels"))
         settings = _settings(template, shortlist, top_k, multi_label, min_prob, limits)
-        pixels = await _upload_pixels(engine, file)
+        pixels = await _upload_pixels(decode, file)
 
         def work():
-            vectors, tokens = _embed_upload(engine, pixels)
-            return LabelSet(engine.model, labels, settings).classify(vectors, tokens)[0]
+            model = engine.scorer().model
+            vectors, tokens = _embed_upload(model, pixels)
+            return LabelSet(model, labels, settings).classify(vectors, tokens)[0]
 
         return JSONResponse(await batcher.call(work))
 

@@ -55,7 +55,7 @@ install: $(VENV)/.installed browser  ## Create .venv and install edje-search wit
 
 # Debian's chromium for the gallery's real-browser test (Playwright drives it; it never downloads
 # a browser of its own). Needs root and apt-get; without them the test is skipped with the reason.
-browser:  ## Install Debian's chromium for tests/test_serve_browser.py (root + apt-get)
+browser:  ## Install Debian's chromium for tests/system/test_serve_browser.py (root + apt-get)
 	@if command -v chromium >/dev/null 2>&1; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	  echo "installing Debian's chromium for the browser test"; \

@@ -14,11 +14,10 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from ..classify import ClassifySettings, LabelSet, check_labels, classify_rows
-from ..engine import Engine
 from ..errors import BadQuery
 from ..pipeline import embed_pixels
 from ..scoring import embed_captions, sigmoid
-from .batching import MicroBatcher
+from .context import ServeContext
 from .limits import ServeLimits
 
 # the routes whose bodies are image uploads (the body limit is max_upload_bytes, not max_json_bytes)
@@ -77,11 +76,12 @@ def _embed_upload(model, pixels: torch.Tensor) -> tuple[np.ndarray, torch.Tensor
     return vectors, torch.from_numpy(tokens)
 
 
-def scoring_router(engine: Engine, batcher: MicroBatcher, limits: ServeLimits,
-                   decode: Callable[[bytes], Awaitable[torch.Tensor]]) -> APIRouter:
-    """The routes; ``decode`` turns an upload's bytes into model pixels (the server's guarded
-    decode, ValueError for an unusable image)."""
+def scoring_router(ctx: ServeContext) -> APIRouter:
+    engine, batcher, limits = ctx.engine, ctx.batcher, ctx.limits
     router = APIRouter(tags=["scores"])
+
+    def decode(data: bytes) -> Awaitable[torch.Tensor]:  # the guarded decode /search/image uses
+        return ctx.in_decode_slot(ctx.decode_upload, data)
 
     @router.post("/score", response_model=None)
     async def score(body: ScoreRequest):

@@ -23,7 +23,7 @@ from edje_search.scoring import FileScorer, read_pairs, sigmoid
 from edje_search_cli.main import cli, register_commands
 
 register_commands()
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def run(*args, ok=True):

@@ -162,8 +162,8 @@ class FileScorer:
             vectors.append(batch.vectors)
             tokens.append(batch.tokens)
         good = [p for p in pairs if p.path in where]
-        bad = [BadEntry(p.position, p.image, failed.get(p.path, "image not read"))
-               for p in pairs if p.path not in where]
+        bad = [BadEntry(p.position, p.image, "image file missing" if not os.path.lexists(p.path)
+                        else failed.get(p.path, "image not read")) for p in pairs if p.path not in where]
         if not good:
             return [], bad
         logits, cosines = joint_and_cosine(

@@ -109,7 +109,8 @@ def test_score_file_equals_reranker_score(pairs_file, model, tmp_path):
     skipped = read_jsonl(str(out) + ".skipped.jsonl")
     reasons = " | ".join(s["reason"] for s in skipped)
     assert len(skipped) == 5 and "invalid JSON" in reasons and "no 'image'" in reasons and "caption" in reasons
-    assert any("missing.png" in s["where"] for s in skipped) and any(s["where"] == "broken.png" for s in skipped)
+    assert {s["reason"] for s in skipped if "missing.png" in s["where"]} == {"image file missing"}
+    assert any(s["where"] == "broken.png" for s in skipped)
 
     # the same pairs as a BLIP-style JSON list give the same records
     blip = tmp_path / "pairs.json"

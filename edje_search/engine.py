@@ -25,6 +25,7 @@ from .models.registry import load_model
 from .opening import create_index, open_index
 from .pipeline import embed_pixels
 from .ranking import rank_pool, score_rows
+from .scoring import RowScorer
 from .storage.index_store import IndexStore
 from .storage.integrity import RepairReport
 from .validation import MAX_ROW, check_query
@@ -243,6 +244,15 @@ class Engine:
         clock.lap("merge")
         self.last_timings = {**clock.ms, "total": sum(clock.ms.values())}
         return results
+
+    def scorer(self, *, batch_size: int = 64, cosine: bool = True) -> RowScorer:
+        """Joint scores of indexed rows from their stored tokens, over the open generation and the
+        model: pairs (a scoring run), texts against rows, rows' data for classify (scoring.py)."""
+        return RowScorer(self.store, self.model, batch_size=batch_size, cosine=cosine)
+
+    def score(self, texts: Sequence[str], rows: Sequence[int], *, batch_size: int = 64) -> np.ndarray:
+        """Joint-encoder logits (P,) of the pairs (``texts[i]``, indexed row ``rows[i]``)."""
+        return self.scorer(batch_size=batch_size, cosine=False).score_texts(texts, rows)[0]
 
     # ------------------------------------------------------------------- rows and neighbours
     @property

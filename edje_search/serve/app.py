@@ -2,8 +2,9 @@
 
 Every engine call goes through one :class:`~edje_search.serve.batching.MicroBatcher` and its
 one thread. Routes live in ``routes_search.py`` (text and image search), ``routes_files.py``
-(images and thumbnails), ``routes_pages.py`` (status, gallery, API docs) and ``routes_clip.py``
-(clip-retrieval's API, for ClipClient and clip-front); errors in
+(images and thumbnails), ``routes_pages.py`` (status, gallery, API docs), ``routes_scoring.py``
+(pair scores and zero-shot labels) and ``routes_clip.py`` (clip-retrieval's API, for ClipClient
+and clip-front); errors in
 ``error_handlers.py``; what they share in ``context.py``.
 """
 from __future__ import annotations
@@ -29,6 +30,7 @@ from .login import add_login_routes
 from .routes_clip import clip_front_dir, clip_router
 from .routes_files import files_router
 from .routes_pages import mount_assets, pages_router, status_router
+from .routes_scoring import UPLOAD_PATHS, scoring_router
 from .routes_search import search_router
 from .security import BodyLimit, InFlightLimit, RequestCounter, TokenAuth
 from .service import SearchService
@@ -77,7 +79,8 @@ def create_app(engine: Engine, *, limits: ServeLimits | None = None, batching: B
     app.state.service = ctx.service
     app.state.thumbnails = ctx.thumbnails
     app.add_middleware(BodyLimit, limit_for=lambda path: limits.max_upload_bytes
-                       if path in ("/search/image", "/knn-service") else limits.max_json_bytes)
+                       if path in ("/search/image", "/knn-service") or path in UPLOAD_PATHS
+                       else limits.max_json_bytes)
     app.add_middleware(BodyTimeout, seconds=limits.body_timeout_s)
     # every admitted search can be in the engine's queue or batch; more than that is refused at once
     app.add_middleware(InFlightLimit, limit=max_in_flight or batching.max_queue + batching.max_batch,
@@ -88,7 +91,7 @@ def create_app(engine: Engine, *, limits: ServeLimits | None = None, batching: B
     if allowed_hosts is not None:  # outermost: a foreign Host (DNS rebinding) gets 400 before anything else
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts), www_redirect=False)
     install_error_handlers(app)
-    for router in (search_router(ctx), files_router(ctx), status_router(ctx), pages_router()):
+    for router in (search_router(ctx), files_router(ctx), status_router(ctx), scoring_router(ctx), pages_router()):
         app.include_router(router)
     prefixes = {name: "" if name == index_name else f"/indexes/{name}" for name in contexts}
     for name, c in contexts.items():

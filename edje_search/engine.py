@@ -191,26 +191,28 @@ class Engine:
 
     def add(self, paths: Iterable[str | Path], *, batch_size: int = 32, num_workers: int = 2,
             commit_every: int = 512, progress: bool = True, report: BuildReport | None = None,
-            removed_rows: Sequence[int] = (), optimize: bool = True) -> BuildReport:
+            removed_rows: Sequence[int] = (), optimize: bool = True, metadata: dict[str, dict] | None = None
+            ) -> BuildReport:
         """Embed and commit image files (commits every ``commit_every`` images), under the writer lock.
 
         ``removed_rows`` are dropped in the first commit (how changed files are replaced
         without a commit of their own); their paths count as new. Paths that are not image
-        files (by extension, images.is_image_path) are skipped with a reason.
+        files (by extension, images.is_image_path) are skipped with a reason. ``metadata``:
+        absolute path -> user fields (photo_meta.read_sidecar), kept with the file metadata.
         """
         return self._indexer.add(paths, batch_size=batch_size, num_workers=num_workers, commit_every=commit_every,
-                                 progress=progress, report=report, removed_rows=removed_rows, optimize=optimize)
+                                 progress=progress, report=report, removed_rows=removed_rows, optimize=optimize,
+                                 metadata=metadata)
 
     def sync(self, root: str | Path, *, chunk_files: int = 4096, batch_size: int = 32, num_workers: int = 2,
-             commit_every: int = 512, progress: bool = True) -> BuildReport:
+             commit_every: int = 512, progress: bool = True, metadata: dict[str, dict] | None = None) -> BuildReport:
         """Make the index mirror the images under ``root``: add new files, re-embed changed ones
-        (size or modification time differ), drop deleted ones. Holds the writer lock throughout.
-
-        The folder is walked as a stream and processed ``chunk_files`` paths at a time, so work
-        starts at once on very large folders; deletions are applied once the walk has ended.
+        (size or modification time differ), drop deleted ones, fill in metadata unchanged files
+        lack (``metadata`` as for :meth:`add`). Holds the writer lock throughout; the folder is
+        walked as a stream, ``chunk_files`` paths at a time, deletions applied once it has ended.
         """
         return self._indexer.sync(root, chunk_files=chunk_files, batch_size=batch_size, num_workers=num_workers,
-                                  commit_every=commit_every, progress=progress)
+                                  commit_every=commit_every, progress=progress, metadata=metadata)
 
     def add_embeddings(self, paths: Sequence[str], vectors: np.ndarray, tokens: np.ndarray, *,
                        metadata: Sequence[dict | None] | None = None, hashes: Sequence[str | None] | None = None,
@@ -253,28 +255,33 @@ class Engine:
         return problems
 
     # -------------------------------------------------------------------------------- search
-    def search(self, query: str, *, k: int = 10, rerank_k: int = DEFAULT_RERANK_K, batch_size: int = 64) -> list[Hit]:
-        """Top ``k`` images for one text query; the first ``rerank_k`` candidates are reranked."""
-        return self.search_batch([query], k=k, rerank_k=rerank_k, batch_size=batch_size)[0]
+    def search(self, query: str, *, k: int = 10, rerank_k: int = DEFAULT_RERANK_K, batch_size: int = 64,
+               where: str | None = None, under: str | None = None) -> list[Hit]:
+        """Top ``k`` images for one text query; the first ``rerank_k`` candidates are reranked. ``where`` (a
+        metadata filter, docs/filters.md) and ``under`` (a folder) restrict the search to the rows passing both."""
+        return self.search_batch([query], k=k, rerank_k=rerank_k, batch_size=batch_size, where=where, under=under)[0]
 
     @torch.inference_mode()
     def search_batch(self, queries: Sequence[str], *, k: int = 10, rerank_k: int = DEFAULT_RERANK_K,
-                     batch_size: int = 64) -> list[list[Hit]]:
+                     batch_size: int = 64, where: str | None = None, under: str | None = None) -> list[list[Hit]]:
         """Like :meth:`search` for several queries; their pairs are scored in shared batches."""
         queries = [_check_query(q) for q in queries]
-        n = len(self.store)
-        if n == 0:
+        if len(self.store) == 0:
             raise BadQuery("the index is empty: add images with `edje-search build-index`")
         if k <= 0 or rerank_k < 0:
             raise BadQuery(f"k must be positive and rerank_k non-negative (got k={k}, rerank_k={rerank_k})")
+        clock = StageClock()
+        selected = self.store.select_rows(where, under) if where or under else None
+        n = len(self.store) if selected is None else len(selected)
+        if n == 0:  # nothing passes the filter
+            return [[] for _ in queries]
         k = min(k, n)
         pool = min(max(k, rerank_k), n)
-        clock = StageClock()
         n_rerank = min(rerank_k, pool)
         with precision_autocast(self.model.device):  # bf16/fp16 on CUDA, fp32 on the CPU
             q = self.model.embed_texts(list(queries)).float().cpu().numpy()
             clock.lap("text_embed")
-            first_scores, rows = self.store.search(q, pool)  # (Q, pool)
+            first_scores, rows = self.store.search(q, pool, rows=selected)  # (Q, pool)
             clock.lap("faiss")
             rerank = score_rows(self.model.reranker, self.store.tokens.get, queries, rows[:, :n_rerank],
                                 batch_size, clock) if n_rerank else None
@@ -366,13 +373,18 @@ class Engine:
 
     # ---------------------------------------------------------------------------------- info
     def info(self) -> dict:
-        cfg = self.store.config
-        return {
-            "index": str(self.store.directory), "images": len(self.store), "rows": self.store.n_rows,
-            "generation": self.store.generation, "factory": cfg.factory, "dim": cfg.dim,
-            "tokens_per_image": cfg.tokens_per_image, "token_width": cfg.token_width,
-            "token_dtype": cfg.token_dtype,
-            "bytes_per_image": bytes_per_image(cfg.tokens_per_image, cfg.token_width, cfg.token_dtype),
-            "model": cfg.model_path, "model_name": self.model.name, "model_fingerprint": cfg.model_fingerprint,
-            "fusion_weight": self.model.fusion_weight,
-        }
+        """Size, FAISS recipe, token shape and model of the index (what `edje-search info` shows)."""
+        return _info(self.store, self.model)
+
+
+def _info(store: IndexStore, model: EdjeModel) -> dict:
+    cfg = store.config
+    return {
+        "index": str(store.directory), "images": len(store), "rows": store.n_rows,
+        "generation": store.generation, "factory": cfg.factory, "dim": cfg.dim,
+        "tokens_per_image": cfg.tokens_per_image, "token_width": cfg.token_width,
+        "token_dtype": cfg.token_dtype,
+        "bytes_per_image": bytes_per_image(cfg.tokens_per_image, cfg.token_width, cfg.token_dtype),
+        "model": cfg.model_path, "model_name": model.name, "model_fingerprint": cfg.model_fingerprint,
+        "fusion_weight": model.fusion_weight,
+    }

@@ -272,7 +272,7 @@ class Engine:
             raise BadQuery(f"k must be positive and rerank_k non-negative (got k={k}, rerank_k={rerank_k})")
         clock = StageClock()
         selected = self.store.select_rows(where, under) if where or under else None
-        n = len(self.store) if selected is None else len(selected)
+        n = len(self.store) if selected is None else (clock.lap("filter") or len(selected))
         if n == 0:  # nothing passes the filter
             return [[] for _ in queries]
         k = min(k, n)

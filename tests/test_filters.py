@@ -218,3 +218,22 @@ def test_filtered_recall_on_ivf(tmp_path, monkeypatch, force_selector):
         recall = np.mean([len(set(g) & set(e)) / 10 for g, e in zip(got.tolist(), exact.tolist())])
         assert recall >= 0.95, (expr, recall)
         assert (got >= 0).all() and np.isin(got, rows).all()
+
+
+def test_http_where_filters_and_bad_filter_is_400(photo_index):
+    pytest.importorskip("fastapi", reason="the [serve] extra is not installed")
+    from fastapi.testclient import TestClient
+
+    from edje_search.serve import BatchSettings, create_app
+
+    metas = _metas(photo_index)
+    canon = {m["path"] for m in metas.values() if m.get("make") == "Canon"}
+    with TestClient(create_app(Engine.from_pretrained(photo_index), batching=BatchSettings(max_wait_ms=5))) as c:
+        got = c.get("/search", params={"q": "x", "k": 20, "where": 'make = "Canon"'})
+        assert got.status_code == 200 and {h["path"] for h in got.json()["hits"]} == canon
+        many = c.post("/search", json={"queries": ["x", "y"], "k": 20, "where": 'make = "Canon"'})
+        assert all({h["path"] for h in r["hits"]} == canon for r in many.json()["results"])
+        plain = c.get("/search", params={"q": "x", "k": 20})  # an unfiltered request is not held to the filter
+        assert len(plain.json()["hits"]) == 20
+        bad = c.get("/search", params={"q": "x", "where": "make = = 1"})
+        assert bad.status_code == 400 and "position 8" in bad.json()["error"] and "fields:" in bad.json()["error"]

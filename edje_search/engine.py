@@ -24,6 +24,7 @@ from .models.bundle import EdjeModel
 from .models.registry import load_model
 from .ranking import rank_pool, score_rows
 from .inspection import verify_index
+from .storage import filtered_search
 from .storage.index_store import IndexStore
 from .storage.integrity import RepairReport
 from .storage.token_store import bytes_per_image
@@ -271,7 +272,7 @@ class Engine:
         if k <= 0 or rerank_k < 0:
             raise BadQuery(f"k must be positive and rerank_k non-negative (got k={k}, rerank_k={rerank_k})")
         clock = StageClock()
-        selected = self.store.select_rows(where, under) if where or under else None
+        selected = filtered_search.select_rows(self.store, where, under) if where or under else None
         n = len(self.store) if selected is None else (clock.lap("filter") or len(selected))
         if n == 0:  # nothing passes the filter
             return [[] for _ in queries]
@@ -281,7 +282,8 @@ class Engine:
         with precision_autocast(self.model.device):  # bf16/fp16 on CUDA, fp32 on the CPU
             q = self.model.embed_texts(list(queries)).float().cpu().numpy()
             clock.lap("text_embed")
-            first_scores, rows = self.store.search(q, pool, rows=selected)  # (Q, pool)
+            first_scores, rows = self.store.search(q, pool) if selected is None else \
+                filtered_search.search_rows(self.store, q, pool, selected)  # (Q, pool)
             clock.lap("faiss")
             rerank = score_rows(self.model.reranker, self.store.tokens.get, queries, rows[:, :n_rerank],
                                 batch_size, clock) if n_rerank else None

@@ -211,9 +211,9 @@ def test_filtered_recall_on_ivf(tmp_path, monkeypatch, force_selector):
     # queries near stored vectors, with the noise the nprobe tuning uses (compaction.tune_recall)
     queries = _unit(vectors[rng.integers(0, n, 200)] + 0.5 / np.sqrt(dim) * rng.standard_normal((200, dim)))
     for expr, expected in [("bucket < 500", 10_000), ("bucket < 50", 1000), ("bucket < 1", 20)]:
-        rows = store.select_rows(expr)
+        rows = filtered_search.select_rows(store, expr)
         assert len(rows) == expected
-        _, got = store.search(queries, 10, rows=rows)
+        _, got = filtered_search.search_rows(store, queries, 10, rows)
         exact = rows[np.argsort(-(queries @ vectors[rows].T), axis=1)[:, :10]]
         recall = np.mean([len(set(g) & set(e)) / 10 for g, e in zip(got.tolist(), exact.tolist())])
         assert recall >= 0.95, (expr, recall)

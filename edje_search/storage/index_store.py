@@ -32,7 +32,7 @@ import numpy as np
 from ..config import IndexConfig, load_config, save_config
 from ..errors import BadInput, IndexCorrupt
 from ..fsutil import atomic_write
-from . import compaction, filtered_search, integrity, layout, vector_index
+from . import compaction, integrity, layout, vector_index
 from .layout import CONFIG_FILE, FAISS_DIR, REFINE_FACTOR, SKIPPED_FILE
 from .creation import create_index_dir
 from .lock import WriterLock
@@ -302,15 +302,8 @@ class IndexStore:
         """``sha in lookup`` for DataLoader workers (picklable; opens its own read-only connection)."""
         return HashLookup(self.manifest.path, self.generation)
 
-    def select_rows(self, where: str | None = None, under: str | None = None) -> np.ndarray:
-        """Live rows passing a filter (storage/filters.py) and lying under a folder, sorted."""
-        return filtered_search.select_rows(self, where, under)
-
-    def search(self, queries: np.ndarray, k: int, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """(Q, E) queries -> (scores (Q, k), rows (Q, k)) over the live rows, or only over ``rows``
-        (from :meth:`select_rows`; storage/filtered_search.py); rows -1 where fewer exist."""
-        if rows is not None:
-            return filtered_search.search_rows(self, queries, k, rows)
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(Q, E) queries -> (scores (Q, k), rows (Q, k)) over the live rows; rows -1 where fewer exist."""
         recipe = self.recipe
         want = k * REFINE_FACTOR if vector_index.needs_refine(recipe) else k
         scores, rows = vector_index.search_segments(self.faiss_segments, queries, want, exclude=self.tombstones,

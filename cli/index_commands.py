@@ -212,9 +212,15 @@ def remove(paths, index_dir, wait, as_json):
                    "(grammar and fields: docs/filters.md). k hits come back whenever k images pass.")
 @click.option("--under", default=None, type=click.Path(file_okay=False), metavar="FOLDER",
               help="Search only images under FOLDER.")
+@click.option("--dedupe", is_flag=True,
+              help="Collapse near-duplicates in the results: a hit whose first-stage similarity to a better hit "
+                   "is at or above --dedupe-threshold is listed under it instead of taking a place of the k.")
+@click.option("--dedupe-threshold", default=0.95, show_default=True, type=click.FloatRange(-1.0, 1.0),
+              help="Cosine similarity at or above which --dedupe treats two hits as the same image.")
 @device_option
 @json_option
-def query(text, index_dir, k, rerank_k, model, backend, compare, where, under, device, as_json):
+def query(text, index_dir, k, rerank_k, model, backend, compare, where, under, dedupe, dedupe_threshold, device,
+          as_json):
     """Search the index for TEXT; each TEXT argument is one query.
 
     The first stage's top --rerank-k are reordered by score = joint-encoder logit (rerank) +
@@ -235,9 +241,14 @@ def query(text, index_dir, k, rerank_k, model, backend, compare, where, under, d
     if k > n and not (where or under):
         click.echo(f"note: the index holds only {n} image{'s' if n != 1 else ''}; showing all of them", err=True)
         k = n
-    results = engine.search_batch(list(text), k=k, rerank_k=rerank_k, where=where, under=under)
+    if dedupe and compare:
+        raise BadInput("--dedupe and --compare do not combine")
+    fetch = min(n, k * DEDUPE_FETCH) if dedupe else k  # room for the hits that collapse
+    results = engine.search_batch(list(text), k=fetch, rerank_k=rerank_k, where=where, under=under)
     if (where or under) and not any(results):
         click.echo("no image passes the filter", err=True)
+    if dedupe:
+        results, absorbed = _dedupe(index_dir, results, k, dedupe_threshold)
     if compare:
         plain = engine.search_batch(list(text), k=k, rerank_k=0, where=where, under=under)
         if as_json:
@@ -248,7 +259,9 @@ def query(text, index_dir, k, rerank_k, model, backend, compare, where, under, d
                 _print_side_by_side(q, p, r)
         return
     if as_json:
-        emit_json([{"query": q, "hits": [dataclasses.asdict(h) for h in hits]} for q, hits in zip(text, results)])
+        emit_json([{"query": q, "hits": [{**dataclasses.asdict(h), **({"near_duplicates": absorbed[h.row]}
+                                                                      if dedupe else {})} for h in hits]}
+                   for q, hits in zip(text, results)])
         return
     for q, hits in zip(text, results):
         click.echo(f"query: {q}")
@@ -256,6 +269,27 @@ def query(text, index_dir, k, rerank_k, model, backend, compare, where, under, d
         for h in hits:
             sc, rr = (f"{x:8.3f}" if x is not None else f"{'-':>8}" for x in (h.score, h.rerank_score))
             echo_text(f"{h.rank:>4}  {sc}  {rr}  {h.first_stage_score:7.4f}  {h.path}")
+            for p in absorbed.get(h.row, []) if dedupe else []:
+                echo_text(f"{'':>4}  {'':>8}  {'':>8}  {'':>7}    near-duplicate: {p}")
+
+
+DEDUPE_FETCH = 4  # --dedupe asks for this many times k hits, so k remain after collapsing
+
+
+def _dedupe(index_dir, results, k: int, threshold: float):
+    """Collapse near-duplicate hits (storage/duplicates.collapse_near); returns the kept hits per
+    query, re-ranked 1..k, and kept row -> paths of the hits it absorbed."""
+    from edje_search.storage.duplicates import collapse_near
+    from edje_search.storage.index_store import IndexStore
+
+    store = IndexStore.open(index_dir)
+    out, absorbed = [], {}
+    for hits in results:
+        by_row = {h.row: h for h in hits}
+        groups = collapse_near(store, [h.row for h in hits], threshold)[:k]
+        out.append([dataclasses.replace(by_row[g[0]], rank=i + 1) for i, g in enumerate(groups)])
+        absorbed.update({g[0]: [by_row[r].path for r in g[1:]] for g in groups})
+    return out, absorbed
 
 
 def _short(path: str, width: int = 34) -> str:

@@ -110,3 +110,26 @@ def test_removed_rows_are_not_reported(planted, tmp_path):
     exact = find_duplicates(store, 0.999)["exact"]
     assert len(exact) == 1
     assert all(r != gone[0].row for a, b, _ in near_pairs(store, 0.99) for r in (a, b))
+
+
+def test_query_dedupe_collapses_near_duplicates(planted):
+    index, _ = planted
+    threshold = 0.9995
+    args = ["query", "red", "--index", str(index), "-k", "8", "--json"]
+    plain = json.loads(CliRunner().invoke(cli, args).stdout)[0]["hits"]
+    r = CliRunner().invoke(cli, [*args, "--dedupe", "--dedupe-threshold", str(threshold)])
+    assert r.exit_code == 0, r.output
+    hits = json.loads(r.stdout)[0]["hits"]
+    assert len(hits) == 8 and [h["rank"] for h in hits] == list(range(1, 9))
+    store = IndexStore.open(index)
+    rows = [h["row"] for h in hits]
+    v = store.vectors(rows)
+    sims = v @ v.T - 2 * np.eye(len(rows))
+    assert sims.max() < threshold  # no two kept hits are near-duplicates of each other
+    by_path = {e.path: e.row for e in store.iter_entries()}
+    absorbed = [(h["row"], p) for h in hits for p in h["near_duplicates"]]
+    for row, p in absorbed:  # each absorbed image is a near-duplicate of the hit it is listed under
+        assert float(store.vectors([row])[0] @ store.vectors([by_path[p]])[0]) >= threshold
+    pv = store.vectors([h["row"] for h in plain])
+    assert (pv @ pv.T - 2 * np.eye(8) >= threshold).any()  # without --dedupe the top 8 holds near-duplicates
+    assert absorbed

@@ -117,3 +117,23 @@ def find_duplicates(store: "IndexStore", threshold: float = DEFAULT_THRESHOLD) -
     if not -1.0 <= threshold <= 1.0:
         raise ValueError(f"threshold is a cosine similarity between -1 and 1, got {threshold}")
     return {"exact": exact_groups(store), "near": near_groups(store, threshold)}
+
+
+def collapse_near(store: "IndexStore", rows: list[int], threshold: float = DEFAULT_THRESHOLD) -> list[list[int]]:
+    """Greedy de-duplication of a ranked list (as clip-retrieval's ``deduplicate``): walking ``rows``
+    in order, a row whose first-stage similarity to an earlier kept row is >= ``threshold`` joins
+    that row instead of being kept. Returns [[kept row, rows it absorbed...], ...] in rank order."""
+    if not rows:
+        return []
+    vecs = store.vectors(np.asarray(rows, dtype=np.int64)).astype(np.float32)
+    sims = vecs @ vecs.T
+    kept: list[int] = []  # positions in rows
+    groups: list[list[int]] = []
+    for i, row in enumerate(rows):
+        home = next((j for j, k in enumerate(kept) if sims[i, k] >= threshold), None)
+        if home is None:
+            kept.append(i)
+            groups.append([row])
+        else:
+            groups[home].append(row)
+    return groups

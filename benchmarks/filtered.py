@@ -81,7 +81,7 @@ def main() -> None:
                     "where": expr, "selectivity": share, "rows_passing": int(len(rows)), "mode": mode,
                     "path": "exact scan" if len(rows) <= limit else "FAISS IDSelectorBatch",
                     "recall_at_10": _recall(got, truth), "select_rows_ms": select_ms,
-                    "search_p50_ms": _p50_ms(lambda q: filtered_search.search_rows(store, q, 10, rows), queries)})
+                    "search_p50_ms": _p50_ms(lambda q, r=rows: filtered_search.search_rows(store, q, 10, r), queries)})
             filtered_search.EXACT_MAX_ROWS = exact_max
     text = json.dumps(out, indent=2)
     print(text)

@@ -237,3 +237,15 @@ def test_http_where_filters_and_bad_filter_is_400(photo_index):
         assert len(plain.json()["hits"]) == 20
         bad = c.get("/search", params={"q": "x", "where": "make = = 1"})
         assert bad.status_code == 400 and "position 8" in bad.json()["error"] and "fields:" in bad.json()["error"]
+
+
+def test_date_spans_and_limits(photo_index):
+    engine = Engine.from_pretrained(photo_index)
+    names = {Path(h.path).name for h in engine.search("x", k=50, where='taken <= "2019-01-01"')}
+    assert "img_00.jpg" in names  # taken 2019-01-01T12:00:00: "<=" a day includes all of it
+    assert "img_00.jpg" not in {Path(h.path).name for h in engine.search("x", k=50, where='taken < "2019-01-01"')}
+    assert {Path(h.path).name for h in engine.search("x", k=50, where='taken = "2019-01-01T12:00"')} == {"img_00.jpg"}
+    with pytest.raises(FilterError, match="nested more than"):
+        engine.search("x", where="(" * 200 + "width > 1" + ")" * 200)
+    with pytest.raises(FilterError, match="too large"):
+        engine.search("x", where="width in (" + ",".join(["1"] * 600) + ")")

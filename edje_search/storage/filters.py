@@ -36,6 +36,8 @@ COLUMN_FIELDS = {"path": ("text", "CAST(path AS TEXT)"), "size": ("number", "NUL
 OPS = {"=": "=", "==": "=", "!=": "!=", "<": "<", "<=": "<=", ">": ">", ">=": ">="}
 KEYWORDS = {"and", "or", "not", "in", "glob"}
 MAX_FILTER_CHARS = 4000
+MAX_DEPTH = 50  # nested parentheses / not: far beyond any real filter, far below Python's recursion limit
+MAX_PARAMS = 900  # bound parameters per filter, under SQLite's smallest compiled-in limit (999)
 
 _TOKEN = re.compile(r"""\s*(?:(?P<num>-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)(?![A-Za-z_])
                       |(?P<name>[A-Za-z_][A-Za-z0-9_]*)
@@ -99,6 +101,7 @@ class _Parser:
     def __init__(self, text: str):
         self.toks = tokenize(text)
         self.i = 0
+        self.depth = 0
 
     def peek(self) -> Tok:
         return self.toks[self.i]
@@ -136,6 +139,15 @@ class _Parser:
         return parts[0] if len(parts) == 1 else BoolOp("and", tuple(parts))
 
     def factor(self):
+        self.depth += 1
+        if self.depth > MAX_DEPTH:
+            raise FilterError(f"filter nested more than {MAX_DEPTH} deep at position {self.peek().pos}")
+        try:
+            return self._factor()
+        finally:
+            self.depth -= 1
+
+    def _factor(self):
         if self.is_kw("not"):
             self.take()
             return BoolOp("not", (self.factor(),))
@@ -291,7 +303,10 @@ def compile_filter(text: str, user_field: Callable[[str], bool],
     try:
         tree = parse(text)
         c = Compiler(user_field, describe_fields)
-        return c.compile(tree), c.params
+        sql = c.compile(tree)
+        if len(c.params) > MAX_PARAMS:
+            raise FilterError(f"filter too large ({len(c.params)} values and field names; the limit is {MAX_PARAMS})")
+        return sql, c.params
     except FilterError as e:
         raise FilterError(f"bad filter: {e}; fields: {describe_fields()}") from None
 

@@ -179,9 +179,8 @@ class Engine:
     def refresh(self) -> bool:
         """Pick up commits made by another writer since this engine opened; True if it changed.
 
-        A reader switches generations as a whole (segment lists, FAISS segments and row count
-        come from one manifest transaction), so a search sees the old state or the new one.
-        """
+        A reader switches generations as a whole (segment lists, FAISS segments and row count come
+        from one manifest transaction), so a search sees the old state or the new one."""
         return self.store.refresh()
 
     # ------------------------------------------------------------------------------- indexing
@@ -258,8 +257,8 @@ class Engine:
     # -------------------------------------------------------------------------------- search
     def search(self, query: str, *, k: int = 10, rerank_k: int = DEFAULT_RERANK_K, batch_size: int = 64,
                where: str | None = None, under: str | None = None) -> list[Hit]:
-        """Top ``k`` images for one text query; the first ``rerank_k`` candidates are reranked. ``where`` (a
-        metadata filter, docs/filters.md) and ``under`` (a folder) restrict the search to the rows passing both."""
+        """Top ``k`` images for one text query, the first ``rerank_k`` candidates reranked, among the rows
+        passing ``where`` (a metadata filter, docs/filters.md) and under folder ``under`` when given."""
         return self.search_batch([query], k=k, rerank_k=rerank_k, batch_size=batch_size, where=where, under=under)[0]
 
     @torch.inference_mode()
@@ -272,12 +271,14 @@ class Engine:
         if k <= 0 or rerank_k < 0:
             raise BadQuery(f"k must be positive and rerank_k non-negative (got k={k}, rerank_k={rerank_k})")
         clock = StageClock()
-        selected = filtered_search.select_rows(self.store, where, under) if where or under else None
-        n = len(self.store) if selected is None else (clock.lap("filter") or len(selected))
+        selected = None
+        if where or under:
+            selected = filtered_search.select_rows(self.store, where, under)
+            clock.lap("filter")
+        n = len(self.store) if selected is None else len(selected)
         if n == 0:  # nothing passes the filter
             return [[] for _ in queries]
-        k = min(k, n)
-        pool = min(max(k, rerank_k), n)
+        k, pool = min(k, n), min(max(k, rerank_k), n)
         n_rerank = min(rerank_k, pool)
         with precision_autocast(self.model.device):  # bf16/fp16 on CUDA, fp32 on the CPU
             q = self.model.embed_texts(list(queries)).float().cpu().numpy()
@@ -366,8 +367,7 @@ class Engine:
         return results
 
     def search_vectors(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """First-stage nearest neighbours of (Q, E) embeddings, e.g. of images for image-to-image
-        search: (scores (Q, k), rows (Q, k)), rows -1 where fewer than k images exist."""
+        """First-stage neighbours of (Q, E) embeddings: (scores (Q, k), rows (Q, k)), rows -1 past the last image."""
         vectors = np.asarray(vectors, dtype=np.float32)
         if vectors.ndim != 2 or vectors.shape[1] != self.store.config.dim:
             raise BadInput(f"vectors must have shape (Q, {self.store.config.dim}), got {vectors.shape}")

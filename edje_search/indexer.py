@@ -24,6 +24,7 @@ from .images import is_image_path, iter_image_files
 from .photo_meta import merged, stored_file_fields
 from .models.bundle import EdjeModel
 from .pipeline import BackgroundCommits, EmbeddedBatch, ImageEmbedder, embed_files
+from .storage.filtered_search import ensure_field_indexes
 from .storage.index_store import IndexStore, write_skipped
 from .storage.manifest import ManifestEntry
 from .storage.token_store import working_dtype
@@ -94,6 +95,7 @@ class Indexer:
         report = report or BuildReport()
         self.extra_meta = dict(metadata or {})
         with self.store.writing(), self._embedder(batch_size, num_workers) as embedder:
+            ensure_field_indexes(self.store.manifest)
             self._add_paths(paths, report, removed_rows, embedder, commit_every=commit_every, progress=progress)
             if optimize:
                 self.store.optimize()
@@ -109,6 +111,8 @@ class Indexer:
         seen: set[str] = set()
         chunk: list[str] = []
         with self.store.writing(), self._embedder(batch_size, num_workers) as embedder:
+            ensure_field_indexes(self.store.manifest)
+
             def flush() -> None:
                 changed, _ = changed_or_gone(self.store, chunk)
                 self._add_paths(chunk, report, changed, embedder, commit_every=commit_every, progress=progress)
@@ -273,6 +277,7 @@ class Indexer:
                 raise BadInput(f"{what} has {len(given)} entries for {n} paths")
         report = BuildReport()
         with self.store.writing():
+            ensure_field_indexes(self.store.manifest)
             known = self.store.lookup_paths(paths)
             keep = np.array([p not in known for p in paths], dtype=bool)
             report.unchanged = int((~keep).sum())

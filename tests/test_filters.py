@@ -248,4 +248,15 @@ def test_date_spans_and_limits(photo_index):
     with pytest.raises(FilterError, match="nested more than"):
         engine.search("x", where="(" * 200 + "width > 1" + ")" * 200)
     with pytest.raises(FilterError, match="too large"):
-        engine.search("x", where="width in (" + ",".join(["1"] * 600) + ")")
+        engine.search("x", where="width in (" + ",".join(["1"] * 1000) + ")")
+
+
+def test_selective_filters_use_the_manifest_expression_indexes(photo_index):
+    from edje_search.storage.filters import compile_filter
+
+    store = IndexStore.open(photo_index)
+    for expr, index in [('make = "Canon"', "rows_meta_make"), ('taken >= "2021-01-01"', "rows_meta_taken"),
+                        ('folder = "/x"', "rows_meta_folder"), ("lat < -10", "rows_meta_lat")]:
+        sql, params = compile_filter(expr, lambda name: False, lambda: "")
+        plan = store.manifest._q(f"EXPLAIN QUERY PLAN SELECT row FROM rows WHERE {sql}", params)
+        assert any(index in str(step) for step in plan), (expr, plan)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from . import vector_index
-from .filters import builtin_fields, compile_filter
+from .filters import INDEXED_FIELDS, builtin_fields, compile_filter, meta_expr
 from .layout import REFINE_FACTOR
 from .manifest import Manifest, _prefix_end
 
@@ -51,6 +51,15 @@ def _describe(manifest: Manifest):
         fields += sorted(k for (k,) in got if isinstance(k, str) and k not in fields)
         return ", ".join(fields)
     return describe
+
+
+def ensure_field_indexes(manifest: Manifest) -> None:
+    """Create the manifest's expression indexes on INDEXED_FIELDS if missing (a writer calls this;
+    on an index with many rows the first call builds them, once). A selective filter on those
+    fields then reads an index range instead of every row's JSON."""
+    with manifest._lock:
+        for name in INDEXED_FIELDS:
+            manifest._db.execute(f"CREATE INDEX IF NOT EXISTS rows_meta_{name} ON rows({meta_expr(name)})")
 
 
 def select_rows(store: "IndexStore", where: str | None = None, under: str | None = None) -> np.ndarray:

@@ -226,6 +226,19 @@ def _date_param(field: str, when: dt.datetime):
     return when.strftime("%Y-%m-%dT%H:%M:%S")
 
 
+# Fields with an expression index in the manifest (storage/filtered_search.ensure_field_indexes):
+# the dates, cameras, folders and places people filter by
+INDEXED_FIELDS = ("taken", "make", "folder", "lat")
+
+
+def meta_expr(name: str) -> str:
+    """SQL for a field of IMAGE_FIELDS. Only for those fixed names: the index on the expression
+    is found only when the query spells it the same way, which a bound path would not."""
+    if name not in IMAGE_FIELDS:
+        raise KeyError(name)
+    return f"json_extract(meta, '$.{name}')"
+
+
 @dataclasses.dataclass
 class FieldInfo:
     kind: str  # text, number, date, any (user fields: compared as stored)
@@ -247,11 +260,10 @@ class Compiler:
         if name in COLUMN_FIELDS:
             kind, sql = COLUMN_FIELDS[name]
             return FieldInfo(kind, sql)
-        path = f'$."{name}"'
-        if name in IMAGE_FIELDS:
-            return FieldInfo(IMAGE_FIELDS[name], "json_extract(meta, ?)", (path,))
-        if self.user_field(name):
-            return FieldInfo("any", "json_extract(meta, ?)", (path,))
+        if name in IMAGE_FIELDS:  # a fixed name from IMAGE_FIELDS, so the expression can use an index
+            return FieldInfo(IMAGE_FIELDS[name], meta_expr(name))
+        if self.user_field(name):  # a name the user typed: its JSON path is a bound parameter
+            return FieldInfo("any", "json_extract(meta, ?)", (f'$."{name}"',))
         raise FilterError(f"unknown field {name!r} at position {tok.pos}")
 
     def check(self, f: FieldInfo, field: Tok, value: Tok) -> None:

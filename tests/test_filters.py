@@ -260,3 +260,27 @@ def test_selective_filters_use_the_manifest_expression_indexes(photo_index):
         sql, params = compile_filter(expr, lambda name: False, lambda: "")
         plan = store.manifest._q(f"EXPLAIN QUERY PLAN SELECT row FROM rows WHERE {sql}", params)
         assert any(index in str(step) for step in plan), (expr, plan)
+
+
+def test_ray_decode_functions_collect_the_same_metadata(photos, tiny_model_dir, tmp_path):
+    """The decode step a Ray build runs (called here in-process) stores the same fields, and a
+    webdataset sample's own .json fields are kept beside its EXIF."""
+    import io
+    import tarfile
+
+    from edje_search.distributed.workers import DecodeSpec, decode_files, decode_shards
+
+    spec = DecodeSpec.for_model(load_model(tiny_model_dir))
+    path = str(photos / "a" / "img_00.jpg")
+    meta = json.loads(decode_files({"path": np.array([path], dtype=object)}, spec)["meta"][0])
+    assert meta["make"] == "Canon" and meta["taken"] == "2019-01-01T12:00:00" and meta["name"] == "img_00.jpg"
+    shard = tmp_path / "s.tar"
+    with tarfile.open(shard, "w") as tar:
+        for name, data in (("k0.jpg", Path(path).read_bytes()), ("k0.json", b'{"album": "x", "make": "Mine"}')):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    rows = next(decode_shards({"shard": np.array([str(shard)], dtype=object), "done": np.array(["[]"], dtype=object)},
+                              spec))
+    meta = json.loads(rows["meta"][0])
+    assert meta["album"] == "x" and meta["make"] == "Mine" and meta["lens"] == "EF 50mm f/1.8" and meta["width"] == 24

@@ -284,3 +284,27 @@ def test_ray_decode_functions_collect_the_same_metadata(photos, tiny_model_dir, 
                               spec))
     meta = json.loads(rows["meta"][0])
     assert meta["album"] == "x" and meta["make"] == "Mine" and meta["lens"] == "EF 50mm f/1.8" and meta["width"] == 24
+
+
+def test_cli_build_index_with_metadata_sidecar(tmp_path, tiny_model_dir, photos):
+    from click.testing import CliRunner
+
+    from edje_search_cli.main import cli
+
+    sidecar = tmp_path / "m.jsonl"
+    sidecar.write_text("".join(json.dumps({"path": str(photos / "b" / f"img_{i}.jpg"), "album": "trip"}) + "\n"
+                               for i in (15, 16, 17)))
+    index = tmp_path / "idx"
+    args = ["build-index", str(photos / "b"), "--index", str(index), "--model", str(tiny_model_dir), "--workers", "0",
+            "--no-progress", "--metadata", str(sidecar)]
+    assert CliRunner().invoke(cli, args).exit_code == 0
+    r = CliRunner().invoke(cli, ["query", "x", "--index", str(index), "-k", "10", "--where", 'album = "trip"',
+                                 "--json"])
+    assert r.exit_code == 0, r.output
+    assert sorted(Path(h["path"]).name for h in json.loads(r.stdout)[0]["hits"]) == [
+        "img_15.jpg", "img_16.jpg", "img_17.jpg"]
+    sidecar.write_text('{"file": "x.jpg"}\n')
+    bad = CliRunner().invoke(cli, [*args[:-1], str(sidecar)])
+    assert bad.exit_code == 2 and "m.jsonl:1" in bad.stderr
+    none = CliRunner().invoke(cli, ["query", "x", "--index", str(index), "--where", 'album = "nowhere"'])
+    assert none.exit_code == 0 and "no image passes the filter" in none.stderr

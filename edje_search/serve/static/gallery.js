@@ -113,16 +113,39 @@ function render() {
   $("toolbar").hidden = false;
 }
 
+function quoted(text) {
+  // a string literal of the filter language: backslash before quotes and backslashes
+  return `"${text.replace(/[\\"]/g, (c) => `\\${c}`)}"`;
+}
+
+function filterExpression() {
+  // the filter fields, combined into one `where` expression (the server parses and binds it)
+  const parts = [];
+  const folder = $("f-folder").value.trim();
+  if (folder) parts.push(`folder glob ${quoted(/[*?[]/.test(folder) ? folder : `*${folder}*`)}`);
+  if ($("f-from").value) parts.push(`taken >= ${quoted($("f-from").value)}`);
+  if ($("f-to").value) parts.push(`taken <= ${quoted($("f-to").value)}`);
+  const camera = $("f-camera").value.trim();
+  if (camera) parts.push(`(make = ${quoted(camera)} or model = ${quoted(camera)})`);
+  const where = $("f-where").value.trim();
+  if (where) parts.push(`(${where})`);
+  return parts.join(" and ");
+}
+
 async function searchText(ev) {
   if (ev) ev.preventDefault();
   const q = $("query").value.trim();
   if (!q) return;
+  const where = filterExpression();
   const params = new URLSearchParams({ q, k: $("k").value, rerank_k: $("rerank-k").value });
+  if (where) params.set("where", where);
+  $("active-filter").hidden = !where;
+  $("active-filter").textContent = where ? `filter: ${where}` : "";
   setStatus("searching…");
   try {
     state.result = await api(`search?${params}`);
     state.kind = "text";
-    setStatus("");
+    setStatus(where && !state.result.hits.length ? "no image passes the filter" : "");
     render();
   } catch (e) {
     setStatus(e.message, true);

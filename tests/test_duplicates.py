@@ -133,3 +133,19 @@ def test_query_dedupe_collapses_near_duplicates(planted):
     pv = store.vectors([h["row"] for h in plain])
     assert (pv @ pv.T - 2 * np.eye(8) >= threshold).any()  # without --dedupe the top 8 holds near-duplicates
     assert absorbed
+
+
+def test_http_duplicates(planted):
+    pytest.importorskip("fastapi", reason="the [serve] extra is not installed")
+    from fastapi.testclient import TestClient
+
+    from edje_search.serve import create_app
+
+    index, _ = planted
+    with TestClient(create_app(Engine.from_pretrained(index))) as c:
+        got = c.get("/duplicates", params={"threshold": 0.9999}).json()
+        assert sorted(sorted(Path(i["path"]).name for i in g["images"]) for g in got["exact"]) == [
+            ["copy_08.png", "orig_08.png"], ["copy_09.png", "orig_09.png"]]
+        first = got["exact"][0]["images"][0]
+        assert first["thumbnail_url"] == f"/thumbnails/{first['row']}"
+        assert c.get("/duplicates", params={"threshold": 3}).status_code == 422

@@ -6,6 +6,7 @@ call goes through one :class:`~edje_search.serve.batching.MicroBatcher` and its 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 import logging
 from pathlib import Path
@@ -24,6 +25,8 @@ from ..config import DEFAULT_RERANK_K
 from ..engine import Engine
 from ..errors import BadInput, BadQuery, EdjeError, IndexCorrupt
 from ..images import decode_image
+from ..storage.duplicates import DEFAULT_THRESHOLD, find_duplicates
+from ..storage.index_store import IndexStore
 from . import schemas
 from .batching import BatchInfo, BatchSettings, MicroBatcher, Overloaded
 from .files import FileRefused, ThumbnailCache, read_indexed_file
@@ -245,6 +248,31 @@ def create_app(engine: Engine, *, limits: ServeLimits | None = None, batching: B
         if request.headers.get("if-none-match") == etag:
             return Response(status_code=304, headers=headers)
         return Response(data, media_type="image/jpeg", headers=headers)
+
+    duplicate_cache: dict[tuple[int, float], dict] = {}
+
+    def find_groups(threshold: float) -> dict:  # in the thread pool: a range search over the whole index
+        key = (engine.generation, threshold)
+        if key not in duplicate_cache:
+            found = find_duplicates(IndexStore.open(engine.directory), threshold)
+            duplicate_cache.clear()  # one answer kept: the latest generation's, for the latest threshold
+            duplicate_cache[key] = {kind: [dataclasses.asdict(g) for g in groups] for kind, groups in found.items()}
+        return duplicate_cache[key]
+
+    @app.get("/duplicates", tags=["images"])
+    async def duplicates(request: Request, threshold: float = Query(
+            DEFAULT_THRESHOLD, ge=-1.0, le=1.0, description="first-stage cosine similarity at or above which two "
+                                                             "images are near-duplicates")):
+        """Groups of exact copies (same content hash) and near-duplicates (first-stage vectors within the
+        threshold; docs/filters.md). Computed over the whole index on first request, then kept per generation."""
+        found = await run_in_threadpool(find_groups, threshold)
+        p = prefix(request)
+        def group(g: dict) -> dict:
+            images = [_with_urls({"row": r, "path": path}, p) for r, path in zip(g["rows"], g["paths"])]
+            return {"kind": g["kind"], "similarity": g["similarity"], "images": images}
+
+        return {"threshold": threshold, "generation": engine.generation,
+                **{kind: [group(g) for g in groups] for kind, groups in found.items()}}
 
     # ------------------------------------------------------------------------------ status
     @app.get("/health", tags=["status"])

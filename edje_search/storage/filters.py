@@ -16,8 +16,9 @@ a moment. ``glob`` matches text fields with SQLite's GLOB (``*``, ``?``, ``[a-z]
 The parser is a hand-written recursive descent rather than Python's ``ast`` module: the grammar is
 a dozen rules, and owning the tokenizer gives every error its exact column and keeps Python
 syntax (attribute access, calls, ``==`` chains) out of the language by construction instead of
-by a whitelist. Every value and every JSON path is a bound SQL parameter; the SQL text is built
-only from the fixed fragments below, so nothing a user types is ever pasted into it.
+by a whitelist. Every value, and the JSON path of every user field, is a bound SQL parameter;
+built-in fields are fixed expressions picked by name from a fixed table (:func:`meta_expr`), so
+the SQL text is built only from the fragments below and nothing a user types is pasted into it.
 """
 from __future__ import annotations
 

@@ -26,6 +26,7 @@ from .opening import create_index, open_index
 from .pipeline import embed_pixels
 from .ranking import rank_pool, score_rows
 from .scoring import RowScorer
+from .storage import filtered_search
 from .storage.index_store import IndexStore
 from .storage.integrity import RepairReport
 from .validation import MAX_ROW, check_query
@@ -129,9 +130,8 @@ class Engine:
     def refresh(self) -> bool:
         """Pick up commits made by another writer since this engine opened; True if it changed.
 
-        A reader switches generations as a whole (segment lists, FAISS segments and row count
-        come from one manifest transaction), so a search sees the old state or the new one.
-        """
+        A reader switches generations as a whole (segment lists, FAISS segments and row count come
+        from one manifest transaction), so a search sees the old state or the new one."""
         return self.store.refresh()
 
     # ------------------------------------------------------------------------------- indexing
@@ -142,26 +142,28 @@ class Engine:
 
     def add(self, paths: Iterable[str | Path], *, batch_size: int = 32, num_workers: int = 2,
             commit_every: int = 512, progress: bool = True, report: BuildReport | None = None,
-            removed_rows: Sequence[int] = (), optimize: bool = True) -> BuildReport:
+            removed_rows: Sequence[int] = (), optimize: bool = True, metadata: dict[str, dict] | None = None
+            ) -> BuildReport:
         """Embed and commit image files (commits every ``commit_every`` images), under the writer lock.
 
         ``removed_rows`` are dropped in the first commit (how changed files are replaced
         without a commit of their own); their paths count as new. Paths that are not image
-        files (by extension, images.is_image_path) are skipped with a reason.
+        files (by extension, images.is_image_path) are skipped with a reason. ``metadata``:
+        absolute path -> user fields (photo_meta.read_sidecar), kept with the file metadata.
         """
         return self._indexer.add(paths, batch_size=batch_size, num_workers=num_workers, commit_every=commit_every,
-                                 progress=progress, report=report, removed_rows=removed_rows, optimize=optimize)
+                                 progress=progress, report=report, removed_rows=removed_rows, optimize=optimize,
+                                 metadata=metadata)
 
     def sync(self, root: str | Path, *, chunk_files: int = 4096, batch_size: int = 32, num_workers: int = 2,
-             commit_every: int = 512, progress: bool = True) -> BuildReport:
+             commit_every: int = 512, progress: bool = True, metadata: dict[str, dict] | None = None) -> BuildReport:
         """Make the index mirror the images under ``root``: add new files, re-embed changed ones
-        (size or modification time differ), drop deleted ones. Holds the writer lock throughout.
-
-        The folder is walked as a stream and processed ``chunk_files`` paths at a time, so work
-        starts at once on very large folders; deletions are applied once the walk has ended.
+        (size or modification time differ), drop deleted ones, fill in metadata unchanged files
+        lack (``metadata`` as for :meth:`add`). Holds the writer lock throughout; the folder is
+        walked as a stream, ``chunk_files`` paths at a time, deletions applied once it has ended.
         """
         return self._indexer.sync(root, chunk_files=chunk_files, batch_size=batch_size, num_workers=num_workers,
-                                  commit_every=commit_every, progress=progress)
+                                  commit_every=commit_every, progress=progress, metadata=metadata)
 
     def add_embeddings(self, paths: Sequence[str], vectors: np.ndarray, tokens: np.ndarray, *,
                        metadata: Sequence[dict | None] | None = None, hashes: Sequence[str | None] | None = None,
@@ -205,28 +207,36 @@ class Engine:
         return problems
 
     # -------------------------------------------------------------------------------- search
-    def search(self, query: str, *, k: int = 10, rerank_k: int = DEFAULT_RERANK_K, batch_size: int = 64) -> list[Hit]:
-        """Top ``k`` images for one text query; the first ``rerank_k`` candidates are reranked."""
-        return self.search_batch([query], k=k, rerank_k=rerank_k, batch_size=batch_size)[0]
+    def search(self, query: str, *, k: int = 10, rerank_k: int = DEFAULT_RERANK_K, batch_size: int = 64,
+               where: str | None = None, under: str | None = None) -> list[Hit]:
+        """Top ``k`` images for one text query, the first ``rerank_k`` candidates reranked, among the rows
+        passing ``where`` (a metadata filter, docs/filters.md) and under folder ``under`` when given."""
+        return self.search_batch([query], k=k, rerank_k=rerank_k, batch_size=batch_size, where=where, under=under)[0]
 
     @torch.inference_mode()
     def search_batch(self, queries: Sequence[str], *, k: int = 10, rerank_k: int = DEFAULT_RERANK_K,
-                     batch_size: int = 64) -> list[list[Hit]]:
+                     batch_size: int = 64, where: str | None = None, under: str | None = None) -> list[list[Hit]]:
         """Like :meth:`search` for several queries; their pairs are scored in shared batches."""
         queries = [check_query(q) for q in queries]
-        n = len(self.store)
-        if n == 0:
+        if len(self.store) == 0:
             raise BadQuery("the index is empty: add images with `edje-search build-index`")
         if k <= 0 or rerank_k < 0:
             raise BadQuery(f"k must be positive and rerank_k non-negative (got k={k}, rerank_k={rerank_k})")
-        k = min(k, n)
-        pool = min(max(k, rerank_k), n)
         clock = StageClock()
+        selected = None
+        if where or under:
+            selected = filtered_search.select_rows(self.store, where, under)
+            clock.lap("filter")
+        n = len(self.store) if selected is None else len(selected)
+        if n == 0:  # nothing passes the filter
+            return [[] for _ in queries]
+        k, pool = min(k, n), min(max(k, rerank_k), n)
         n_rerank = min(rerank_k, pool)
         with precision_autocast(self.model.device):  # bf16/fp16 on CUDA, fp32 on the CPU
             q = self.model.embed_texts(list(queries)).float().cpu().numpy()
             clock.lap("text_embed")
-            first_scores, rows = self.store.search(q, pool)  # (Q, pool)
+            first_scores, rows = self.store.search(q, pool) if selected is None else \
+                filtered_search.search_rows(self.store, q, pool, selected)  # (Q, pool)
             clock.lap("faiss")
             rerank = score_rows(self.model.reranker, self.store.tokens.get, queries, rows[:, :n_rerank],
                                 batch_size, clock) if n_rerank else None
@@ -331,8 +341,7 @@ class Engine:
         return results
 
     def search_vectors(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """First-stage nearest neighbours of (Q, E) embeddings, e.g. of images for image-to-image
-        search: (scores (Q, k), rows (Q, k)), rows -1 where fewer than k images exist."""
+        """First-stage neighbours of (Q, E) embeddings: (scores (Q, k), rows (Q, k)), rows -1 past the last image."""
         vectors = np.asarray(vectors, dtype=np.float32)
         if vectors.ndim != 2 or vectors.shape[1] != self.store.config.dim:
             raise BadInput(f"vectors must have shape (Q, {self.store.config.dim}), got {vectors.shape}")

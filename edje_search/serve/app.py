@@ -28,6 +28,7 @@ from .hardening import BodyTimeout
 from .limits import ServeLimits
 from .login import add_login_routes
 from .routes_clip import clip_front_dir, clip_router
+from .routes_duplicates import duplicates_router
 from .routes_files import files_router
 from .routes_pages import mount_assets, pages_router, status_router
 from .routes_scoring import UPLOAD_PATHS, scoring_router
@@ -91,7 +92,8 @@ def create_app(engine: Engine, *, limits: ServeLimits | None = None, batching: B
     if allowed_hosts is not None:  # outermost: a foreign Host (DNS rebinding) gets 400 before anything else
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts), www_redirect=False)
     install_error_handlers(app)
-    for router in (search_router(ctx), files_router(ctx), status_router(ctx), scoring_router(ctx), pages_router()):
+    for router in (search_router(ctx), files_router(ctx), duplicates_router(ctx), status_router(ctx),
+                   scoring_router(ctx), pages_router()):
         app.include_router(router)
     prefixes = {name: "" if name == index_name else f"/indexes/{name}" for name in contexts}
     for name, c in contexts.items():

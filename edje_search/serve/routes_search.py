@@ -23,12 +23,13 @@ def search_router(ctx: ServeContext) -> APIRouter:
     async def search(request: Request, q: str = Query(..., description="the text to search for"),
                      k: int = Query(10, description="results to return"),
                      rerank_k: int = Query(DEFAULT_RERANK_K,
-                                           description="first-stage candidates reranked by the joint encoder")):
+                                           description="first-stage candidates reranked by the joint encoder"),
+                     where: Optional[str] = Query(None, description=schemas.WHERE_HELP)):
         """Top k images for one text query, in the reranked order and the first stage's order."""
         limits.check_query(q)
         limits.check_k(k)
         limits.check_rerank_k(rerank_k)
-        (results, stages), info = await batcher.submit(text_key(rerank_k), TextJob([q], k), weight=1)
+        (results, stages), info = await batcher.submit(text_key(rerank_k, where), TextJob([q], k), weight=1)
         p = url_prefix(request)
         result = results[0]
         return JSONResponse({"query": q, "k": k, "rerank_k": rerank_k, "generation": engine.generation,
@@ -42,8 +43,8 @@ def search_router(ctx: ServeContext) -> APIRouter:
         queries = limits.check_queries(body.queries)
         limits.check_k(body.k)
         limits.check_rerank_k(body.rerank_k)
-        (results, stages), info = await batcher.submit(text_key(body.rerank_k), TextJob(queries, body.k),
-                                                       weight=len(queries))
+        (results, stages), info = await batcher.submit(text_key(body.rerank_k, body.where),
+                                                       TextJob(queries, body.k), weight=len(queries))
         p = url_prefix(request)
         return JSONResponse({
             "k": body.k, "rerank_k": body.rerank_k, "generation": engine.generation,

@@ -11,6 +11,7 @@ from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
 from .. import __version__
+from ..config import DEFAULT_RERANK_K
 from .context import ServeContext, url_prefix
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -39,7 +40,8 @@ def status_router(ctx: ServeContext) -> APIRouter:
     async def info():
         """The index, the model, the server's limits and batching settings, and counters."""
         data = await batcher.call(engine.info)
-        return {**data, "server_version": __version__, "limits": vars(ctx.limits), "batching": vars(ctx.batching),
+        return {**data, "server_version": __version__, "default_rerank_k": DEFAULT_RERANK_K,
+                "limits": vars(ctx.limits), "batching": vars(ctx.batching),
                 "served": {"batches": batcher.batches, "queries": batcher.queries,
                            "thumbnail_cache_hits": thumbnails.hits, "thumbnail_cache_misses": thumbnails.misses}}
 

@@ -32,6 +32,7 @@ async function loadInfo() {
     $("query").maxLength = info.limits.max_query_chars;
     $("k").max = info.limits.max_k;
     $("rerank-k").max = info.limits.max_rerank_k;
+    $("rerank-k").value = info.default_rerank_k;
   } catch (e) {
     setStatus(`cannot reach the server: ${e.message}`, true);
   }

@@ -263,6 +263,7 @@ def verify(index_dir, deep, as_json):
     fingerprint (exit 1 with the problems if anything is wrong; `edje-search repair` fixes what it can)."""
     from edje_search.inspection import verify_index
     from edje_search.storage.index_store import IndexStore
+    from edje_search.storage.integrity import unchecked_segments
 
     store = IndexStore.open(index_dir)  # a missing or unreadable index is an error, not a problem list
     if deep:
@@ -271,13 +272,18 @@ def verify(index_dir, deep, as_json):
         problems = Engine.from_pretrained(index_dir).verify(deep=deep)
     else:
         problems = verify_index(index_dir)
+    unchecked = unchecked_segments(store)  # committed before checksums were recorded: not an error
     if as_json:
-        emit_json({"index": str(index_dir), "images": len(store), "ok": not problems, "problems": problems})
+        emit_json({"index": str(index_dir), "images": len(store), "ok": not problems, "problems": problems,
+                   "unchecked_segments": len(unchecked)})
     elif problems:
         for p in problems:
             echo_text(f"problem: {p}", err=True)
     else:
         click.echo(f"ok: {len(store)} images, generation {store.generation}")
+    if unchecked and not as_json:
+        echo_text(f"note: {len(unchecked)} segments were written without checksums and are unchecked "
+                  f"(first: {unchecked[0]})", err=True)
     if problems:
         raise SystemExit(1)
 
@@ -299,6 +305,8 @@ def repair(index_dir, wait, as_json):
     if as_json:
         emit_json({**dataclasses.asdict(report), "images": len(store), "problems_left": problems})
     else:
+        for p in report.damaged:
+            echo_text(f"damaged: {p}", err=True)
         for p in report.dropped:
             echo_text(f"dropped {p}", err=True)
         click.echo(f"{report.summary()}; index holds {len(store)} images")

@@ -40,6 +40,13 @@ CREATE TABLE IF NOT EXISTS faiss_segments (name TEXT PRIMARY KEY, recipe TEXT NO
     end_row INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+# Checksums of the committed segment files (storage/checksums.py). Its own table, created by the
+# first writer that opens an older index, so manifests written before it stay readable: a
+# segment without a row here is "unchecked".
+CHECKSUM_SCHEMA = """
+CREATE TABLE IF NOT EXISTS segment_checksums (store TEXT NOT NULL, start INTEGER NOT NULL,
+    file_crc TEXT NOT NULL, row_crcs BLOB NOT NULL, PRIMARY KEY (store, start));
+"""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,6 +107,8 @@ class Manifest:
                 self._db.execute("PRAGMA synchronous=FULL")  # a commit survives power loss
             if create:
                 self._db.executescript(SCHEMA)
+            if not readonly:
+                self._db.executescript(CHECKSUM_SCHEMA)
         except sqlite3.DatabaseError as e:
             raise IndexCorrupt(f"manifest {self.path} is unreadable: {e}") from e
         self._lock = threading.RLock()
@@ -201,6 +210,14 @@ class Manifest:
         return [int(r[0]) for r in self._q(
             "SELECT row FROM rows WHERE removed IS NOT NULL AND removed <= ?", (int(generation),))]
 
+    def segment_checksums(self) -> dict[tuple[str, int], tuple[str, bytes]]:
+        """(store, first row) -> (file checksum, row checksums) of every checksummed segment;
+        empty for a manifest written before checksums were recorded."""
+        if not self._q("SELECT 1 FROM sqlite_master WHERE type='table' AND name='segment_checksums'"):
+            return {}
+        return {(s, int(a)): (f, bytes(r)) for s, a, f, r in
+                self._q("SELECT store, start, file_crc, row_crcs FROM segment_checksums")}
+
     def count_rows(self) -> tuple[int, int]:
         """(rows in the table, live rows) by counting: verification only."""
         total = self._q("SELECT COUNT(*), COALESCE(MAX(row) + 1, 0) FROM rows")[0]
@@ -212,10 +229,12 @@ class Manifest:
                removed: Sequence[int] = (), add_segments: Sequence[tuple[str, int, int]] = (),
                drop_segments: Sequence[tuple[str, int]] = (),
                faiss_segments: Sequence[tuple[str, str, int, int]] | None = None,
-               settings: dict | None = None) -> None:
+               settings: dict | None = None,
+               checksums: Sequence[tuple[str, int, str, bytes]] = ()) -> None:
         """Make ``generation`` the committed state in one transaction (the commit point).
 
-        ``faiss_segments``, when given, replaces the list of FAISS segment files.
+        ``faiss_segments``, when given, replaces the list of FAISS segment files; ``checksums``
+        gives (store, first row, file checksum, row checksums) of the segments written.
         """
         with self._lock:
             db = self._db
@@ -234,6 +253,8 @@ class Manifest:
                         [(e.row, os.fsencode(e.path), e.sha256, e.size, e.mtime_ns,
                           json.dumps(e.meta) if e.meta else None, generation) for e in new])
                     db.executemany("DELETE FROM segments WHERE store = ? AND start = ?", drop_segments)
+                    db.executemany("DELETE FROM segment_checksums WHERE store = ? AND start = ?", drop_segments)
+                    db.executemany("INSERT OR REPLACE INTO segment_checksums VALUES (?,?,?,?)", checksums)
                     db.executemany("INSERT OR REPLACE INTO segments (store, start, count) VALUES (?,?,?)",
                                    add_segments)
                     if faiss_segments is not None:

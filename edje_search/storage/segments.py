@@ -23,7 +23,8 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import IndexCorrupt
-from ..fsutil import atomic_write
+from ..fsutil import atomic_write_bytes
+from .checksums import file_checksum, row_checksums
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +62,9 @@ class SegmentArray:
         self._fs = None
         self._lock = threading.Lock()
         self._maps: dict[int, np.ndarray] = {}  # first row -> memory map (local) or data offset (remote)
+        # first row -> (file checksum, row checksums) of segments written by this process and not
+        # yet committed: the commit records them in the manifest with the segment (checksums.py)
+        self.written: dict[int, tuple[str, bytes]] = {}
         self.set_segments(segments)
 
     # ------------------------------------------------------------------------------- layout
@@ -101,13 +105,15 @@ class SegmentArray:
         rows = np.ascontiguousarray(rows, dtype=self.dtype)
         if rows.shape[1:] != self.row_shape:
             raise ValueError(f"segment rows have shape {rows.shape[1:]}, the store holds {self.row_shape}")
+        buf = io.BytesIO()
+        np.lib.format.write_array(buf, rows, allow_pickle=False)
+        data = buf.getbuffer()
+        self.written[start] = (file_checksum(data), row_checksums(rows))
         if self.remote:
-            buf = io.BytesIO()
-            np.save(buf, rows, allow_pickle=False)
-            self.fs.pipe(self._path(start), buf.getvalue())  # one PUT: an object appears whole or not at all
+            self.fs.pipe(self._path(start), bytes(data))  # one PUT: an object appears whole or not at all
         else:
             Path(self.url).mkdir(parents=True, exist_ok=True)
-            atomic_write(self._path(start), lambda tmp: _save_npy(tmp, rows))
+            atomic_write_bytes(self._path(start), data)
         self._maps.pop(start, None)
         return start, rows.shape[0]
 
@@ -178,6 +184,23 @@ class SegmentArray:
         self._maps.pop(start, None)
         self._open(start, count)
 
+    def path_of(self, start: int) -> str:
+        return self._path(start)
+
+    def read_file(self, start: int) -> bytes:
+        """The whole segment file, as stored (checksums)."""
+        path = self._path(start)
+        if self.remote:
+            return self.fs.cat_file(path)
+        with open(path, "rb") as f:
+            return f.read()
+
+    def read_segment(self, start: int, count: int) -> np.ndarray:
+        """All rows of one committed segment (checks, repair)."""
+        if self.remote:
+            return self.get(np.arange(start, start + count))
+        return np.asarray(self._open(start, count))
+
     def locate(self, rows: np.ndarray) -> np.ndarray:
         """Index into ``segments`` of each row."""
         return np.searchsorted(np.asarray(self._starts), rows, side="right") - 1
@@ -229,7 +252,3 @@ class SegmentArray:
                 e = min(s + batch, hi)
                 yield s, (self.get(np.arange(s, e)) if self.remote else np.asarray(data[s - start:e - start]))
 
-
-def _save_npy(path: Path, rows: np.ndarray) -> None:
-    with open(path, "wb") as f:
-        np.lib.format.write_array(f, rows, allow_pickle=False)

@@ -305,7 +305,7 @@ def repair(index_dir, wait, as_json):
     if as_json:
         emit_json({**dataclasses.asdict(report), "images": len(store), "problems_left": problems})
     else:
-        for p in report.damaged:
+        for p in report.damaged + report.manifest:
             echo_text(f"damaged: {p}", err=True)
         for p in report.dropped:
             echo_text(f"dropped {p}", err=True)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import IndexCorrupt
-from . import checksums, compaction, vector_index
+from . import checksums, compaction, manifest_check, vector_index
 from .layout import CONFIG_FILE, FAISS_DIR
 from .manifest import Snapshot
 
@@ -32,11 +32,12 @@ logger = logging.getLogger(__name__)
 class RepairReport:
     dropped: list[str] = dataclasses.field(default_factory=list)  # paths whose rows were unreadable
     damaged: list[str] = dataclasses.field(default_factory=list)  # the damaged segments, as verify names them
+    manifest: list[str] = dataclasses.field(default_factory=list)  # what was restored in the manifest, or not
     rebuilt_faiss: bool = False
     removed_files: list[str] = dataclasses.field(default_factory=list)
 
     def summary(self) -> str:
-        return (f"{len(self.dropped)} unreadable rows dropped (re-run build-index to embed them again), "
+        return (f"{len(self.dropped)} damaged rows dropped (re-run build-index to embed them again), "
                 f"FAISS {'rebuilt from the stored vectors' if self.rebuilt_faiss else 'intact'}, "
                 f"{len(self.removed_files)} stray files removed")
 
@@ -44,7 +45,7 @@ class RepairReport:
 def verify(store: IndexStore) -> list[str]:
     """Every check that needs no model: manifest against FAISS and the stored vectors for every
     row, every vector and token segment present and of the right length. [] = healthy."""
-    problems = [d.message() for d in segment_damage(store)]
+    problems = [d.message() for d in segment_damage(store)] + manifest_check.manifest_problems(store)
     max_row, live = store.manifest.count_rows()
     if max_row > store.n_rows:
         problems.append(f"manifest names rows up to {max_row - 1}, only {store.n_rows} are committed")
@@ -163,6 +164,8 @@ def repair(store: IndexStore) -> RepairReport:
         replaced.append((d.kind, d.start, d.count))
         report.damaged.append(d.message())
     lost_rows |= unverifiable_vectors(store, lost_rows)
+    wrong_rows, report.manifest = manifest_check.restore(store)
+    lost_rows |= wrong_rows
     dead_rows = [e.row for e in store.manifest.iter_live(snap.generation) if e.row in lost_rows]
     report.dropped = sorted(store.manifest.paths_of_rows(dead_rows, snap.generation).values())
     store.tombstones = np.union1d(store.tombstones, np.asarray(dead_rows, dtype=np.int64))
@@ -176,6 +179,7 @@ def repair(store: IndexStore) -> RepairReport:
     store.manifest.commit(generation=snap.generation + 1, n_rows=snap.n_rows, removed=dead_rows,
                          add_segments=replaced, faiss_segments=faiss_list, settings=settings,
                          checksums=checksums.written_checksums(store.arrays, replaced))
+    report.manifest += manifest_check.rebuild(store)
     store.faiss_files = {}
     store.adopt(store.manifest.snapshot())
     remove_stray_files(store)  # the FAISS files this commit replaced

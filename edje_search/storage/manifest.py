@@ -105,10 +105,8 @@ class Manifest:
             if not readonly:
                 self._db.execute("PRAGMA journal_mode=WAL")
                 self._db.execute("PRAGMA synchronous=FULL")  # a commit survives power loss
-            if create:
-                self._db.executescript(SCHEMA)
-            if not readonly:
-                self._db.executescript(CHECKSUM_SCHEMA)
+            if not readonly:  # IF NOT EXISTS throughout: also restores indexes a repair dropped
+                self._db.executescript(SCHEMA + CHECKSUM_SCHEMA)
         except sqlite3.DatabaseError as e:
             raise IndexCorrupt(f"manifest {self.path} is unreadable: {e}") from e
         self._lock = threading.RLock()
@@ -280,6 +278,38 @@ class Manifest:
             self._db.executemany("INSERT OR REPLACE INTO state (key, value) VALUES (?, ?)",
                                  [("generation", "0"), ("n_rows", "0"), ("n_live", "0"), ("settings", "{}")])
             self._db.execute("COMMIT")
+
+
+class ManifestCheck:
+    """SQL for checking and restoring a manifest's own integrity (storage/manifest_check.py)."""
+
+    def __init__(self, manifest: Manifest):
+        self.m = manifest
+
+    def integrity_check(self) -> list[str]:
+        """SQLite's own check of every page, B-tree and index against its table; [] = ok."""
+        got = [str(r[0]) for r in self.m._q("PRAGMA integrity_check")]
+        return [] if got == ["ok"] else got
+
+    def live_rows_by_scan(self) -> list[tuple[int, bytes, str | None, int, int]]:
+        """(row, path, sha256, size, mtime_ns) of rows not removed, read from the table itself
+        (NOT INDEXED: a damaged index must not decide what is found)."""
+        return [(int(r), bytes(p), h, int(s), int(t)) for r, p, h, s, t in self.m._q(
+            "SELECT row, path, sha256, size, mtime_ns FROM rows NOT INDEXED WHERE removed IS NULL ORDER BY row")]
+
+    def drop_indexes(self) -> None:
+        """Drop the secondary indexes, so that a repair commit does not trip over a damaged one;
+        the next writable open (or :meth:`rebuild_indexes`) builds them again from the table."""
+        for (name,) in self.m._q("SELECT name FROM sqlite_master WHERE type='index' AND tbl_name='rows' "
+                                 "AND sql IS NOT NULL"):
+            self.m._q(f'DROP INDEX "{name}"')
+
+    def rebuild_indexes(self) -> None:
+        with self.m._lock:
+            try:
+                self.m._db.executescript(SCHEMA)
+            except sqlite3.DatabaseError as e:
+                raise IndexCorrupt(f"manifest {self.m.path}: indexes cannot be rebuilt: {e}") from e
 
 
 class HashLookup:

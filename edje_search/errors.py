@@ -36,6 +36,10 @@ class ModelMissing(EdjeError, RuntimeError):
     """A model that was asked for cannot be found or built here."""
 
 
+class ModelDamaged(EdjeError, RuntimeError):
+    """A saved model's weights are missing, truncated or changed, or it computes NaN/inf."""
+
+
 class ModelMismatch(EdjeError, RuntimeError):
     """The index was built with a different model than the one given."""
 

@@ -87,6 +87,26 @@ def _prefix_end(prefix: bytes) -> bytes:
     return trimmed[:-1] + bytes([trimmed[-1] + 1])
 
 
+def _read_only_folder(path: Path) -> bool:
+    """True when a reader cannot use WAL mode's shared-memory file: the folder is not writable
+    (a read-only mount, or permissions) and no writer left ``-wal``/``-shm`` files to share.
+    SQLite then opens the database only as ``immutable`` (its documented way to read a WAL
+    database on read-only media); with no ``-wal`` file every commit is in the main file, and
+    nothing can write to the folder meanwhile."""
+    wal, shm = (path.with_name(path.name + suffix) for suffix in ("-wal", "-shm"))
+    if wal.exists() and shm.exists():
+        return False
+    return not os.access(path.parent, os.W_OK) or _on_read_only_mount(path.parent)
+
+
+def _on_read_only_mount(folder: Path) -> bool:
+    """os.access says nothing of a read-only mount to root; statvfs's ST_RDONLY flag does."""
+    try:
+        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except (OSError, AttributeError):
+        return False
+
+
 def _chunks(items: Sequence, n: int = _PARAMS) -> Iterator[Sequence]:
     for i in range(0, len(items), n):
         yield items[i:i + n]
@@ -100,6 +120,8 @@ class Manifest:
         if not create and not self.path.is_file():
             raise IndexCorrupt(f"manifest missing: {self.path}")
         uri = f"file:{self.path}?mode={'ro' if readonly else 'rwc'}"
+        if readonly and _read_only_folder(self.path):
+            uri += "&immutable=1"
         try:
             self._db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False, timeout=30)
             if not readonly:

@@ -24,6 +24,10 @@ class IndexCorrupt(EdjeError, RuntimeError):
     """The index directory is missing, incomplete or inconsistent."""
 
 
+class IndexGone(IndexCorrupt):
+    """The index a reader has open was deleted, or replaced by one it cannot switch to."""
+
+
 class IndexExists(EdjeError, FileExistsError):
     """An index already exists where a new one was to be created."""
 

@@ -32,7 +32,7 @@ import numpy as np
 from ..config import IndexConfig, load_config, save_config
 from ..errors import BadInput, IndexCorrupt
 from ..fsutil import atomic_write
-from . import compaction, integrity, layout, vector_index
+from . import compaction, identity, integrity, layout, vector_index
 from .layout import CONFIG_FILE, FAISS_DIR, REFINE_FACTOR, SKIPPED_FILE
 from .checksums import non_finite_rows, written_checksums
 from .creation import create_index_dir
@@ -61,6 +61,7 @@ class IndexStore:
         self.arrays = {"vectors": self.vector_array, **self.tokens.arrays}  # named as the manifest names them
         self.lock = WriterLock(directory, wait=lock_wait) if mode != "r" else None
         self._writer_thread = threading.RLock()
+        self.identity = identity.identity(directory, config)
         self._load_latest()
 
     # ------------------------------------------------------------------------------- state
@@ -144,7 +145,12 @@ class IndexStore:
                    lock_wait=lock_wait)
 
     def refresh(self) -> bool:
-        """Adopt the latest committed generation; True if it changed."""
+        """Adopt the latest committed generation, or the index that replaced this one at the
+        same path; True if it changed. Raises IndexGone when the index was removed."""
+        replaced = identity.replacement(self)
+        if replaced is not None:
+            identity.reopen(self, replaced)
+            return True
         if self.manifest.generation() == self.generation:
             return False
         self._load_latest()

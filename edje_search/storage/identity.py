@@ -8,7 +8,8 @@ is created; indexes created before that are identified by the manifest file's de
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 from ..config import IndexConfig
 from ..errors import IndexCorrupt, IndexGone
@@ -29,11 +30,10 @@ def identity(store_dir, config: IndexConfig) -> str:
     return f"inode:{st.st_dev}:{st.st_ino}"
 
 
-def replacement(store: IndexStore) -> IndexConfig | None:
-    """The config of the index now at the store's folder when it is another index than the one
-    open; None when it is the same. Raises IndexGone when the folder or its index was removed."""
-    from .index_store import read_config
-
+def replacement(store: IndexStore, read_config: Callable[[Path], IndexConfig]) -> IndexConfig | None:
+    """The config of the index now at the store's folder (read by ``read_config``) when it is
+    another index than the one open; None when it is the same. Raises IndexGone when the folder
+    or its index was removed."""
     if not (store.directory / CONFIG_FILE).is_file() or not (store.directory / MANIFEST_FILE).is_file():
         raise IndexGone(f"index {store.directory} was removed (restore it or build it again)")
     try:
@@ -52,3 +52,11 @@ def reopen(store: IndexStore, config: IndexConfig) -> None:
     old = store.manifest
     store.__init__(store.directory, config, Manifest(store.directory / MANIFEST_FILE), mode="r")
     old.close()
+
+
+def follow(store: IndexStore, read_config: Callable[[Path], IndexConfig]) -> bool:
+    """True when the store was switched to the index that replaced its own (see :func:`reopen`)."""
+    replaced = replacement(store, read_config)
+    if replaced is not None:
+        reopen(store, replaced)
+    return replaced is not None

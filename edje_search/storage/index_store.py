@@ -147,9 +147,7 @@ class IndexStore:
     def refresh(self) -> bool:
         """Adopt the latest committed generation, or the index that replaced this one at the
         same path; True if it changed. Raises IndexGone when the index was removed."""
-        replaced = identity.replacement(self)
-        if replaced is not None:
-            identity.reopen(self, replaced)
+        if identity.follow(self, read_config):
             return True
         if self.manifest.generation() == self.generation:
             return False

@@ -76,6 +76,19 @@ def _check_query(text: str) -> str:
     return text
 
 
+def _saved_twin(store: IndexStore, model: EdjeModel, index_dir) -> EdjeModel:
+    """The index's saved model when ``model``, built in memory, has the same weights (a racing
+    or repeated `build-index --model tiny-random`); ModelMismatch otherwise."""
+    from .models.loading import weights_hash
+
+    saved = load_model(store.model_dir) if store.model_dir.is_dir() else None
+    if saved is None or any(weights_hash(getattr(saved, part)) != weights_hash(getattr(model, part))
+                            for part in ("first_stage", "reranker")):
+        raise ModelMismatch(f"an index already exists in {index_dir}, built with another model than "
+                            f"{model.name}: use that model or build a new index")
+    return saved
+
+
 class Engine:
     """Two-stage image search over one index directory."""
 
@@ -160,9 +173,8 @@ class Engine:
             model = load_model(model_path)
         elif isinstance(model, (str, Path)):
             model = load_model(model)
-        if model.path is None:
-            raise BadInput(f"an index already exists in {index_dir}: open it with the model directory it was built "
-                           f"with (or model=None), not a model built in memory")
+        if model.path is None:  # built in memory (a registered name): usable if it is the index's own model
+            model = _saved_twin(store, model, index_dir)
         if model.fingerprint() != store.config.model_fingerprint:
             raise ModelMismatch(
                 f"index {index_dir} was built with model {store.config.model_fingerprint} "

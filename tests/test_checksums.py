@@ -1,6 +1,7 @@
 """Damaged stored bytes are caught: checksums per segment and per row, NaN refused and found."""
 from __future__ import annotations
 
+import json
 import sqlite3
 
 import numpy as np
@@ -143,3 +144,36 @@ def test_commit_refuses_non_finite_vectors_and_tokens(tmp_path):
     with store.writing(), pytest.raises(BadInput, match=r"/c: its tokens hold NaN or infinite"):
         store.commit(["/a", "/b", "/c"], ["h"] * 3, v, t)
     assert len(IndexStore.open(tmp_path / "i")) == 0 and not (tmp_path / "i" / "vectors").exists()
+
+
+def test_cli_verify_and_repair_on_a_built_index(built_index):
+    """The attack through the command line: token bytes flipped in two rows and NaN written into
+    a third row's vector; verify fails naming them, repair drops exactly those three files."""
+    from click.testing import CliRunner
+
+    from edje_search_cli.main import cli, register_commands
+
+    register_commands()
+    tokens = sorted((built_index / "tokens").glob("*.npy"))[0]
+    arr = np.load(tokens, mmap_mode="r")
+    offset, row_bytes = tokens.stat().st_size - arr.nbytes, arr.nbytes // arr.shape[0]
+    del arr
+    data = bytearray(tokens.read_bytes())
+    for row in (3, 17):
+        data[offset + row * row_bytes + 5] ^= 0x10
+    tokens.write_bytes(bytes(data))
+    vectors = sorted((built_index / "vectors").glob("*.npy"))[0]
+    v = np.load(vectors)
+    v[25, 0] = np.nan
+    np.save(vectors, v)
+    before = IndexStore.open(built_index)
+    damaged = sorted(before.paths([3, 17, 25]).values())
+    runner = CliRunner()
+    verify = runner.invoke(cli, ["verify", "--index", str(built_index)])
+    assert verify.exit_code == 1
+    assert "rows damaged (3, 17)" in verify.output and "NaN" in verify.output and "(25)" in verify.output
+    repair = runner.invoke(cli, ["repair", "--index", str(built_index), "--json"])
+    assert repair.exit_code == 0, repair.output
+    assert json.loads(repair.stdout)["dropped"] == damaged
+    assert runner.invoke(cli, ["verify", "--index", str(built_index)]).exit_code == 0
+    assert len(IndexStore.open(built_index)) == 37

@@ -177,3 +177,18 @@ def test_cli_verify_and_repair_on_a_built_index(built_index):
     assert json.loads(repair.stdout)["dropped"] == damaged
     assert runner.invoke(cli, ["verify", "--index", str(built_index)]).exit_code == 0
     assert len(IndexStore.open(built_index)) == 37
+
+
+def test_a_full_disk_while_writing_faiss_is_one_line_naming_the_file(tmp_path):
+    """/dev/full answers every write with ENOSPC, as a full disk does."""
+    import os
+
+    from edje_search.storage import vector_index
+
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full on this system")
+    index = vector_index.new_segment_index("Flat", 8)
+    index.add_with_ids(np.ones((5000, 8), np.float32), np.arange(5000))
+    with pytest.raises(OSError) as caught:
+        vector_index.write_index(index, "/dev/full")
+    assert str(caught.value) == "[Errno 28] No space left on device: '/dev/full'"

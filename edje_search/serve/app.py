@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import logging
+import os
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -62,7 +63,10 @@ def _timings(stages: dict, info: BatchInfo) -> dict:
 
 
 def _with_urls(hit: dict, prefix: str) -> dict:
-    return {**hit, "image_url": f"{prefix}/images/{hit['row']}", "thumbnail_url": f"{prefix}/thumbnails/{hit['row']}"}
+    """URLs of the hit's image, and ``missing`` when its file is gone from disk (the index still
+    names it until the next build drops it)."""
+    return {**hit, "image_url": f"{prefix}/images/{hit['row']}", "thumbnail_url": f"{prefix}/thumbnails/{hit['row']}",
+            "missing": not os.path.exists(hit["path"])}
 
 
 def _row_number(row: str) -> int:

@@ -62,6 +62,13 @@ def duplicate_paths(rows: list) -> dict[bytes, list[tuple]]:
     return {p: g for p, g in groups.items() if len(g) > 1}
 
 
+def gone_files(store: IndexStore) -> list[tuple[int, str]]:
+    """(row, path) of live rows whose image file is no longer on disk: not damage to the index
+    (the next build drops them), but queries would return them."""
+    return [(r, os.fsdecode(p)) for r, p, *_ in ManifestCheck(store.manifest).live_rows_by_scan()
+            if not os.path.lexists(p)]
+
+
 def manifest_problems(store: IndexStore) -> list[str]:
     """SQLite's integrity check, duplicate live paths and a sample of paths against their content."""
     check = ManifestCheck(store.manifest)

@@ -15,6 +15,7 @@ Paths are stored as bytes (``os.fsencode``) so any file name round-trips.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import sqlite3
@@ -129,6 +130,10 @@ class Manifest:
                 self._db.execute("PRAGMA synchronous=FULL")  # a commit survives power loss
             if not readonly:  # IF NOT EXISTS throughout: also restores indexes a repair dropped
                 self._db.executescript(SCHEMA + CHECKSUM_SCHEMA)
+        except sqlite3.OperationalError as e:  # the file is fine, but cannot be opened as asked
+            hint = "; is the disk full?" if not readonly and "disk" in str(e) else ""
+            raise IndexCorrupt(f"manifest {self.path} cannot be opened {'for reading' if readonly else 'for writing'}: "
+                               f"{e}{hint}") from e
         except sqlite3.DatabaseError as e:
             raise IndexCorrupt(f"manifest {self.path} is unreadable: {e}") from e
         self._lock = threading.RLock()
@@ -292,6 +297,11 @@ class Manifest:
                 db.execute("COMMIT")
             except sqlite3.IntegrityError as e:
                 raise IndexCorrupt(f"manifest refused the commit: {e}") from e
+            except sqlite3.OperationalError as e:  # SQLite rolled back: the previous generation stands
+                if "full" in str(e):
+                    raise OSError(errno.ENOSPC, "No space left on device (the commit was rolled back)",
+                                  str(self.path)) from e
+                raise IndexCorrupt(f"manifest {self.path}: the commit failed and was rolled back: {e}") from e
 
     def initialise(self) -> None:
         """Generation 0: no rows, no segments."""

@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class RepairReport:
-    dropped: list[str] = dataclasses.field(default_factory=list)  # paths whose rows were unreadable
+    dropped: list[str] = dataclasses.field(default_factory=list)  # paths whose rows were damaged or unreadable
     damaged: list[str] = dataclasses.field(default_factory=list)  # the damaged segments, as verify names them
     manifest: list[str] = dataclasses.field(default_factory=list)  # what was restored in the manifest, or not
     rebuilt_faiss: bool = False
@@ -43,8 +43,10 @@ class RepairReport:
 
 
 def verify(store: IndexStore) -> list[str]:
-    """Every check that needs no model: manifest against FAISS and the stored vectors for every
-    row, every vector and token segment present and of the right length. [] = healthy."""
+    """Every check that needs no model: every vector and token segment present, of the right
+    length, matching its checksums and free of NaN/inf; the manifest's own integrity
+    (manifest_check.py); the manifest against FAISS and the stored vectors for every row.
+    [] = healthy."""
     problems = [d.message() for d in segment_damage(store)] + manifest_check.manifest_problems(store)
     max_row, live = store.manifest.count_rows()
     if max_row > store.n_rows:
@@ -136,10 +138,10 @@ def unverifiable_vectors(store: IndexStore, damaged: set[int]) -> set[int]:
 
 
 def repair(store: IndexStore) -> RepairReport:
-    """Drop rows whose vectors or tokens are unreadable, fail their checksum or hold NaN (listed,
-    so build-index embeds them again), rebuild FAISS from the stored vectors of the rows left,
-    remove stray files. One commit: a reader
-    sees the damaged generation or the repaired one, never one without FAISS."""
+    """Drop rows whose vectors or tokens are unreadable, fail their checksum or hold NaN, and
+    manifest rows that lost their path (listed, so build-index embeds those files again);
+    rebuild FAISS from the stored vectors of the rows left; remove stray files. One commit: a
+    reader sees the damaged generation or the repaired one, never one without FAISS."""
     store.require_lock(repairing=True)
     report = RepairReport()
     snap = store.manifest.snapshot()

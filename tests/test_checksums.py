@@ -192,3 +192,17 @@ def test_a_full_disk_while_writing_faiss_is_one_line_naming_the_file(tmp_path):
     with pytest.raises(OSError) as caught:
         vector_index.write_index(index, "/dev/full")
     assert str(caught.value) == "[Errno 28] No space left on device: '/dev/full'"
+
+
+def test_a_query_reading_nan_tokens_fails_instead_of_reordering_silently(built_index):
+    from edje_search import Engine
+    from edje_search.errors import IndexCorrupt
+
+    seg = sorted((built_index / "tokens").glob("*.npy"))[0]
+    arr = np.load(seg)
+    arr[:] = np.nan  # every row: whichever the query reranks
+    np.save(seg, arr)
+    with pytest.raises(IndexCorrupt, match=r"stored tokens of rows \[.*hold NaN"):
+        IndexStore.open(built_index).tokens.get([0, 1])
+    with pytest.raises(IndexCorrupt, match="hold NaN or infinite values"):
+        Engine.from_pretrained(built_index).search("a red circle", k=3, rerank_k=5)

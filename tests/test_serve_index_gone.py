@@ -45,3 +45,15 @@ def test_an_index_replaced_by_another_model_is_refused(built_index, tmp_path, sh
         Engine.create(built_index, load_model(tmp_path / "other"))
         response = c.get("/search", params={"q": QUERY, "k": 5, "rerank_k": 0})
         assert response.status_code == 503 and "replaced by one built with another model" in response.json()["error"]
+
+
+def test_an_index_deleted_before_any_query_is_reported_removed_not_repairable(built_index):
+    """The default refresh interval: the first query after the deletion reads segments that are
+    gone, and must say the index was removed rather than advise a repair."""
+    app = create_app(Engine.from_pretrained(built_index), refresh_interval_s=3600)
+    with TestClient(app) as c:
+        shutil.rmtree(built_index)
+        response = c.get("/search", params={"q": QUERY, "k": 5, "rerank_k": 5})
+        assert response.status_code == 503 and f"index {built_index} was removed" in response.json()["error"], \
+            response.text
+        assert "repair" not in response.json()["error"]

@@ -22,9 +22,10 @@ from typing import Sequence
 
 import numpy as np
 
-from ..errors import IndexCorrupt
+from ..errors import IndexCorrupt, IndexGone
 from ..fsutil import atomic_write_bytes
 from .checksums import file_checksum, row_checksums
+from .layout import CONFIG_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -167,6 +168,9 @@ class SegmentArray:
                     size = os.path.getsize(path)
                     offset = size - got.nbytes
             except FileNotFoundError as e:
+                index_dir = Path(self.url).parent
+                if not self.remote and not (index_dir / CONFIG_FILE).exists():  # the whole index went, not a file
+                    raise IndexGone(f"index {index_dir} was removed (restore it or build it again)") from e
                 raise IndexCorrupt(f"segment file missing: {path} (run `edje-search repair`)") from e
             except (ValueError, OSError) as e:
                 raise IndexCorrupt(f"segment file unreadable: {path}: {e} (run `edje-search repair`)") from e

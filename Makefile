@@ -44,8 +44,14 @@ $(CORE): setup.cfg pyproject.toml
 	$(COMPILE)
 	touch $@
 
+# clip-retrieval's client and built clip-front, for the drop-in tests and `serve`'s /clip-front/:
+# --no-deps, because its declared dependencies are heavy and pinned (numpy<2, open-clip-torch<3, ...)
+# and neither the client (requests) nor the front (static files) needs them.
+CLIP_RETRIEVAL ?= clip-retrieval==2.45.0
+
 $(VENV)/.installed: $(CORE)
 	$(PIP) install -q --no-compile -e '.[$(EXTRAS)]' $(TORCH_PINS)
+	$(PIP) install -q --no-compile --no-deps $(CLIP_RETRIEVAL)
 	$(COMPILE)
 	touch $@
 
@@ -55,7 +61,7 @@ install: $(VENV)/.installed browser  ## Create .venv and install edje-search wit
 
 # Debian's chromium for the gallery's real-browser test (Playwright drives it; it never downloads
 # a browser of its own). Needs root and apt-get; without them the test is skipped with the reason.
-browser:  ## Install Debian's chromium for tests/test_serve_browser.py (root + apt-get)
+browser:  ## Install Debian's chromium for tests/system/test_serve_browser.py (root + apt-get)
 	@if command -v chromium >/dev/null 2>&1; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	  echo "installing Debian's chromium for the browser test"; \

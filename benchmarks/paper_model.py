@@ -14,8 +14,10 @@ import torch
 PAPER_NAME = "edje-siglip2-l16-384"
 
 
-def paper_model(device: str | torch.device = "cpu", name: str = "edje-siglip2-l16-384-random"):
-    """Build the full-size model on ``device`` (built there directly: a GPU initialises it in a second)."""
+def paper_model(device: str | torch.device = "cpu", name: str = "edje-siglip2-l16-384-random", *,
+                architecture: str = PAPER_NAME, image_size: int = 384):
+    """Build the full-size model on ``device`` (built there directly: a GPU initialises it in a second);
+    ``architecture`` a key of PAPER_ARCHITECTURES, ``image_size`` its input side."""
     import open_clip
     from transformers import AutoTokenizer, BertConfig
 
@@ -24,12 +26,12 @@ def paper_model(device: str | torch.device = "cpu", name: str = "edje-siglip2-l1
     from edje_search.models.first_stage import FirstStage
     from edje_search.models.registry import PAPER_ARCHITECTURES, build_reranker, bundled_minilm_dir
 
-    arch = PAPER_ARCHITECTURES[PAPER_NAME]
+    arch = PAPER_ARCHITECTURES[architecture]
     cfg = copy.deepcopy(open_clip.get_model_config(arch.open_clip_arch))
     cfg["text_cfg"].pop("hf_tokenizer_name", None)
     torch.manual_seed(0)
     with torch.device(device):
-        first = FirstStage(FirstStageConfig(model_cfg=cfg, image_size=384, context_length=64, tokenizer="hf",
+        first = FirstStage(FirstStageConfig(model_cfg=cfg, image_size=image_size, context_length=64, tokenizer="hf",
                                             tokenizer_kwargs=dict(cfg["text_cfg"].get("tokenizer_kwargs", {}))),
                            tokenizer_dir=bundled_minilm_dir())
         tokenizer = AutoTokenizer.from_pretrained(str(bundled_minilm_dir()))

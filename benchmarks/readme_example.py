@@ -2,7 +2,7 @@
 
     python -m benchmarks.readme_example --out benchmarks/results/readme_library_example.txt
 
-Set up as tests/test_readme.py does it: ``./photos`` holds 6 generated test scenes (32 px) and
+Set up as tests/integration/test_readme.py does it: ``./photos`` holds 6 generated test scenes (32 px) and
 ``$EDJE_HOME/models/edje-demo`` is the tiny random model, so the scores show the format, not a
 ranking that means anything. Everything is written under a temporary folder.
 """

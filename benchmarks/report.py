@@ -3,7 +3,7 @@
     python -m benchmarks.report          # print
     python -m benchmarks.report --docs   # rewrite the block between the bench markers of docs/benchmarks.md
 
-tests/test_bench_report.py checks that the docs block equals what the results files render.
+tests/unit/test_bench_report.py checks that the docs block equals what the results files render.
 """
 from __future__ import annotations
 

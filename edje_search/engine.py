@@ -15,23 +15,24 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .config import DEFAULT_RERANK_K, IndexConfig
-from .devices import precision_autocast, pick_device
-from .errors import BadInput, BadQuery, IndexExists, ModelMismatch, ModelMissing
+from .config import DEFAULT_RERANK_K
+from .devices import pick_device, precision_autocast
+from .errors import BadInput, BadQuery, IndexExists
 from .indexer import BuildReport, Indexer
-from .pipeline import embed_pixels
+from .inspection import store_summary, verify_index
 from .models.bundle import EdjeModel
 from .models.registry import load_model
+from .opening import create_index, open_index
+from .pipeline import embed_pixels
 from .ranking import rank_pool, score_rows
-from .inspection import verify_index
+from .scoring import RowScorer
+from .storage import filtered_search
 from .storage.index_store import IndexStore
 from .storage.integrity import RepairReport
-from .storage.token_store import bytes_per_image
+from .validation import MAX_ROW, check_query
 
 logger = logging.getLogger(__name__)
 
-MAX_QUERY_CHARS = 2000
-MODEL_SUBDIR = "model"  # where an index keeps a model that was built in memory
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,31 +65,6 @@ class StageClock:
         self._last = now
 
 
-def _check_query(text: str) -> str:
-    if not isinstance(text, str) or not text.strip():
-        raise BadQuery("empty query: give some text to search for")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise BadQuery("query is not valid UTF-8 text") from e
-    if len(text) > MAX_QUERY_CHARS:
-        raise BadQuery(f"query too long ({len(text)} characters; the limit is {MAX_QUERY_CHARS})")
-    return text
-
-
-def _saved_twin(store: IndexStore, model: EdjeModel, index_dir) -> EdjeModel:
-    """The index's saved model when ``model``, built in memory, has the same weights (a racing
-    or repeated `build-index --model tiny-random`); ModelMismatch otherwise."""
-    from .models.loading import weights_hash
-
-    saved = load_model(store.model_dir) if store.model_dir.is_dir() else None
-    if saved is None or any(weights_hash(getattr(saved, part)) != weights_hash(getattr(model, part))
-                            for part in ("first_stage", "reranker")):
-        raise ModelMismatch(f"an index already exists in {index_dir}, built with another model than "
-                            f"{model.name}: use that model or build a new index")
-    return saved
-
-
 class Engine:
     """Two-stage image search over one index directory."""
 
@@ -114,27 +90,9 @@ class Engine:
         vectors and tokens at an fsspec URL (``s3://bucket/prefix``) instead of inside the index.
         Raises IndexExists (a FileExistsError) if an index is already there (see :meth:`create_or_open`).
         """
-        index_dir = Path(index_dir)
         target = pick_device(device)  # before anything is written: a device that is not there is an error
-        inside = model.path is None  # a model built in memory is kept inside the index
-        config = IndexConfig(
-            factory=factory, dim=model.first_stage.embed_dim,
-            tokens_per_image=model.reranker.config.tokens_per_image,
-            token_width=model.reranker.token_width, token_dtype=token_dtype,
-            model_path=MODEL_SUBDIR if inside else str(model.path), model_fingerprint="", store_url=store_url,
-        )
-
-        def populate(tmp: Path) -> IndexConfig:
-            # a model built in memory is saved inside the new index, which gives its fingerprint
-            model.save_pretrained(tmp / MODEL_SUBDIR)
-            return dataclasses.replace(config, model_fingerprint=model.fingerprint())
-
-        if inside:
-            store = IndexStore.create(index_dir, config, populate=populate)
-            model.path = (index_dir / MODEL_SUBDIR).resolve()
-        else:
-            store = IndexStore.create(index_dir, dataclasses.replace(config, model_fingerprint=model.fingerprint()))
-        store.lock.wait = lock_wait
+        store = create_index(index_dir, model, factory=factory, token_dtype=token_dtype, store_url=store_url,
+                             lock_wait=lock_wait)
         model.to(target).eval()
         return cls(store, model)
 
@@ -164,25 +122,7 @@ class Engine:
         """Open an index; the model defaults to the one it was built with. ``backend`` picks how the
         reranker runs (eager, bf16, dynamic-int8, onnx, onnx-int8; see models/backends.py).
         ``writable`` engines take the writer lock for each write, waiting ``lock_wait`` seconds."""
-        store = IndexStore.open(index_dir, mode="r+" if writable else "r", lock_wait=lock_wait)
-        if model is None:
-            model_path = store.model_dir
-            if not model_path.is_dir():
-                raise ModelMissing(f"the model this index was built with is gone: {model_path} "
-                                   f"(pass --model with that model)")
-            model = load_model(model_path)
-        elif isinstance(model, (str, Path)):
-            model = load_model(model)
-        if model.path is None:  # built in memory (a registered name): usable if it is the index's own model
-            model = _saved_twin(store, model, index_dir)
-        if model.fingerprint() != store.config.model_fingerprint:
-            raise ModelMismatch(
-                f"index {index_dir} was built with model {store.config.model_fingerprint} "
-                f"({store.config.model_path}) but the model given is {model.fingerprint()} ({model.path}); "
-                f"use that model or rebuild the index")
-        if writable and not store.model_dir.is_dir() and model.path is not None:
-            with store.writing():  # the model moved: remember where it is now
-                store.record_model_dir(model.path)
+        store, model = open_index(index_dir, model, writable=writable, lock_wait=lock_wait)
         model.to(pick_device(device)).eval()
         model.reranker.use_backend(backend)
         return cls(store, model)
@@ -190,9 +130,8 @@ class Engine:
     def refresh(self) -> bool:
         """Pick up commits made by another writer since this engine opened; True if it changed.
 
-        A reader switches generations as a whole (segment lists, FAISS segments and row count
-        come from one manifest transaction), so a search sees the old state or the new one.
-        """
+        A reader switches generations as a whole (segment lists, FAISS segments and row count come
+        from one manifest transaction), so a search sees the old state or the new one."""
         return self.store.refresh()
 
     # ------------------------------------------------------------------------------- indexing
@@ -203,26 +142,28 @@ class Engine:
 
     def add(self, paths: Iterable[str | Path], *, batch_size: int = 32, num_workers: int = 2,
             commit_every: int = 512, progress: bool = True, report: BuildReport | None = None,
-            removed_rows: Sequence[int] = (), optimize: bool = True) -> BuildReport:
+            removed_rows: Sequence[int] = (), optimize: bool = True, metadata: dict[str, dict] | None = None
+            ) -> BuildReport:
         """Embed and commit image files (commits every ``commit_every`` images), under the writer lock.
 
         ``removed_rows`` are dropped in the first commit (how changed files are replaced
         without a commit of their own); their paths count as new. Paths that are not image
-        files (by extension, images.is_image_path) are skipped with a reason.
+        files (by extension, images.is_image_path) are skipped with a reason. ``metadata``:
+        absolute path -> user fields (photo_meta.read_sidecar), kept with the file metadata.
         """
         return self._indexer.add(paths, batch_size=batch_size, num_workers=num_workers, commit_every=commit_every,
-                                 progress=progress, report=report, removed_rows=removed_rows, optimize=optimize)
+                                 progress=progress, report=report, removed_rows=removed_rows, optimize=optimize,
+                                 metadata=metadata)
 
     def sync(self, root: str | Path, *, chunk_files: int = 4096, batch_size: int = 32, num_workers: int = 2,
-             commit_every: int = 512, progress: bool = True) -> BuildReport:
+             commit_every: int = 512, progress: bool = True, metadata: dict[str, dict] | None = None) -> BuildReport:
         """Make the index mirror the images under ``root``: add new files, re-embed changed ones
-        (size or modification time differ), drop deleted ones. Holds the writer lock throughout.
-
-        The folder is walked as a stream and processed ``chunk_files`` paths at a time, so work
-        starts at once on very large folders; deletions are applied once the walk has ended.
+        (size or modification time differ), drop deleted ones, fill in metadata unchanged files
+        lack (``metadata`` as for :meth:`add`). Holds the writer lock throughout; the folder is
+        walked as a stream, ``chunk_files`` paths at a time, deletions applied once it has ended.
         """
         return self._indexer.sync(root, chunk_files=chunk_files, batch_size=batch_size, num_workers=num_workers,
-                                  commit_every=commit_every, progress=progress)
+                                  commit_every=commit_every, progress=progress, metadata=metadata)
 
     def add_embeddings(self, paths: Sequence[str], vectors: np.ndarray, tokens: np.ndarray, *,
                        metadata: Sequence[dict | None] | None = None, hashes: Sequence[str | None] | None = None,
@@ -240,9 +181,10 @@ class Engine:
         return self._indexer.add_embeddings(paths, vectors, tokens, metadata=metadata, hashes=hashes, stats=stats,
                                             commit_every=commit_every, optimize=optimize)
 
-    def remove(self, paths: Iterable[str | Path]) -> int:
-        """Drop the rows of these files, or of every file under a folder given; returns how many."""
-        return self._indexer.remove(paths)
+    def remove(self, paths: Iterable[str | Path], *, allow_all: bool = False) -> int:
+        """Drop the rows of these files, or of every file under a folder given; returns how many.
+        Empty or blank paths are refused, and so is emptying the whole index unless ``allow_all``."""
+        return self._indexer.remove(paths, allow_all=allow_all)
 
     def optimize(self) -> dict:
         """Merge small FAISS segments and retrain the recipe as the index grows (writers call it after
@@ -265,28 +207,36 @@ class Engine:
         return problems
 
     # -------------------------------------------------------------------------------- search
-    def search(self, query: str, *, k: int = 10, rerank_k: int = DEFAULT_RERANK_K, batch_size: int = 64) -> list[Hit]:
-        """Top ``k`` images for one text query; the first ``rerank_k`` candidates are reranked."""
-        return self.search_batch([query], k=k, rerank_k=rerank_k, batch_size=batch_size)[0]
+    def search(self, query: str, *, k: int = 10, rerank_k: int = DEFAULT_RERANK_K, batch_size: int = 64,
+               where: str | None = None, under: str | None = None) -> list[Hit]:
+        """Top ``k`` images for one text query, the first ``rerank_k`` candidates reranked, among the rows
+        passing ``where`` (a metadata filter, docs/filters.md) and under folder ``under`` when given."""
+        return self.search_batch([query], k=k, rerank_k=rerank_k, batch_size=batch_size, where=where, under=under)[0]
 
     @torch.inference_mode()
     def search_batch(self, queries: Sequence[str], *, k: int = 10, rerank_k: int = DEFAULT_RERANK_K,
-                     batch_size: int = 64) -> list[list[Hit]]:
+                     batch_size: int = 64, where: str | None = None, under: str | None = None) -> list[list[Hit]]:
         """Like :meth:`search` for several queries; their pairs are scored in shared batches."""
-        queries = [_check_query(q) for q in queries]
-        n = len(self.store)
-        if n == 0:
+        queries = [check_query(q) for q in queries]
+        if len(self.store) == 0:
             raise BadQuery("the index is empty: add images with `edje-search build-index`")
         if k <= 0 or rerank_k < 0:
             raise BadQuery(f"k must be positive and rerank_k non-negative (got k={k}, rerank_k={rerank_k})")
-        k = min(k, n)
-        pool = min(max(k, rerank_k), n)
         clock = StageClock()
+        selected = None
+        if where or under:
+            selected = filtered_search.select_rows(self.store, where, under)
+            clock.lap("filter")
+        n = len(self.store) if selected is None else len(selected)
+        if n == 0:  # nothing passes the filter
+            return [[] for _ in queries]
+        k, pool = min(k, n), min(max(k, rerank_k), n)
         n_rerank = min(rerank_k, pool)
         with precision_autocast(self.model.device):  # bf16/fp16 on CUDA, fp32 on the CPU
             q = self.model.embed_texts(list(queries)).float().cpu().numpy()
             clock.lap("text_embed")
-            first_scores, rows = self.store.search(q, pool)  # (Q, pool)
+            first_scores, rows = self.store.search(q, pool) if selected is None else \
+                filtered_search.search_rows(self.store, q, pool, selected)  # (Q, pool)
             clock.lap("faiss")
             rerank = score_rows(self.model.reranker, self.store.tokens.get, queries, rows[:, :n_rerank],
                                 batch_size, clock) if n_rerank else None
@@ -305,6 +255,15 @@ class Engine:
         self.last_timings = {**clock.ms, "total": sum(clock.ms.values())}
         return results
 
+    def scorer(self, *, batch_size: int = 64, cosine: bool = True) -> RowScorer:
+        """Joint scores of indexed rows from their stored tokens, over the open generation and the
+        model: pairs (a scoring run), texts against rows, rows' data for classify (scoring.py)."""
+        return RowScorer(self.store, self.model, batch_size=batch_size, cosine=cosine)
+
+    def score(self, texts: Sequence[str], rows: Sequence[int], *, batch_size: int = 64) -> np.ndarray:
+        """Joint-encoder logits (P,) of the pairs (``texts[i]``, indexed row ``rows[i]``)."""
+        return self.scorer(batch_size=batch_size, cosine=False).score_texts(texts, rows)[0]
+
     # ------------------------------------------------------------------- rows and neighbours
     @property
     def generation(self) -> int:
@@ -314,6 +273,14 @@ class Engine:
     def paths(self, rows: Iterable[int]) -> dict[int, str]:
         """Row -> file path for those of ``rows`` that are live in this generation."""
         return self.store.paths(rows)
+
+    def metadata(self, rows: Iterable[int]) -> dict[int, dict]:
+        """Row -> {"path", and the metadata given at indexing (caption, ...)} for the live ``rows``."""
+        return {r: {"path": e.path, **(e.meta or {})} for r, e in self.store.entries_of_rows(self.paths(rows)).items()}
+
+    def vectors(self, rows: Sequence[int]) -> np.ndarray:
+        """(len(rows), E) stored first-stage embeddings of live ``rows`` (e.g. to compare results)."""
+        return np.asarray(self.store.vectors(list(rows)), dtype=np.float32)
 
     def __len__(self) -> int:
         """Images searchable in the open generation."""
@@ -327,6 +294,11 @@ class Engine:
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         """A decoded RGB image -> (3, H, W) pixels as the model expects them (for :meth:`search_by_image`)."""
         return self.model.first_stage.preprocess(image)
+
+    @property
+    def image_input(self) -> tuple[int, str]:
+        """(side, resize mode) of the model's image input: what an upload's decode guard checks against."""
+        return int(self.model.first_stage.config.image_size), str(self.model.first_stage.config.resize_mode)
 
     @torch.inference_mode()
     def search_by_image(self, queries: Sequence[int | torch.Tensor], *, k: int = 10) -> list[list[Hit] | None]:
@@ -346,7 +318,7 @@ class Engine:
                 vectors[i] = v
         clock.lap("image_embed")
         own_row = [None if isinstance(q, torch.Tensor) else int(q) for q in queries]
-        live = self.store.paths([r for r in own_row if r is not None])
+        live = self.store.paths([r for r in own_row if r is not None and 0 <= r <= MAX_ROW])
         for i, row in enumerate(own_row):
             if row is not None and row in live:
                 vectors[i] = self.store.vectors([row])[0]
@@ -369,8 +341,7 @@ class Engine:
         return results
 
     def search_vectors(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """First-stage nearest neighbours of (Q, E) embeddings, e.g. of images for image-to-image
-        search: (scores (Q, k), rows (Q, k)), rows -1 where fewer than k images exist."""
+        """First-stage neighbours of (Q, E) embeddings: (scores (Q, k), rows (Q, k)), rows -1 past the last image."""
         vectors = np.asarray(vectors, dtype=np.float32)
         if vectors.ndim != 2 or vectors.shape[1] != self.store.config.dim:
             raise BadInput(f"vectors must have shape (Q, {self.store.config.dim}), got {vectors.shape}")
@@ -378,13 +349,5 @@ class Engine:
 
     # ---------------------------------------------------------------------------------- info
     def info(self) -> dict:
-        cfg = self.store.config
-        return {
-            "index": str(self.store.directory), "images": len(self.store), "rows": self.store.n_rows,
-            "generation": self.store.generation, "factory": cfg.factory, "dim": cfg.dim,
-            "tokens_per_image": cfg.tokens_per_image, "token_width": cfg.token_width,
-            "token_dtype": cfg.token_dtype,
-            "bytes_per_image": bytes_per_image(cfg.tokens_per_image, cfg.token_width, cfg.token_dtype),
-            "model": cfg.model_path, "model_name": self.model.name, "model_fingerprint": cfg.model_fingerprint,
-            "fusion_weight": self.model.fusion_weight,
-        }
+        """What the open generation holds (inspection.store_summary) and the model serving it."""
+        return {**store_summary(self.store), "model_name": self.model.name, "fusion_weight": self.model.fusion_weight}

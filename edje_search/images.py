@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING, Callable, Iterator
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .photo_meta import header_fields, image_fields, path_fields
+
 if TYPE_CHECKING:
     import torch
 
@@ -202,14 +204,17 @@ def check_dimensions(width: int, height: int, resize_to: int | None = None, resi
 
 
 def decode_image(data: bytes, min_size: int | None = None, *, resize_mode: str | None = None,
-                 max_pixels: int = MAX_PIXELS, max_resized_pixels: int = MAX_RESIZED_PIXELS) -> Image.Image:
+                 max_pixels: int = MAX_PIXELS, max_resized_pixels: int = MAX_RESIZED_PIXELS,
+                 meta: dict | None = None) -> Image.Image:
     """Bytes -> upright RGB PIL image (first frame of animations, EXIF rotation applied).
 
     With ``min_size``, JPEGs are decoded at the smallest DCT scale (1/2, 1/4, 1/8) that keeps both
     sides at least ``min_size``: several times faster on camera photos, and the model
     resizes down to that size anyway. With ``resize_mode`` (the model's, with ``min_size`` as its
     input side) the header's size is checked by :func:`check_dimensions` before decoding.
-    Raises ValueError (:class:`Unusable`) with a short reason for anything unusable.
+    Raises ValueError (:class:`Unusable`) with a short reason for anything unusable. A ``meta``
+    dict is filled with the pixel size and EXIF fields (photo_meta.image_fields) read from the
+    header already parsed, before the EXIF rotation is applied.
     """
     if not data:
         raise Unusable("empty file")
@@ -221,6 +226,8 @@ def decode_image(data: bytes, min_size: int | None = None, *, resize_mode: str |
             check_dimensions(img.width, img.height, min_size if resize_mode else None, resize_mode or "shortest",
                              max_pixels, max_resized_pixels)
             img.seek(0)
+            if meta is not None:
+                meta.update(image_fields(img))
             if min_size and img.format == "JPEG":
                 img.draft("RGB", (min_size, min_size))
             img.load()
@@ -292,6 +299,21 @@ class DecodeLimits:
     seconds: float | None = DECODE_SECONDS
 
 
+def decode_untrusted(data: bytes, limits: DecodeLimits = DecodeLimits(), min_size: int | None = None, *,
+                     resize_mode: str | None = None, meta: dict | None = None) -> Image.Image:
+    """The one guarded decode for bytes from outside (indexed files, uploads, thumbnails, score
+    and classify inputs): at most ``limits.max_file_bytes`` bytes; the header's size checked
+    against ``limits.max_pixels`` and, with ``resize_mode``, against the pixels of the model's
+    resize to ``min_size`` before any pixel is decoded; first frame only; and a time limit where
+    :func:`time_limit` can set one; ``meta`` as :func:`decode_image` fills it. Raises
+    :class:`Unusable` or :class:`DecodeTimeout`."""
+    if len(data) > limits.max_file_bytes:
+        raise Unusable(f"file too large ({len(data):,} bytes; the limit is {limits.max_file_bytes:,})")
+    with time_limit(limits.seconds):
+        return decode_image(data, min_size, resize_mode=resize_mode, max_pixels=limits.max_pixels,
+                            max_resized_pixels=limits.max_resized_pixels, meta=meta)
+
+
 class ImageFileDataset:
     """Paths -> dicts with index, sha256 and a preprocessed tensor, or a skip reason (map-style
     dataset for a torch DataLoader). No file raises: every failure becomes a reason."""
@@ -319,19 +341,22 @@ class ImageFileDataset:
                 return self._load(i, path)
         except Exception as e:  # noqa: BLE001 - any failure of one file (MemoryError included) skips that file
             return {"index": i, "sha256": None, "stat": None, "pixels": None, "error": failure_reason(e),
-                    "duplicate": False}
+                    "duplicate": False, "meta": None}
 
     def _load(self, i: int, path: str) -> dict:
         data, st = read_image_file(path, self.limits.max_file_bytes)
         sha = file_sha256(data)
         stat_ = (st.st_size, st.st_mtime_ns)
-        if sha in self.known_hashes:
-            return {"index": i, "sha256": sha, "stat": stat_, "pixels": None, "error": None, "duplicate": True}
-        image = decode_image(data, self.min_size, resize_mode=self.resize_mode, max_pixels=self.limits.max_pixels,
-                             max_resized_pixels=self.limits.max_resized_pixels)
+        meta = path_fields(os.path.abspath(path))
+        if sha in self.known_hashes:  # no decoding, but the header gives the metadata all the same
+            meta.update(header_fields(data))
+            return {"index": i, "sha256": sha, "stat": stat_, "pixels": None, "error": None, "duplicate": True,
+                    "meta": meta}
+        image = decode_untrusted(data, self.limits, self.min_size, resize_mode=self.resize_mode, meta=meta)
         del data
         pixels = self.transform(image)
-        return {"index": i, "sha256": sha, "stat": stat_, "pixels": pixels, "error": None, "duplicate": False}
+        return {"index": i, "sha256": sha, "stat": stat_, "pixels": pixels, "error": None, "duplicate": False,
+                "meta": meta}
 
 
 def collate_images(items: list[dict]) -> dict:
@@ -346,6 +371,7 @@ def collate_images(items: list[dict]) -> dict:
         "stat": [it["stat"] for it in good],
         "pixels": torch.stack([it["pixels"] for it in good]) if good else None,
         "failed": [(it["index"], it["error"]) for it in items if it["error"] is not None],
+        "meta": {it["index"]: it.get("meta") for it in items if it["error"] is None},  # good and duplicates
     }
 
 

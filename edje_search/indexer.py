@@ -21,11 +21,15 @@ import numpy as np
 
 from .errors import BadInput
 from .images import is_image_path, iter_image_files
+from .photo_meta import merged, stored_file_fields
 from .models.bundle import EdjeModel
 from .pipeline import BackgroundCommits, EmbeddedBatch, ImageEmbedder, embed_files
+from .storage.filtered_search import ensure_field_indexes
 from .storage.index_store import IndexStore, write_skipped
 from .storage.manifest import ManifestEntry
+from .storage.roots import record_folders
 from .storage.token_store import working_dtype
+from .validation import check_removal_size, removal_paths
 
 logger = logging.getLogger(__name__)
 
@@ -82,14 +86,18 @@ class Indexer:
         self.store = store
         self.model = model
         self._store_lock = threading.RLock()  # commits run on a writer thread while embedding goes on
+        self.extra_meta: dict[str, dict] = {}  # absolute path -> user fields (a --metadata sidecar) for this build
 
     # --------------------------------------------------------------------------- from files
     def add(self, paths: Iterable[str | os.PathLike], *, batch_size: int = 32, num_workers: int = 2,
             commit_every: int = 512, progress: bool = True, report: BuildReport | None = None,
-            removed_rows: Sequence[int] = (), optimize: bool = True) -> BuildReport:
+            removed_rows: Sequence[int] = (), optimize: bool = True, metadata: dict[str, dict] | None = None
+            ) -> BuildReport:
         """Embed and commit image files; see :meth:`Engine.add`."""
         report = report or BuildReport()
+        self.extra_meta = dict(metadata or {})
         with self.store.writing(), self._embedder(batch_size, num_workers) as embedder:
+            ensure_field_indexes(self.store.manifest)
             self._add_paths(paths, report, removed_rows, embedder, commit_every=commit_every, progress=progress)
             if optimize:
                 self.store.optimize()
@@ -98,12 +106,15 @@ class Indexer:
         return report
 
     def sync(self, root: str | os.PathLike, *, chunk_files: int = 4096, batch_size: int = 32, num_workers: int = 2,
-             commit_every: int = 512, progress: bool = True) -> BuildReport:
+             commit_every: int = 512, progress: bool = True, metadata: dict[str, dict] | None = None) -> BuildReport:
         """Make the index mirror the images under ``root``; see :meth:`Engine.sync`."""
         report = BuildReport()
+        self.extra_meta = dict(metadata or {})
         seen: set[str] = set()
         chunk: list[str] = []
         with self.store.writing(), self._embedder(batch_size, num_workers) as embedder:
+            ensure_field_indexes(self.store.manifest)
+
             def flush() -> None:
                 changed, _ = changed_or_gone(self.store, chunk)
                 self._add_paths(chunk, report, changed, embedder, commit_every=commit_every, progress=progress)
@@ -125,13 +136,15 @@ class Indexer:
         logger.info("sync %s: %s", root, report.summary())
         return report
 
-    def remove(self, paths: Iterable[str | os.PathLike]) -> int:
-        """Drop the rows of these files, or of every file under a folder given; returns how many."""
+    def remove(self, paths: Iterable[str | os.PathLike], *, allow_all: bool = False) -> int:
+        """Drop the rows of these files, or of every file under a folder given; returns how many.
+        Empty or blank paths are refused, and so is emptying the whole index unless ``allow_all``."""
+        wanted = removal_paths(paths)
         with self.store.writing():
-            wanted = [os.path.abspath(p) for p in paths]
             rows = [e.row for e in self.store.lookup_paths(wanted).values()]
             for p in wanted:  # a folder, even one already deleted from disk: everything under it
                 rows += [e.row for e in self.store.live_under(p.rstrip(os.sep) + os.sep)]
+            check_removal_size(len(set(rows)), len(self.store), allow_all, wanted)
             return self.remove_rows(rows)
 
     def remove_rows(self, rows: Iterable[int]) -> int:
@@ -159,9 +172,12 @@ class Indexer:
                 report.skipped.append((p, "not an image file extension"))
             else:
                 todo.append(p)
+        record_folders(self.store.directory, todo)  # where each folder really is, for serving its files
         dropped = set(int(r) for r in removed_rows)
-        known = {path for path, e in self.store.lookup_paths(todo).items() if e.row not in dropped}
+        indexed = {path: e for path, e in self.store.lookup_paths(todo).items() if e.row not in dropped}
+        known = set(indexed)
         report.unchanged += sum(1 for p in todo if p in known)
+        self._fill_metadata(indexed.values())
         todo = list(dict.fromkeys(p for p in todo if p not in known))
         missed = self._embed_and_commit(embedder, todo, report, list(removed_rows),
                                         commit_every=commit_every, progress=progress)
@@ -169,6 +185,21 @@ class Indexer:
             with ImageEmbedder(self.model, batch_size=embedder.batch_size, num_workers=0,
                                token_dtype=embedder.token_dtype) as again:
                 self._embed_and_commit(again, missed, report, [], commit_every=commit_every, progress=False)
+
+    def _fill_metadata(self, entries: Iterable[ManifestEntry]) -> None:
+        """Give unchanged rows the metadata they lack (indexed before metadata was collected, or
+        fields the sidecar brings now): the file's header is parsed again, nothing is embedded."""
+        updates = {}
+        for e in entries:
+            extra = self.extra_meta.get(e.path)
+            base = e.meta or {}
+            fresh = stored_file_fields(e.path) if "width" not in base else None
+            new = merged(base, fresh, extra)
+            if new and new != base:
+                updates[e.row] = new
+        if updates:
+            self.store.manifest.update_meta(updates)
+            logger.info("metadata filled in for %d indexed files", len(updates))
 
     def _embed_and_commit(self, embedder: ImageEmbedder, todo: list[str], report: BuildReport,
                           to_remove: list[int], *, commit_every: int, progress: bool) -> list[str]:
@@ -215,8 +246,10 @@ class Indexer:
         tokens = np.concatenate([b.tokens for b in batches]) if batches else np.zeros(
             (0, cfg.tokens_per_image, cfg.token_width), np.float16)
         with self._store_lock:  # the embedding thread reads the store for duplicates meanwhile
+            meta = [merged(b.meta.get(p), self.extra_meta.get(p)) for b in batches for p in b.paths]
             self.store.commit(paths, [h for b in batches for h in b.hashes], vectors, tokens,
-                              removed_rows=removed_rows, new_stats=[st for b in batches for st in b.stats])
+                              removed_rows=removed_rows, new_stats=[st for b in batches for st in b.stats],
+                              new_meta=meta)
         if report is not None:
             report.added += len(paths)
         return len(paths)
@@ -249,6 +282,7 @@ class Indexer:
                 raise BadInput(f"{what} has {len(given)} entries for {n} paths")
         report = BuildReport()
         with self.store.writing():
+            ensure_field_indexes(self.store.manifest)
             known = self.store.lookup_paths(paths)
             keep = np.array([p not in known for p in paths], dtype=bool)
             report.unchanged = int((~keep).sum())

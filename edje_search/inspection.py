@@ -41,16 +41,7 @@ def model_problems(store: IndexStore) -> list[str]:
 def index_info(directory: str | Path) -> dict:
     """The store's summary plus the bytes per image and the name of the model that built it."""
     store = IndexStore.open(directory)
-    cfg = store.config
-    data = {
-        "index": str(store.directory), "images": len(store), "rows": store.n_rows, "generation": store.generation,
-        "factory": cfg.factory, "recipe": store.recipe, "nprobe": store.settings.get("nprobe"),
-        "faiss_segments": len(store.faiss_files), "dim": cfg.dim, "tokens_per_image": cfg.tokens_per_image,
-        "token_width": cfg.token_width, "token_dtype": cfg.token_dtype,
-        "store": cfg.store_url or "(inside the index)", "model": cfg.model_path,
-        "model_fingerprint": cfg.model_fingerprint,
-    }
-    data["bytes_per_image"] = bytes_per_image(cfg.tokens_per_image, cfg.token_width, cfg.token_dtype)
+    data = store_summary(store)
     try:
         bundle = read_bundle_info(store.model_dir)
     except (OSError, ValueError, TypeError) as e:
@@ -58,3 +49,17 @@ def index_info(directory: str | Path) -> dict:
     else:
         data["model_name"], data["fusion_weight"] = bundle.name, bundle.fusion_weight
     return data
+
+
+def store_summary(store: IndexStore) -> dict:
+    """Size, generation, FAISS recipe, row shapes, storage place and model of an open index."""
+    cfg = store.config
+    return {
+        "index": str(store.directory), "images": len(store), "rows": store.n_rows, "generation": store.generation,
+        "factory": cfg.factory, "recipe": store.recipe, "nprobe": store.settings.get("nprobe"),
+        "faiss_segments": len(store.faiss_files), "dim": cfg.dim, "tokens_per_image": cfg.tokens_per_image,
+        "token_width": cfg.token_width, "token_dtype": cfg.token_dtype,
+        "store": cfg.store_url or "(inside the index)", "model": cfg.model_path,
+        "model_fingerprint": cfg.model_fingerprint,
+        "bytes_per_image": bytes_per_image(cfg.tokens_per_image, cfg.token_width, cfg.token_dtype),
+    }

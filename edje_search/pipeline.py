@@ -71,6 +71,8 @@ class EmbeddedBatch:
     # (path, sha256, (size, mtime_ns)) of files whose content is already embedded
     duplicates: list[tuple[str, str, tuple[int, int]]] = dataclasses.field(default_factory=list)
     stats: list[tuple[int, int]] = dataclasses.field(default_factory=list)  # (size, mtime_ns) as read, per path
+    # path -> metadata read while decoding (photo_meta.py), for paths and duplicates alike
+    meta: dict[str, dict] = dataclasses.field(default_factory=dict)
 
 
 class _Feed(torch.utils.data.Sampler):
@@ -127,15 +129,17 @@ class ImageEmbedder:
             for batch in self._loader:
                 failed = [(paths[i], reason) for i, reason in batch["failed"]]
                 dups = [(paths[i], sha, stat) for i, sha, stat in batch["duplicates"]]
+                meta = {paths[i]: m for i, m in batch.get("meta", {}).items() if m}
                 if batch["pixels"] is None:
                     yield EmbeddedBatch([], [], np.zeros((0, model.first_stage.embed_dim), np.float32),
                                         np.zeros((0, model.reranker.config.tokens_per_image,
-                                                  model.reranker.token_width), self.token_dtype), failed, dups)
+                                                  model.reranker.token_width), self.token_dtype), failed, dups,
+                                        meta=meta)
                 else:
                     vectors, tokens = embed_pixels(model, batch["pixels"], precision=self.precision,
                                                    token_dtype=self.token_dtype)
                     yield EmbeddedBatch([paths[i] for i in batch["index"]], batch["sha256"], vectors, tokens,
-                                        failed, dups, batch["stat"])
+                                        failed, dups, batch["stat"], meta)
                 bar.update(len(batch["index"]) + len(failed) + len(dups))
         finally:
             bar.close()

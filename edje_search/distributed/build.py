@@ -90,7 +90,7 @@ def ray_build_index(engine, source: str | os.PathLike, *, address: str | None = 
             report.removed = removed
             return report
         # Ray Data makes pool actors restartable (max_restarts=-1) with retried batches
-        # (max_task_retries=-1) by default; tests/test_ray_build.py kills one mid-build.
+        # (max_task_retries=-1) by default; tests/system/test_ray_build.py kills one mid-build.
         ds = ds.map_batches(
             EmbedWorker, batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
             fn_constructor_kwargs=dict(model_dir=str(model.path), fingerprint=indexer.store.config.model_fingerprint,

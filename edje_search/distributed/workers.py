@@ -14,7 +14,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from ..images import DecodeLimits, ImageFileDataset, decode_image, failure_reason, file_sha256, time_limit
+from ..images import DecodeLimits, ImageFileDataset, decode_untrusted, failure_reason, file_sha256, time_limit
 from .sources import iter_shard
 
 logger = logging.getLogger(__name__)
@@ -60,15 +60,18 @@ def decode_files(batch: dict[str, np.ndarray], spec: DecodeSpec) -> dict[str, np
     paths = [str(p) for p in batch["path"]]
     items = [dataset.load(i, p) for i, p in enumerate(paths)]
     return _rows(spec, paths, [it["sha256"] or "" for it in items], [it["pixels"] for it in items],
-                 [it["error"] or "" for it in items], [""] * len(paths), [it["stat"] for it in items])
+                 [it["error"] or "" for it in items],
+                 [json.dumps(it["meta"], ensure_ascii=False) if it.get("meta") else "" for it in items],
+                 [it["stat"] for it in items])
 
 
-def decode_bytes(data: bytes, spec: DecodeSpec):
-    """Image bytes -> preprocessed (3, S, S) tensor; raises like the file path does."""
+def decode_bytes(data: bytes, spec: DecodeSpec, meta: dict | None = None):
+    """Image bytes -> preprocessed (3, S, S) tensor; raises like the file path does. ``meta`` is
+    filled with the pixel size and EXIF fields (photo_meta.image_fields)."""
     with time_limit(spec.limits.seconds):
-        image = decode_image(data, spec.image_size, resize_mode=spec.resize_mode,
-                             max_pixels=spec.limits.max_pixels, max_resized_pixels=spec.limits.max_resized_pixels)
+        image = decode_untrusted(data, spec.limits, spec.image_size, resize_mode=spec.resize_mode, meta=meta)
         return spec.transform(image)
+
 
 
 def decode_shards(batch: dict[str, np.ndarray], spec: DecodeSpec, rows_per_batch: int = 64
@@ -81,14 +84,15 @@ def decode_shards(batch: dict[str, np.ndarray], spec: DecodeSpec, rows_per_batch
         for sample in iter_shard(str(shard), spec.limits.max_file_bytes):
             if sample.path in done:
                 continue
-            sha, pixels, error = "", None, sample.error
+            sha, pixels, error, image_meta = "", None, sample.error, {}
             if not error:
                 sha = file_sha256(sample.data)
                 try:
-                    pixels = decode_bytes(sample.data, spec)
+                    pixels = decode_bytes(sample.data, spec, image_meta)
                 except Exception as e:  # noqa: BLE001 - any failure of one sample skips that sample
                     error = failure_reason(e)
-            out.append((sample.path, sha, pixels, error, json.dumps(sample.meta, ensure_ascii=False)))
+            meta = {**image_meta, **(sample.meta or {})}  # the shard's own .json/.txt fields win
+            out.append((sample.path, sha, pixels, error, json.dumps(meta, ensure_ascii=False) if meta else ""))
             if len(out) >= rows_per_batch:
                 yield _rows(spec, *map(list, zip(*out)))
                 out = []

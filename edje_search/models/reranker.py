@@ -236,6 +236,47 @@ class Reranker(nn.Module):
                 out[sl] = self._score_encoded(batch, images).float().cpu().numpy()
         return out
 
+    def rank(self, query: str, images_or_tokens, top_k: int | None = None, *,
+             batch_size: int = 64) -> list[dict]:
+        """``query`` against many images, best first: ``[{"corpus_id": i, "score": logit}, ...]``,
+        in the shape of sentence-transformers' ``CrossEncoder.rank`` (ties keep input order).
+
+        ``images_or_tokens``: stored tokens (N, m, D_lm) as a tensor or array, preprocessed pixels
+        (N, 3, H, W), or a list of PIL images (the attached vision tower's preprocessing is applied).
+        ``top_k`` keeps that many (None: all).
+        """
+        tokens = self._stored_tokens(images_or_tokens, batch_size)
+        n = tokens.shape[0]
+        logits = self.score_pairs([query], tokens, np.zeros(n, np.int64), np.arange(n), batch_size=batch_size)
+        order = np.argsort(-logits, kind="stable")
+        return [{"corpus_id": int(i), "score": float(logits[i])} for i in order[:top_k]]
+
+    def _stored_tokens(self, items, batch_size: int) -> torch.Tensor:
+        """Stored tokens (N, m, D_lm) on the CPU from stored tokens, pixels or PIL images."""
+        if isinstance(items, np.ndarray):
+            items = torch.from_numpy(items)
+        if not isinstance(items, torch.Tensor):
+            first_stage = self.vision_encoder
+            if first_stage is None:
+                raise ModelMissing("ranking images needs the vision tower: load with "
+                                   "Reranker.from_pretrained(MODEL_DIR)")
+            items = torch.stack([first_stage.preprocess(im.convert("RGB")) for im in items])
+        if items.dim() == 3:
+            if items.shape[2] != self.token_width:
+                raise BadInput(f"stored tokens must be (N, m, {self.token_width}), got {tuple(items.shape)}")
+            return items.float()
+        if items.dim() != 4:
+            raise BadInput(f"expected stored tokens (N, m, D) or pixels (N, 3, H, W), got {tuple(items.shape)}")
+        if self.vision_encoder is None:
+            raise ModelMissing("this reranker has no vision tower attached: load it with Reranker.from_pretrained")
+        first_stage = self.vision_encoder
+        out = []
+        with self._inference():
+            for s in range(0, items.shape[0], batch_size):
+                pixels = items[s:s + batch_size].to(next(first_stage.parameters()).device)
+                out.append(self.project(first_stage.encode_image(pixels)[1].to(self.device)).float().cpu())
+        return torch.cat(out) if out else torch.zeros(0, self.config.tokens_per_image, self.token_width)
+
     # ---------------------------------------------------------------------------- persistence
     def save_pretrained(self, directory: str | Path) -> None:
         """Write a reranker directory (config, BERT config, tokenizer, weights); not the vision tower."""

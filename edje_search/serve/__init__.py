@@ -8,7 +8,8 @@ from __future__ import annotations
 from .app import create_app
 from .batching import BatchSettings, MicroBatcher, Overloaded
 from .limits import ServeLimits
-from .server import BackgroundServer, is_loopback, run
+from .hardening import is_loopback
+from .server import BackgroundServer, run
 
 __all__ = ["BackgroundServer", "BatchSettings", "MicroBatcher", "Overloaded", "ServeLimits", "create_app",
            "is_loopback", "run"]

@@ -8,8 +8,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
-from ..engine import MAX_QUERY_CHARS
 from ..errors import BadQuery
+from ..validation import MAX_QUERY_CHARS, check_query
 
 
 @dataclasses.dataclass(frozen=True)
@@ -20,22 +20,22 @@ class ServeLimits:
     max_batch_queries: int = 32  # queries in one POST /search
     max_upload_bytes: int = 20 * 1024 * 1024  # body of POST /search/image
     max_json_bytes: int = 256 * 1024  # any other request body
+    body_timeout_s: float = 30.0  # a request body must arrive whole within this
+    max_concurrent_decodes: int = 2  # uploads, thumbnails and file reads decoding at once
 
     def __post_init__(self):
         if not 1 <= self.max_query_chars <= MAX_QUERY_CHARS:
             raise ValueError(f"max_query_chars must be between 1 and the engine's {MAX_QUERY_CHARS}")
-        for name in ("max_k", "max_rerank_k", "max_batch_queries", "max_upload_bytes", "max_json_bytes"):
+        for name in ("max_k", "max_rerank_k", "max_batch_queries", "max_upload_bytes", "max_json_bytes",
+                     "max_concurrent_decodes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive")
+        if not self.body_timeout_s > 0:
+            raise ValueError("body_timeout_s must be positive")
 
     def check_query(self, text: str) -> str:
-        if not isinstance(text, str) or not text.strip():
-            raise BadQuery("empty query: give some text to search for")
-        if len(text) > self.max_query_chars:
-            raise BadQuery(f"query too long ({len(text)} characters; this server allows {self.max_query_chars})")
-        if "\x00" in text:
-            raise BadQuery("query contains a NUL character")
-        return text
+        """The library's query rule (validation.check_query) with this server's length limit."""
+        return check_query(text, max_chars=self.max_query_chars)
 
     def check_queries(self, queries: Sequence[str]) -> list[str]:
         if not queries:

@@ -43,10 +43,15 @@ class SearchResponse(SearchResult):
     timings: Timings
 
 
+WHERE_HELP = ('metadata filter, e.g. taken >= "2023-06-01" and make = "Canon" (docs/filters.md); only images '
+              'passing it are searched, and an invalid filter is a 400 naming the position and the fields')
+
+
 class BatchRequest(BaseModel):
     queries: list[str]
     k: int = 10
     rerank_k: int = DEFAULT_RERANK_K
+    where: Optional[str] = Field(None, description=WHERE_HELP)
 
 
 class BatchResponse(BaseModel):

@@ -2,9 +2,10 @@
 files and the OpenAPI docs included).
 
 With a token set, a request needs ``Authorization: Bearer TOKEN`` or the session cookie. A
-browser gets the cookie by opening ``/?token=TOKEN`` once: the server answers with the cookie
-(HttpOnly, SameSite=Strict; it holds an HMAC of the token, not the token) and a redirect to
-``/``, so thumbnails in ``<img>`` tags authenticate without the token in their URLs.
+browser gets the cookie from the login form (``GET /login``, which posts the token in the
+request body to ``POST /login``): the answer sets the cookie (HttpOnly, SameSite=Strict; it holds
+an HMAC of the token, not the token) and redirects to ``/``, so thumbnails in ``<img>`` tags
+authenticate without the token in any URL, and the token never appears in an access log line.
 """
 from __future__ import annotations
 
@@ -13,11 +14,20 @@ import hmac
 import json
 from http.cookies import SimpleCookie
 from typing import Callable
-from urllib.parse import parse_qs
 
 from starlette.exceptions import HTTPException
 
 COOKIE = "edje_session"
+LOGIN_PATH = "/login"
+
+
+def session_value(token: str) -> str:
+    """What the session cookie holds for ``token``: an HMAC of it, so the cookie never reveals it."""
+    return hmac.new(token.encode(), b"edje-search session", hashlib.sha256).hexdigest()
+
+
+def token_matches(given: str, token: str) -> bool:
+    return hmac.compare_digest(given.encode("utf-8", "surrogateescape"), token.encode("utf-8", "surrogateescape"))
 
 
 def _json_response(status: int, message: str, headers: list[tuple[bytes, bytes]] = ()) -> tuple[dict, dict]:
@@ -43,7 +53,7 @@ class TokenAuth:
             raise ValueError("an empty token would let everyone in; pass None to disable the check")
         self.app = app
         self._token = token.encode()
-        self._session = hmac.new(self._token, b"edje-search session", hashlib.sha256).hexdigest().encode()
+        self._session = session_value(token).encode()
 
     def _bearer_ok(self, scope: dict) -> bool:
         auth = _header(scope, b"authorization")
@@ -66,17 +76,16 @@ class TokenAuth:
             return await self.app(scope, receive, send)
         if self._bearer_ok(scope) or self._cookie_ok(scope):
             return await self.app(scope, receive, send)
-        if scope["path"] == "/" and scope["method"] == "GET":
-            given = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("token", [""])[0]
-            if given and hmac.compare_digest(given.encode(), self._token):
-                cookie = f"{COOKIE}={self._session.decode()}; HttpOnly; SameSite=Strict; Path=/"
-                await send({"type": "http.response.start", "status": 303,
-                            "headers": [(b"location", b"/"), (b"set-cookie", cookie.encode()),
-                                        (b"content-length", b"0")]})
-                await send({"type": "http.response.body", "body": b""})
-                return
+        if scope["path"] == LOGIN_PATH and scope["method"] in ("GET", "POST"):
+            return await self.app(scope, receive, send)  # the login form and its check (a route of the app)
+        accept = _header(scope, b"accept") or ""
+        if scope["path"] == "/" and scope["method"] == "GET" and "text/html" in accept:
+            await send({"type": "http.response.start", "status": 303,
+                        "headers": [(b"location", LOGIN_PATH.encode()), (b"content-length", b"0")]})
+            await send({"type": "http.response.body", "body": b""})
+            return
         start, body = _json_response(
-            401, "missing or wrong token: send 'Authorization: Bearer TOKEN' (browsers: open /?token=TOKEN)",
+            401, "missing or wrong token: send 'Authorization: Bearer TOKEN' (browsers: log in at /login)",
             [(b"www-authenticate", b'Bearer realm="edje-search"')])
         await send(start)
         await send(body)
@@ -147,9 +156,9 @@ class InFlightLimit:
         if scope["type"] != "http" or scope["path"] in self.exempt:
             return await self.app(scope, receive, send)
         if self.counter.value >= self.limit:
-            start, body = _json_response(
+            start, body = _json_response(  # closed: an unread body must not keep the connection
                 503, f"server busy: {self.counter.value} requests in progress; retry shortly",
-                [(b"retry-after", b"1")])
+                [(b"retry-after", b"1"), (b"connection", b"close")])
             await send(start)
             await send(body)
             return

@@ -31,9 +31,10 @@ class RowGone(LookupError):
     """The row asked for is not in the index (any more)."""
 
 
-def text_key(rerank_k: int) -> Hashable:
-    """Text searches share an engine call when their rerank_k agrees (k only trims the results)."""
-    return ("text", rerank_k)
+def text_key(rerank_k: int, where: str | None = None) -> Hashable:
+    """Text searches share an engine call when their rerank_k and filter agree (k only trims the
+    results); a filter that does not parse fails only the requests that sent it."""
+    return ("text", rerank_k, where or None)
 
 
 IMAGE_KEY: Hashable = ("image",)
@@ -73,15 +74,16 @@ class SearchService:
     def run(self, key: Hashable, jobs: list) -> list:
         if key == IMAGE_KEY:
             return self._image_batch(jobs)
-        return self._text_batch(key[1], jobs)
+        return self._text_batch(key[1], jobs, where=key[2])
 
-    def _text_batch(self, rerank_k: int, jobs: list[TextJob]) -> list[tuple[list[dict], dict]]:
+    def _text_batch(self, rerank_k: int, jobs: list[TextJob], where: str | None = None
+                    ) -> list[tuple[list[dict], dict]]:
         queries = [q for job in jobs for q in job.queries]
         if len(self.engine) == 0:
             return [([{"query": q, "hits": [], "first_stage": []} for q in job.queries], {}) for job in jobs]
         # the whole candidate pool comes back, so both orders can be shown
         pool_k = max(rerank_k, max(job.k for job in jobs))
-        pools = self.engine.search_batch(queries, k=pool_k, rerank_k=rerank_k)
+        pools = self.engine.search_batch(queries, k=pool_k, rerank_k=rerank_k, where=where)
         stages = dict(self.engine.last_timings)
         out, i = [], 0
         for job in jobs:

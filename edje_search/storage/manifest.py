@@ -303,6 +303,22 @@ class Manifest:
                                   str(self.path)) from e
                 raise IndexCorrupt(f"manifest {self.path}: the commit failed and was rolled back: {e}") from e
 
+    def update_meta(self, meta_of_rows: dict[int, dict]) -> None:
+        """Replace the metadata of existing rows, in one transaction. Metadata is not versioned by
+        generation: filling in fields an older build did not collect changes no search result."""
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    self._db.executemany("UPDATE rows SET meta = ? WHERE row = ?",
+                                         [(json.dumps(m) if m else None, int(r)) for r, m in meta_of_rows.items()])
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+                self._db.execute("COMMIT")
+            except sqlite3.DatabaseError as e:
+                raise IndexCorrupt(f"manifest {self.path}: {e}") from e
+
     def initialise(self) -> None:
         """Generation 0: no rows, no segments."""
         with self._lock:

@@ -200,16 +200,20 @@ def _params(index: faiss.Index, sel, nprobe: int | None, ef_search: int | None):
 SMALL_BATCH = 16  # query batches below this size search on one OpenMP thread
 
 
-def search_segments(segments: list[faiss.Index], queries: np.ndarray, k: int, *, exclude=None,
+def search_segments(segments: list[faiss.Index], queries: np.ndarray, k: int, *, exclude=None, include=None,
                     nprobe: int | None = None, ef_search: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Search every segment and keep the best ``k`` per query: (scores (Q, k), rows (Q, k), -1 padded).
 
-    ``exclude``: rows to leave out (removed rows still present in older segments).
+    ``exclude``: rows to leave out (removed rows still present in older segments). ``include``:
+    search only these rows (a filter's live rows; ``exclude`` is then not needed).
     """
     configure_faiss()
     q = np.ascontiguousarray(queries, dtype=np.float32)
-    sel = faiss.IDSelectorNot(faiss.IDSelectorBatch(np.asarray(exclude, dtype=np.int64))) \
-        if exclude is not None and len(exclude) else None
+    if include is not None:
+        sel = faiss.IDSelectorBatch(np.ascontiguousarray(include, dtype=np.int64))
+    else:
+        sel = faiss.IDSelectorNot(faiss.IDSelectorBatch(np.asarray(exclude, dtype=np.int64))) \
+            if exclude is not None and len(exclude) else None
     scores, rows = [], []
     # A few queries are answered fastest on one thread: OpenMP's fork/join per segment costs more
     # than the work, and on a loaded machine its spinning threads cost 10x (measured: 12 ms vs

@@ -113,16 +113,39 @@ function render() {
   $("toolbar").hidden = false;
 }
 
+function quoted(text) {
+  // a string literal of the filter language: backslash before quotes and backslashes
+  return `"${text.replace(/[\\"]/g, (c) => `\\${c}`)}"`;
+}
+
+function filterExpression() {
+  // the filter fields, combined into one `where` expression (the server parses and binds it)
+  const parts = [];
+  const folder = $("f-folder").value.trim();
+  if (folder) parts.push(`folder glob ${quoted(/[*?[]/.test(folder) ? folder : `*${folder}*`)}`);
+  if ($("f-from").value) parts.push(`taken >= ${quoted($("f-from").value)}`);
+  if ($("f-to").value) parts.push(`taken <= ${quoted($("f-to").value)}`);
+  const camera = $("f-camera").value.trim();
+  if (camera) parts.push(`(make = ${quoted(camera)} or model = ${quoted(camera)})`);
+  const where = $("f-where").value.trim();
+  if (where) parts.push(`(${where})`);
+  return parts.join(" and ");
+}
+
 async function searchText(ev) {
   if (ev) ev.preventDefault();
   const q = $("query").value.trim();
   if (!q) return;
+  const where = filterExpression();
   const params = new URLSearchParams({ q, k: $("k").value, rerank_k: $("rerank-k").value });
+  if (where) params.set("where", where);
+  $("active-filter").hidden = !where;
+  $("active-filter").textContent = where ? `filter: ${where}` : "";
   setStatus("searching…");
   try {
     state.result = await api(`search?${params}`);
     state.kind = "text";
-    setStatus("");
+    setStatus(where && !state.result.hits.length ? "no image passes the filter" : "");
     render();
   } catch (e) {
     setStatus(e.message, true);
@@ -141,6 +164,45 @@ async function searchImage(form) {
   } catch (e) {
     setStatus(e.message, true);
   }
+}
+
+async function showDuplicates() {
+  setStatus("looking for duplicates…");
+  try {
+    const found = await api("duplicates");
+    const groups = [...found.exact, ...found.near];
+    state.result = null;
+    render();
+    $("toolbar").hidden = true;
+    const grid = $("grid");
+    for (const g of groups) grid.appendChild(groupCard(g));
+    setStatus(groups.length ? `${found.exact.length} groups of exact copies, ${found.near.length} of near-duplicates`
+      + ` (similarity ≥ ${found.threshold})` : "no duplicates");
+  } catch (e) {
+    setStatus(e.message, true);
+  }
+}
+
+function groupCard(group) {
+  // one duplicate group: its first image and how many there are; a click shows them all
+  const plain = card({ ...group.images[0], first_stage_score: group.similarity, rank: 1, first_stage_rank: 1 });
+  const fresh = plain.cloneNode(true);  // a copy without the plain card's viewer handlers
+  fresh.classList.add("group");
+  fresh.querySelector(".move").remove();
+  fresh.querySelector(".rank").textContent = `${group.images.length} images`;
+  fresh.querySelector(".scores").textContent = group.kind === "exact" ? "exact copies"
+    : `near-duplicates · ${fmt(group.similarity, 4)}`;
+  const open = () => {
+    state.kind = "group";
+    state.result = { hits: group.images.map((img, i) => ({ ...img, rank: i + 1, first_stage_score: group.similarity })),
+                     first_stage: [], timings: { stages_ms: {}, queue_ms: 0, batch_queries: 0 } };
+    render();
+    $("summary").textContent = `${group.images.length} ${group.kind === "exact" ? "exact copies" : "near-duplicates"}`;
+    setStatus("");
+  };
+  fresh.addEventListener("click", open);
+  fresh.addEventListener("keydown", (ev) => { if (ev.key === "Enter") open(); });
+  return fresh;
 }
 
 function openViewer(hit) {
@@ -181,6 +243,7 @@ document.addEventListener("DOMContentLoaded", () => {
   $("search-form").addEventListener("submit", searchText);
   $("order-reranked").addEventListener("click", () => setOrder("reranked"));
   $("order-first").addEventListener("click", () => setOrder("first"));
+  $("duplicates-button").addEventListener("click", showDuplicates);
   $("upload").addEventListener("change", () => {
     const file = $("upload").files[0];
     if (!file) return;

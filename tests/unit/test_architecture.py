@@ -10,7 +10,7 @@ import graphlib
 import re
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = {"edje_search": ROOT / "edje_search", "edje_search_cli": ROOT / "cli"}
 
 

@@ -16,7 +16,7 @@ import torch
 from edje_search import EdjeModel
 from edje_search.convert import convert_official
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PAGES = (ROOT / "README.md", ROOT / "docs" / "library.md")
 
 

@@ -271,9 +271,12 @@ def test_token_required_on_every_endpoint(engine):
         assert c.post("/search", json={"queries": [QUERY]}, headers=good).status_code == 200
         assert_json_error(c.post("/search/image", data={"row": 0}), 401)
         assert c.get("/", headers={"WWW-Authenticate": "x"}).status_code == 401
-        # a browser: /?token= once sets the session cookie, then <img> requests carry it
-        assert_json_error(c.get("/?token=wrong", follow_redirects=False), 401)
-        r = c.get("/?token=s3cret-token", follow_redirects=False)
+        # a browser: sent to the login form, whose POST sets the session cookie; <img> requests carry it
+        assert c.get("/", headers={"Accept": "text/html"}, follow_redirects=False).headers["location"] == "/login"
+        assert 'name="token"' in c.get("/login").text
+        assert c.post("/login", data={"token": "wrong"}, follow_redirects=False).status_code == 401
+        assert_json_error(c.get("/?token=s3cret-token", follow_redirects=False), 401)  # URLs carry no login
+        r = c.post("/login", data={"token": "s3cret-token"}, follow_redirects=False)
         cookie = r.headers["set-cookie"]
         assert r.status_code == 303 and "HttpOnly" in cookie and "s3cret" not in cookie
         assert c.get("/thumbnails/0").status_code == 200

@@ -28,17 +28,17 @@ BUILD_SECONDS = 240  # generous: a healthy build of this corpus takes seconds; a
 # bytes: the real walk lists it, then it is gone before the loader gets to it.
 DELETE_MID_BUILD = """
 import os, sys
-import edje_search.engine as engine
+import edje_search.indexer as indexer
 from edje_search_cli.main import main
 
 doomed, argv = sys.argv[1], sys.argv[2:]
-real_walk = engine.iter_image_files
+real_walk = indexer.iter_image_files
 
 def walk_then_delete(root, *args, **kwargs):
     yield from real_walk(root, *args, **kwargs)
     os.remove(doomed)
 
-engine.iter_image_files = walk_then_delete
+indexer.iter_image_files = walk_then_delete
 sys.argv = ["edje-search", *argv]
 main()
 """

@@ -154,7 +154,9 @@ def test_json_is_valid_utf8_for_file_names_that_are_not(tmp_path, tiny_model_dir
 
 
 def test_remove_a_folder_removes_everything_under_it(built_index, shapes_dir):
-    out = json.loads(run("remove", shapes_dir / "test", "--index", built_index, "--json").stdout)
+    refused = run("remove", shapes_dir / "test", "--index", built_index, ok=False)
+    assert refused.exit_code == 2 and "--all" in refused.output
+    out = json.loads(run("remove", shapes_dir / "test", "--index", built_index, "--all", "--json").stdout)
     assert out == {"removed": 40, "images": 0}
     again = run("remove", shapes_dir / "test", "--index", built_index, ok=False)
     assert again.exit_code == 1 and "nothing in the index" in again.output

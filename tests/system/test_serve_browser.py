@@ -94,10 +94,14 @@ def wait_for_thumbnails(page, n: int) -> None:
 
 def test_gallery_search_switch_viewer_and_image_search(server, page, _built_index):
     url, headers = server
-    # without the token the page is refused; /?token= sets the session cookie and redirects to /
+    # without the token the page is refused; a browser is sent to the login form, whose POST sets
+    # the session cookie and redirects to /
     assert httpx.get(f"{url}/").status_code == 401
-    page.goto(f"{url}/?token={TOKEN}")
-    assert page.url == f"{url}/"
+    page.goto(f"{url}/")
+    assert page.url == f"{url}/login"
+    page.fill("#token", TOKEN)
+    page.click("#login-button")
+    page.wait_for_url(f"{url}/")
     page.wait_for_function("() => document.querySelector('#index-info').textContent.includes('40 images')")
 
     page.fill("#query", QUERY)
@@ -143,4 +147,57 @@ def test_gallery_search_switch_viewer_and_image_search(server, page, _built_inde
                            arg=reranked[2])
     wait_for_thumbnails(page, K)
 
+    assert page.problems == []
+
+
+def test_gallery_filters_show_the_active_filter_and_the_empty_state(server, page, _built_index):
+    url, headers = server
+    page.goto(f"{url}/?token={TOKEN}")
+    folder = os.path.basename(os.path.dirname(httpx.get(f"{url}/search", params={"q": QUERY, "k": 1},
+                                                          headers=headers).json()["hits"][0]["path"]))
+    page.fill("#query", QUERY)
+    page.fill("#k", str(K))
+    page.fill("#f-folder", folder)  # every indexed image lies in that folder: k hits, all from it
+    page.click("#search-button")
+    wait_for_thumbnails(page, K)
+    where = f'folder glob "*{folder}*"'
+    assert page.inner_text("#active-filter") == f"filter: {where}"
+    api = httpx.get(f"{url}/search", params={"q": QUERY, "k": K, "rerank_k": page.input_value("#rerank-k"),
+                                             "where": where}, headers=headers).json()
+    assert grid_rows(page) == [h["row"] for h in api["hits"]] and len(api["hits"]) == K
+
+    # a date range: the generated PNGs carry no EXIF date, so no image passes
+    page.fill("#f-from", "2020-01-01")
+    page.fill("#f-to", "2020-12-31")
+    page.click("#search-button")
+    page.wait_for_function("() => document.querySelector('#status').textContent === 'no image passes the filter'")
+    assert grid_rows(page) == []
+    assert 'taken >= "2020-01-01" and taken <= "2020-12-31"' in page.inner_text("#active-filter")
+
+    # a filter that does not parse: the server's one-line error, shown as it is
+    page.fill("#f-from", "")
+    page.fill("#f-to", "")
+    page.fill("#f-where", "width >")
+    page.click("#search-button")
+    page.wait_for_function("() => document.querySelector('#status').classList.contains('error')")
+    assert "position" in page.inner_text("#status") and "fields:" in page.inner_text("#status")
+    assert all("400" in p for p in page.problems)  # the browser logs the 400 itself; nothing else went wrong
+    page.problems.clear()
+
+
+def test_gallery_opens_a_duplicate_group(server, page):
+    url, headers = server
+    found = httpx.get(f"{url}/duplicates", params={"threshold": 0.999}, headers=headers)
+    assert found.status_code == 200
+    groups = found.json()["exact"] + found.json()["near"]
+    assert groups, "the tiny random model puts near-identical generated scenes above 0.999"
+    page.goto(f"{url}/?token={TOKEN}")
+    page.click("#duplicates-button")
+    page.wait_for_function("() => document.querySelector('#status').textContent.includes('groups of exact copies')")
+    default = httpx.get(f"{url}/duplicates", headers=headers).json()  # what the page asked for
+    shown = default["exact"] + default["near"]
+    assert page.locator("#grid .card.group").count() == len(shown) > 0
+    page.click("#grid .card.group >> nth=0")
+    wait_for_thumbnails(page, len(shown[0]["images"]))
+    assert grid_rows(page) == [img["row"] for img in shown[0]["images"]]
     assert page.problems == []

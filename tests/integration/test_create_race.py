@@ -10,7 +10,7 @@ from pathlib import Path
 
 from edje_search.storage.index_store import IndexStore
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / ".shim"), str(ROOT)])}
 
 

@@ -13,7 +13,7 @@ import pytest
 from edje_search.config import IndexConfig
 from edje_search.storage.index_store import IndexStore
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_repair_on_a_full_disk_fails_in_one_line_and_leaves_the_index_whole(tmp_path):

@@ -15,7 +15,7 @@ import pytest
 from edje_search.storage import manifest as manifest_mod
 from edje_search.storage.index_store import IndexStore
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _closed_by_a_writer(index: Path) -> None:

@@ -267,9 +267,13 @@ def query(text, index_dir, k, rerank_k, model, backend, compare, where, under, d
             for q, p, r in zip(text, plain, results):
                 _print_side_by_side(q, p, r)
         return
+    gone = {h.path for hits in results for h in hits if not os.path.exists(h.path)}
+    if gone:
+        echo_text(f"note: {len(gone)} hits name image files that are gone from disk (first: {sorted(gone)[0]}); "
+                  f"`edje-search build-index` drops them", err=True)
     if as_json:
-        emit_json([{"query": q, "hits": [{**dataclasses.asdict(h), **({"near_duplicates": absorbed[h.row]}
-                                                                      if dedupe else {})} for h in hits]}
+        emit_json([{"query": q, "hits": [{**dataclasses.asdict(h), "missing": h.path in gone,
+                                          **({"near_duplicates": absorbed[h.row]} if dedupe else {})} for h in hits]}
                    for q, hits in zip(text, results)])
         return
     for q, hits in zip(text, results):
@@ -277,7 +281,8 @@ def query(text, index_dir, k, rerank_k, model, backend, compare, where, under, d
         click.echo(f"{'rank':>4}  {'score':>8}  {'rerank':>8}  {'first':>7}  path")
         for h in hits:
             sc, rr = (f"{x:8.3f}" if x is not None else f"{'-':>8}" for x in (h.score, h.rerank_score))
-            echo_text(f"{h.rank:>4}  {sc}  {rr}  {h.first_stage_score:7.4f}  {h.path}")
+            echo_text(f"{h.rank:>4}  {sc}  {rr}  {h.first_stage_score:7.4f}  {h.path}" +
+                      (" (missing)" if h.path in gone else ""))
             for p in absorbed.get(h.row, []) if dedupe else []:
                 echo_text(f"{'':>4}  {'':>8}  {'':>8}  {'':>7}    near-duplicate: {p}")
 
@@ -340,6 +345,8 @@ def verify(index_dir, deep, as_json):
     fingerprint (exit 1 with the problems if anything is wrong; `edje-search repair` fixes what it can)."""
     from edje_search.inspection import verify_index
     from edje_search.storage.index_store import IndexStore
+    from edje_search.storage.integrity import unchecked_segments
+    from edje_search.storage.manifest_check import gone_files
 
     store = IndexStore.open(index_dir)  # a missing or unreadable index is an error, not a problem list
     if deep:
@@ -348,13 +355,21 @@ def verify(index_dir, deep, as_json):
         problems = Engine.from_pretrained(index_dir).verify(deep=deep)
     else:
         problems = verify_index(index_dir)
+    unchecked = unchecked_segments(store)  # committed before checksums were recorded: not an error
+    gone = gone_files(store)  # the index is whole, but queries would return these
     if as_json:
-        emit_json({"index": str(index_dir), "images": len(store), "ok": not problems, "problems": problems})
+        emit_json({"index": str(index_dir), "images": len(store), "ok": not problems, "problems": problems,
+                   "unchecked_segments": len(unchecked), "files_gone": [{"row": r, "path": p} for r, p in gone]})
     elif problems:
         for p in problems:
             echo_text(f"problem: {p}", err=True)
     else:
         click.echo(f"ok: {len(store)} images, generation {store.generation}")
+    if unchecked and not as_json:
+        echo_text(f"note: {len(unchecked)} segments were written without checksums and are unchecked "
+                  f"(first: {unchecked[0]})", err=True)
+    for r, p in ([] if as_json else gone):
+        echo_text(f"note: row {r} names a file that is gone: {p} (`edje-search build-index` drops it)", err=True)
     if problems:
         raise SystemExit(1)
 
@@ -376,6 +391,8 @@ def repair(index_dir, wait, as_json):
     if as_json:
         emit_json({**dataclasses.asdict(report), "images": len(store), "problems_left": problems})
     else:
+        for p in report.damaged + report.manifest:
+            echo_text(f"damaged: {p}", err=True)
         for p in report.dropped:
             echo_text(f"dropped {p}", err=True)
         click.echo(f"{report.summary()}; index holds {len(store)} images")

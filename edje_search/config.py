@@ -103,4 +103,5 @@ class IndexConfig:
     model_path: str = "model"  # the model directory: relative to the index, or absolute when outside it
     model_fingerprint: str = ""
     store_url: str = ""  # where vectors and tokens live: "" = inside the index; or an fsspec URL (s3://...)
+    index_id: str = ""  # a random id given at creation: readers notice an index replaced at the same path
     format_version: int = 2

@@ -24,6 +24,10 @@ class IndexCorrupt(EdjeError, RuntimeError):
     """The index directory is missing, incomplete or inconsistent."""
 
 
+class IndexGone(IndexCorrupt):
+    """The index a reader has open was deleted, or replaced by one it cannot switch to."""
+
+
 class IndexExists(EdjeError, FileExistsError):
     """An index already exists where a new one was to be created."""
 
@@ -34,6 +38,10 @@ class IndexLocked(EdjeError, RuntimeError):
 
 class ModelMissing(EdjeError, RuntimeError):
     """A model that was asked for cannot be found or built here."""
+
+
+class ModelDamaged(EdjeError, RuntimeError):
+    """A saved model's weights are missing, truncated or changed, or it computes NaN/inf."""
 
 
 class ModelMismatch(EdjeError, RuntimeError):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import IndexCorrupt
-from .models.info import read_bundle_info, tensor_fingerprint
+from .errors import IndexCorrupt, ModelDamaged
+from .models.info import check_weights, read_bundle_info, tensor_fingerprint
 from .storage.index_store import IndexStore
 from .storage.token_store import bytes_per_image
 
@@ -26,8 +26,10 @@ def model_problems(store: IndexStore) -> list[str]:
     if not model_dir.is_dir():
         return [f"the model this index was built with is gone: {model_dir}"]
     try:
-        read_bundle_info(model_dir)
+        check_weights(model_dir, read_bundle_info(model_dir))
         got = tensor_fingerprint(model_dir)
+    except ModelDamaged as e:
+        return [str(e)]
     except (OSError, ValueError, TypeError) as e:
         return [f"model {model_dir} is unreadable: {e}"]
     if got != store.config.model_fingerprint:

@@ -11,7 +11,7 @@ import dataclasses
 from pathlib import Path
 
 from .config import IndexConfig
-from .errors import BadInput, ModelMismatch, ModelMissing
+from .errors import ModelMismatch, ModelMissing
 from .models.bundle import EdjeModel
 from .models.registry import load_model
 from .storage.index_store import IndexStore
@@ -45,6 +45,19 @@ def create_index(index_dir: str | Path, model: EdjeModel, *, factory: str = "aut
     return store
 
 
+def _saved_twin(store: IndexStore, model: EdjeModel, index_dir) -> EdjeModel:
+    """The index's saved model when ``model``, built in memory, has the same weights (a racing
+    or repeated `build-index --model tiny-random`); ModelMismatch otherwise."""
+    from .models.loading import weights_hash
+
+    saved = load_model(store.model_dir) if store.model_dir.is_dir() else None
+    if saved is None or any(weights_hash(getattr(saved, part)) != weights_hash(getattr(model, part))
+                            for part in ("first_stage", "reranker")):
+        raise ModelMismatch(f"an index already exists in {index_dir}, built with another model than "
+                            f"{model.name}: use that model or build a new index")
+    return saved
+
+
 def open_index(index_dir: str | Path, model: EdjeModel | str | Path | None = None, *, writable: bool = False,
                lock_wait: float = 0.0) -> tuple[IndexStore, EdjeModel]:
     """The index and its model: ``model`` (a model, directory or name) or, when None, the one at
@@ -58,9 +71,8 @@ def open_index(index_dir: str | Path, model: EdjeModel | str | Path | None = Non
         model = load_model(model_path)
     elif isinstance(model, (str, Path)):
         model = load_model(model)
-    if model.path is None:
-        raise BadInput(f"an index already exists in {index_dir}: open it with the model directory it was built "
-                       f"with (or model=None), not a model built in memory")
+    if model.path is None:  # built in memory (a registered name): usable if it is the index's own model
+        model = _saved_twin(store, model, index_dir)
     if model.fingerprint() != store.config.model_fingerprint:
         raise ModelMismatch(
             f"index {index_dir} was built with model {store.config.model_fingerprint} "

@@ -15,11 +15,22 @@ from pathlib import Path
 
 import torch
 
+from ..errors import ModelDamaged
 from ..fsutil import atomic_write_text
 from .first_stage import FirstStage
 from .reranker import Reranker
 
-from .info import BUNDLE_FILE, BundleInfo, is_model_dir, read_bundle_info, tensor_fingerprint  # noqa: F401
+from .info import (BUNDLE_FILE, BundleInfo, check_weights, is_model_dir, read_bundle_info,  # noqa: F401
+                   tensor_fingerprint, weight_file_records)
+
+
+def _finite(x: torch.Tensor, what: str, model: "EdjeModel") -> torch.Tensor:
+    """Non-finite outputs mean damaged weights (or a numeric blow-up): raise rather than let NaN
+    scores silently empty a result list or enter the index."""
+    if not bool(torch.isfinite(x).all()):
+        raise ModelDamaged(f"model {model.path or model.name} computed NaN or infinite {what}: its weights are "
+                           f"damaged or it overflows (run `edje-search verify`)")
+    return x
 
 
 class EdjeModel:
@@ -53,11 +64,12 @@ class EdjeModel:
     def embed_images(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 3, H, W) -> (normalised embeddings (B, E) fp32, stored tokens (B, m, D_lm) fp32)."""
         emb, vision_tokens = self.first_stage.encode_image(pixels.to(self.device))
-        return emb.float(), self.reranker.project(vision_tokens).float()
+        return (_finite(emb.float(), "image embeddings", self),
+                _finite(self.reranker.project(vision_tokens).float(), "image tokens", self))
 
     @torch.no_grad()
     def embed_texts(self, texts: list[str]) -> torch.Tensor:
-        return self.first_stage.encode_text(list(texts)).float()
+        return _finite(self.first_stage.encode_text(list(texts)).float(), "text embeddings", self)
 
     def fingerprint(self) -> str:
         """Hash of the saved weights (tensor_fingerprint), stored in edje.json when they were saved,
@@ -82,7 +94,8 @@ class EdjeModel:
         """(Re)write ``edje.json`` alone, atomically (name and fusion weight)."""
         if self.path is None:
             raise RuntimeError("save_info() needs a saved model; call save_pretrained first")
-        info = BundleInfo(self.name, fusion_weight=self.fusion_weight, fingerprint=self.fingerprint())
+        info = BundleInfo(self.name, fusion_weight=self.fusion_weight, fingerprint=self.fingerprint(),
+                          files=weight_file_records(self.path))
         atomic_write_text(self.path / BUNDLE_FILE, json.dumps(dataclasses.asdict(info), indent=2) + "\n")
 
     @classmethod
@@ -91,6 +104,7 @@ class EdjeModel:
         if not is_model_dir(directory):
             raise FileNotFoundError(f"{directory} is not an edje-search model directory (no {BUNDLE_FILE})")
         info = read_bundle_info(directory)
+        check_weights(directory, info)
         model = cls(FirstStage.from_pretrained(directory / "first_stage"),
                     Reranker.from_reranker_dir(directory / "reranker"), name=info.name,
                     fusion_weight=info.fusion_weight)

@@ -23,6 +23,8 @@ import math
 import time
 from typing import Any, Callable, Hashable
 
+from ..errors import IndexGone
+
 logger = logging.getLogger(__name__)
 
 
@@ -154,6 +156,8 @@ class MicroBatcher:
         if self._before_batch is not None:
             try:
                 self._before_batch()
+            except IndexGone:
+                raise  # the index itself is gone: nothing of it may be served (the request gets 503)
             except Exception:  # noqa: BLE001 - a failed refresh keeps serving the open generation
                 logger.exception("refreshing the index failed; still serving the generation already open")
 

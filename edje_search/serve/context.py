@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 
 import anyio
 from fastapi import Request
@@ -63,7 +64,10 @@ def timings(stages: dict, info: BatchInfo) -> dict:
 
 
 def with_urls(hit: dict, prefix: str) -> dict:
-    return {**hit, "image_url": f"{prefix}/images/{hit['row']}", "thumbnail_url": f"{prefix}/thumbnails/{hit['row']}"}
+    """URLs of the hit's image, and ``missing`` when its file is gone from disk (the index still
+    names it until the next build drops it)."""
+    return {**hit, "image_url": f"{prefix}/images/{hit['row']}", "thumbnail_url": f"{prefix}/thumbnails/{hit['row']}",
+            "missing": not os.path.exists(hit["path"])}
 
 
 def url_prefix(request: Request) -> str:

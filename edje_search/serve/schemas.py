@@ -19,6 +19,7 @@ class HitOut(BaseModel):
                                                      "x first_stage_score (null beyond rerank_k)")
     image_url: str
     thumbnail_url: str
+    missing: bool = Field(False, description="the image file is gone from disk (the next build drops the row)")
 
 
 class Timings(BaseModel):
@@ -68,6 +69,7 @@ class NeighbourOut(BaseModel):
     first_stage_score: float = Field(description="cosine similarity of the first-stage image embeddings")
     image_url: str
     thumbnail_url: str
+    missing: bool = Field(False, description="the image file is gone from disk (the next build drops the row)")
 
 
 class ImageSearchResponse(BaseModel):

@@ -7,9 +7,11 @@ removes the temporary folder).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Callable
 
@@ -42,6 +44,7 @@ def create_index_dir(directory: Path, config: IndexConfig,
         (tmp / FAISS_DIR).mkdir()
         if populate is not None:
             config = populate(tmp) or config
+        config = dataclasses.replace(config, index_id=uuid.uuid4().hex)
         m = Manifest(tmp / MANIFEST_FILE, readonly=False, create=True)
         m.initialise()
         m.close()

@@ -32,8 +32,9 @@ import numpy as np
 from ..config import IndexConfig, load_config, save_config
 from ..errors import BadInput, IndexCorrupt
 from ..fsutil import atomic_write
-from . import compaction, integrity, layout, vector_index
+from . import compaction, identity, integrity, layout, vector_index
 from .layout import CONFIG_FILE, FAISS_DIR, REFINE_FACTOR, SKIPPED_FILE
+from .checksums import non_finite_rows, written_checksums
 from .creation import create_index_dir
 from .lock import WriterLock
 from .manifest import MANIFEST_FILE, HashLookup, Manifest, ManifestEntry, Snapshot
@@ -57,8 +58,10 @@ class IndexStore:
         base = config.store_url or str(directory)
         self.vector_array = SegmentArray(f"{base.rstrip('/')}/vectors", (config.dim,), "float32")
         self.tokens = SegmentTokenStore(base, config.tokens_per_image, config.token_width, config.token_dtype)
+        self.arrays = {"vectors": self.vector_array, **self.tokens.arrays}  # named as the manifest names them
         self.lock = WriterLock(directory, wait=lock_wait) if mode != "r" else None
         self._writer_thread = threading.RLock()
+        self.identity = identity.identity(directory, config)
         self._load_latest()
 
     # ------------------------------------------------------------------------------- state
@@ -142,7 +145,10 @@ class IndexStore:
                    lock_wait=lock_wait)
 
     def refresh(self) -> bool:
-        """Adopt the latest committed generation; True if it changed."""
+        """Adopt the latest committed generation, or the index that replaced this one at the
+        same path; True if it changed. Raises IndexGone when the index was removed."""
+        if identity.follow(self, read_config):
+            return True
         if self.manifest.generation() == self.generation:
             return False
         self._load_latest()
@@ -193,12 +199,7 @@ class IndexStore:
         """
         self.require_lock()
         b = len(new_paths)
-        m, d = self.config.tokens_per_image, self.config.token_width
-        if not (len(new_hashes) == b == len(vectors) == len(tokens)):
-            raise BadInput("commit: paths, hashes, vectors and tokens disagree in length")
-        if b and (vectors.shape[1:] != (self.config.dim,) or tokens.shape[1:] != (m, d)):
-            raise BadInput(f"commit: vectors {vectors.shape[1:]} / tokens {tokens.shape[1:]} do not match the "
-                           f"index ({self.config.dim},) / ({m}, {d})")
+        check_batch(self.config, new_paths, new_hashes, vectors, tokens)
         removed = sorted({int(r) for r in removed_rows})
         if not b and not removed:
             return
@@ -227,7 +228,7 @@ class IndexStore:
         entries = [ManifestEntry(start + i, p, h, int(st[0]), int(st[1]), mt)
                    for i, (p, h, st, mt) in enumerate(zip(new_paths, new_hashes, stats, meta))]
         self.manifest.commit(generation=gen, n_rows=start + b, new=entries, removed=removed, add_segments=segs,
-                             faiss_segments=faiss_list if b else None)
+                             faiss_segments=faiss_list if b else None, checksums=written_checksums(self.arrays, segs))
         layout.fault("after_manifest")
         # adopt the new generation in memory without re-reading what did not change
         snap = self.snapshot
@@ -344,6 +345,24 @@ class IndexStore:
             path = str(model_dir)
         self.config = dataclasses.replace(self.config, model_path=path)
         save_config(self.config, self.directory / CONFIG_FILE)
+
+
+def check_batch(config: IndexConfig, paths: Sequence[str], hashes: Sequence, vectors: np.ndarray,
+                tokens: np.ndarray) -> None:
+    """Refuse a batch the index cannot store: lengths or shapes that disagree, or NaN/inf values
+    (a non-finite vector or token would never match a query again, so it is never stored)."""
+    b = len(paths)
+    m, d = config.tokens_per_image, config.token_width
+    if not (len(hashes) == b == len(vectors) == len(tokens)):
+        raise BadInput("commit: paths, hashes, vectors and tokens disagree in length")
+    if b and (vectors.shape[1:] != (config.dim,) or tokens.shape[1:] != (m, d)):
+        raise BadInput(f"commit: vectors {vectors.shape[1:]} / tokens {tokens.shape[1:]} do not match the "
+                       f"index ({config.dim},) / ({m}, {d})")
+    for what, values in (("vectors", vectors), ("tokens", tokens)):
+        bad = non_finite_rows(np.asarray(values))
+        if bad.size:
+            raise BadInput(f"{paths[int(bad[0])]}: its {what} hold NaN or infinite values ({bad.size} of "
+                           f"{len(values)} rows in this batch); not stored (is the model damaged?)")
 
 
 def write_skipped(directory: str | Path, skipped: Sequence[tuple[str, str]]) -> Path:

@@ -1,10 +1,12 @@
 """Checking an index against itself, and repairing what can be rebuilt from what is stored.
 
-:func:`verify` needs no model: every vector and token segment present and of the right length,
-the manifest's row counts, and FAISS against the stored vectors row by row (ids always; the
-vectors too where the FAISS codes are exact floats). :func:`repair` turns unreadable segments
-into dropped rows (listed, so the next build embeds those files again) and rebuilds FAISS from
-the stored vectors, in one commit.
+:func:`verify` needs no model: every vector and token segment present, of the right length,
+matching the checksums recorded when it was committed and free of NaN/inf (checksums.py); the
+manifest's own integrity and row counts; and FAISS against the stored vectors row by row (ids
+always; the vectors too where the FAISS codes are exact floats). :func:`repair` turns damaged
+rows (unreadable segments, rows failing their checksum or holding NaN) into dropped rows
+(listed, so the next build embeds those files again) and rebuilds FAISS from the stored vectors
+that pass their checks, in one commit.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import IndexCorrupt
-from . import compaction, vector_index
+from . import checksums, compaction, manifest_check, vector_index
 from .layout import CONFIG_FILE, FAISS_DIR
 from .manifest import Snapshot
 
@@ -28,26 +30,24 @@ logger = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class RepairReport:
-    dropped: list[str] = dataclasses.field(default_factory=list)  # paths whose rows were unreadable
+    dropped: list[str] = dataclasses.field(default_factory=list)  # paths whose rows were damaged or unreadable
+    damaged: list[str] = dataclasses.field(default_factory=list)  # the damaged segments, as verify names them
+    manifest: list[str] = dataclasses.field(default_factory=list)  # what was restored in the manifest, or not
     rebuilt_faiss: bool = False
     removed_files: list[str] = dataclasses.field(default_factory=list)
 
     def summary(self) -> str:
-        return (f"{len(self.dropped)} unreadable rows dropped (re-run build-index to embed them again), "
+        return (f"{len(self.dropped)} damaged rows dropped (re-run build-index to embed them again), "
                 f"FAISS {'rebuilt from the stored vectors' if self.rebuilt_faiss else 'intact'}, "
                 f"{len(self.removed_files)} stray files removed")
 
 
 def verify(store: IndexStore) -> list[str]:
-    """Every check that needs no model: manifest against FAISS and the stored vectors for every
-    row, every vector and token segment present and of the right length. [] = healthy."""
-    problems = []
-    for arr in [store.vector_array, *store.tokens.arrays.values()]:
-        for start, count in arr.segments:
-            try:
-                arr.check_segment(start, count)
-            except IndexCorrupt as e:
-                problems.append(str(e).split(" (run")[0])
+    """Every check that needs no model: every vector and token segment present, of the right
+    length, matching its checksums and free of NaN/inf; the manifest's own integrity
+    (manifest_check.py); the manifest against FAISS and the stored vectors for every row.
+    [] = healthy."""
+    problems = [d.message() for d in segment_damage(store)] + manifest_check.manifest_problems(store)
     max_row, live = store.manifest.count_rows()
     if max_row > store.n_rows:
         problems.append(f"manifest names rows up to {max_row - 1}, only {store.n_rows} are committed")
@@ -77,51 +77,98 @@ def verify(store: IndexStore) -> list[str]:
     return problems
 
 
+def segment_damage(store: IndexStore) -> list[checksums.SegmentDamage]:
+    """Every damaged vector or token segment of the store's generation (checksums.py)."""
+    records = store.manifest.segment_checksums()
+    found = []
+    for kind, arr in store.arrays.items():
+        for start, count in arr.segments:
+            damage = checksums.check_segment(kind, arr, start, count, records.get((kind, start)))
+            if damage is not None:
+                found.append(damage)
+    return found
+
+
+def unchecked_segments(store: IndexStore) -> list[str]:
+    """Segment files committed without checksums (before they were recorded): read and scanned
+    for NaN by verify, but a changed byte in them cannot be told from a stored one."""
+    records = store.manifest.segment_checksums()
+    return [arr.path_of(s) for kind, arr in store.arrays.items() for s, _n in arr.segments
+            if (kind, s) not in records]
+
+
 def compare_codes(store: IndexStore, name: str, index) -> list[str]:
     """Stored vectors against what FAISS holds, for every row, where the codes are exact floats."""
     try:
-        got = vector_index.exact_contents(index, store.config.dim)
-        if got is None:
-            return []  # lossy codes (PQ, SQ) or a graph: ids were checked, vectors cannot be compared exactly
-        ids, held = got
-        if not ids.size:
-            return []
-        stored = store.vectors(ids)
+        bad = differing_rows(store, index)
     except IndexCorrupt as e:
         return [str(e).split(" (run")[0]]
-    if not np.allclose(stored, held, atol=1e-5):
-        bad = ids[~np.all(np.isclose(stored, held, atol=1e-5), axis=1)]
+    if bad.size:
         return [f"FAISS vectors differ from the stored embeddings for {bad.size} rows "
                 f"(first: {bad[:5].tolist()}) in {name}"]
     return []
 
 
+def differing_rows(store: IndexStore, index) -> np.ndarray:
+    """Rows whose stored vector differs from the one FAISS holds (none where the codes are lossy)."""
+    got = vector_index.exact_contents(index, store.config.dim)
+    if got is None or not got[0].size:
+        return np.zeros(0, dtype=np.int64)  # lossy codes (PQ, SQ) or a graph: ids are checked elsewhere
+    ids, held = got
+    stored = store.vectors(ids)
+    return ids[~np.all(np.isclose(stored, held, atol=1e-5), axis=1)]
+
+
+def unverifiable_vectors(store: IndexStore, damaged: set[int]) -> set[int]:
+    """Rows of unchecked vector segments whose stored vector and FAISS's disagree: with no
+    checksum to say which copy changed, neither is trusted and the row is dropped (re-embedded
+    by the next build) rather than FAISS being rebuilt from a vector that may be the damaged one."""
+    records = store.manifest.segment_checksums()
+    unchecked = [(s, n) for s, n in store.vector_array.segments if ("vectors", s) not in records]
+    if not unchecked:
+        return set()
+    out: set[int] = set()
+    for index in store.faiss_files.values():
+        try:
+            bad = differing_rows(store, index)
+        except IndexCorrupt:
+            continue  # an unreadable vector segment: its rows are already in ``damaged``
+        out.update(r for r in bad.tolist() if r not in damaged and any(s <= r < s + n for s, n in unchecked))
+    return out
+
+
 def repair(store: IndexStore) -> RepairReport:
-    """Drop rows whose vectors or tokens are unreadable (listed, so build-index embeds them
-    again), rebuild FAISS from the stored vectors, remove stray files. One commit: a reader
-    sees the damaged generation or the repaired one, never one without FAISS."""
+    """Drop rows whose vectors or tokens are unreadable, fail their checksum or hold NaN, and
+    manifest rows that lost their path (listed, so build-index embeds those files again);
+    rebuild FAISS from the stored vectors of the rows left; remove stray files. One commit: a
+    reader sees the damaged generation or the repaired one, never one without FAISS."""
     store.require_lock(repairing=True)
     report = RepairReport()
     snap = store.manifest.snapshot()
     store.snapshot = snap
-    arrays = {"vectors": store.vector_array, **store.tokens.arrays}
+    arrays = store.arrays
     check_config_against_segments(store, arrays, snap)
-    lost: list[tuple[int, int]] = []
-    replaced: list[tuple[str, int, int]] = []
     for kind, arr in arrays.items():
         arr.set_segments(snap.segments.get(kind, ()))
-        for start, count in arr.segments:
-            try:
-                arr.check_segment(start, count)
-            except IndexCorrupt:
-                lost.append((start, count))
-    for start, count in sorted(set(lost)):
-        for kind, arr in arrays.items():  # keep the rows tiled: an unreadable range becomes zeros, never live
-            if (start, count) in arr.segments:
-                arr.write_segment(start, np.zeros((count, *arr.row_shape), arr.dtype))
-                replaced.append((kind, start, count))
-    dead_rows = [e.row for e in store.manifest.iter_live(snap.generation)
-                 if any(s <= e.row < s + n for s, n in lost)]
+    damage = segment_damage(store)
+    replaced: list[tuple[str, int, int]] = []
+    lost_rows: set[int] = set()
+    for d in damage:
+        lost_rows.update(d.rows)
+    for d in damage:
+        # keep the rows tiled: the segment is written again with every lost row zeroed (never
+        # live again) and the intact rows as they are, under new checksums
+        arr = arrays[d.kind]
+        keep = arr.read_segment(d.start, d.count).copy() if d.readable else \
+            np.zeros((d.count, *arr.row_shape), arr.dtype)
+        keep[[r - d.start for r in d.rows]] = 0
+        arr.write_segment(d.start, keep)
+        replaced.append((d.kind, d.start, d.count))
+        report.damaged.append(d.message())
+    lost_rows |= unverifiable_vectors(store, lost_rows)
+    wrong_rows, report.manifest = manifest_check.restore(store)
+    lost_rows |= wrong_rows
+    dead_rows = [e.row for e in store.manifest.iter_live(snap.generation) if e.row in lost_rows]
     report.dropped = sorted(store.manifest.paths_of_rows(dead_rows, snap.generation).values())
     store.tombstones = np.union1d(store.tombstones, np.asarray(dead_rows, dtype=np.int64))
     n_live = len(store) - len(dead_rows)
@@ -132,7 +179,9 @@ def repair(store: IndexStore) -> RepairReport:
     report.removed_files = remove_stray_files(store)  # debris of crashed commits, before writing anew
     faiss_list, settings, _ = compaction.encode_all(store, target, exclude=dead_rows)
     store.manifest.commit(generation=snap.generation + 1, n_rows=snap.n_rows, removed=dead_rows,
-                         add_segments=replaced, faiss_segments=faiss_list, settings=settings)
+                         add_segments=replaced, faiss_segments=faiss_list, settings=settings,
+                         checksums=checksums.written_checksums(store.arrays, replaced))
+    report.manifest += manifest_check.rebuild(store)
     store.faiss_files = {}
     store.adopt(store.manifest.snapshot())
     remove_stray_files(store)  # the FAISS files this commit replaced

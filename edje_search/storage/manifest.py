@@ -15,6 +15,7 @@ Paths are stored as bytes (``os.fsencode``) so any file name round-trips.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import sqlite3
@@ -39,6 +40,13 @@ CREATE TABLE IF NOT EXISTS segments (store TEXT NOT NULL, start INTEGER NOT NULL
 CREATE TABLE IF NOT EXISTS faiss_segments (name TEXT PRIMARY KEY, recipe TEXT NOT NULL, first_row INTEGER NOT NULL,
     end_row INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+# Checksums of the committed segment files (storage/checksums.py). Its own table, created by the
+# first writer that opens an older index, so manifests written before it stay readable: a
+# segment without a row here is "unchecked".
+CHECKSUM_SCHEMA = """
+CREATE TABLE IF NOT EXISTS segment_checksums (store TEXT NOT NULL, start INTEGER NOT NULL,
+    file_crc TEXT NOT NULL, row_crcs BLOB NOT NULL, PRIMARY KEY (store, start));
 """
 
 
@@ -80,6 +88,26 @@ def _prefix_end(prefix: bytes) -> bytes:
     return trimmed[:-1] + bytes([trimmed[-1] + 1])
 
 
+def _read_only_folder(path: Path) -> bool:
+    """True when a reader cannot use WAL mode's shared-memory file: the folder is not writable
+    (a read-only mount, or permissions) and no writer left ``-wal``/``-shm`` files to share.
+    SQLite then opens the database only as ``immutable`` (its documented way to read a WAL
+    database on read-only media); with no ``-wal`` file every commit is in the main file, and
+    nothing can write to the folder meanwhile."""
+    wal, shm = (path.with_name(path.name + suffix) for suffix in ("-wal", "-shm"))
+    if wal.exists() and shm.exists():
+        return False
+    return not os.access(path.parent, os.W_OK) or _on_read_only_mount(path.parent)
+
+
+def _on_read_only_mount(folder: Path) -> bool:
+    """os.access says nothing of a read-only mount to root; statvfs's ST_RDONLY flag does."""
+    try:
+        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except (OSError, AttributeError):
+        return False
+
+
 def _chunks(items: Sequence, n: int = _PARAMS) -> Iterator[Sequence]:
     for i in range(0, len(items), n):
         yield items[i:i + n]
@@ -93,13 +121,19 @@ class Manifest:
         if not create and not self.path.is_file():
             raise IndexCorrupt(f"manifest missing: {self.path}")
         uri = f"file:{self.path}?mode={'ro' if readonly else 'rwc'}"
+        if readonly and _read_only_folder(self.path):
+            uri += "&immutable=1"
         try:
             self._db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False, timeout=30)
             if not readonly:
                 self._db.execute("PRAGMA journal_mode=WAL")
                 self._db.execute("PRAGMA synchronous=FULL")  # a commit survives power loss
-            if create:
-                self._db.executescript(SCHEMA)
+            if not readonly:  # IF NOT EXISTS throughout: also restores indexes a repair dropped
+                self._db.executescript(SCHEMA + CHECKSUM_SCHEMA)
+        except sqlite3.OperationalError as e:  # the file is fine, but cannot be opened as asked
+            hint = "; is the disk full?" if not readonly and "disk" in str(e) else ""
+            raise IndexCorrupt(f"manifest {self.path} cannot be opened {'for reading' if readonly else 'for writing'}: "
+                               f"{e}{hint}") from e
         except sqlite3.DatabaseError as e:
             raise IndexCorrupt(f"manifest {self.path} is unreadable: {e}") from e
         self._lock = threading.RLock()
@@ -201,6 +235,14 @@ class Manifest:
         return [int(r[0]) for r in self._q(
             "SELECT row FROM rows WHERE removed IS NOT NULL AND removed <= ?", (int(generation),))]
 
+    def segment_checksums(self) -> dict[tuple[str, int], tuple[str, bytes]]:
+        """(store, first row) -> (file checksum, row checksums) of every checksummed segment;
+        empty for a manifest written before checksums were recorded."""
+        if not self._q("SELECT 1 FROM sqlite_master WHERE type='table' AND name='segment_checksums'"):
+            return {}
+        return {(s, int(a)): (f, bytes(r)) for s, a, f, r in
+                self._q("SELECT store, start, file_crc, row_crcs FROM segment_checksums")}
+
     def count_rows(self) -> tuple[int, int]:
         """(rows in the table, live rows) by counting: verification only."""
         total = self._q("SELECT COUNT(*), COALESCE(MAX(row) + 1, 0) FROM rows")[0]
@@ -212,10 +254,12 @@ class Manifest:
                removed: Sequence[int] = (), add_segments: Sequence[tuple[str, int, int]] = (),
                drop_segments: Sequence[tuple[str, int]] = (),
                faiss_segments: Sequence[tuple[str, str, int, int]] | None = None,
-               settings: dict | None = None) -> None:
+               settings: dict | None = None,
+               checksums: Sequence[tuple[str, int, str, bytes]] = ()) -> None:
         """Make ``generation`` the committed state in one transaction (the commit point).
 
-        ``faiss_segments``, when given, replaces the list of FAISS segment files.
+        ``faiss_segments``, when given, replaces the list of FAISS segment files; ``checksums``
+        gives (store, first row, file checksum, row checksums) of the segments written.
         """
         with self._lock:
             db = self._db
@@ -234,6 +278,8 @@ class Manifest:
                         [(e.row, os.fsencode(e.path), e.sha256, e.size, e.mtime_ns,
                           json.dumps(e.meta) if e.meta else None, generation) for e in new])
                     db.executemany("DELETE FROM segments WHERE store = ? AND start = ?", drop_segments)
+                    db.executemany("DELETE FROM segment_checksums WHERE store = ? AND start = ?", drop_segments)
+                    db.executemany("INSERT OR REPLACE INTO segment_checksums VALUES (?,?,?,?)", checksums)
                     db.executemany("INSERT OR REPLACE INTO segments (store, start, count) VALUES (?,?,?)",
                                    add_segments)
                     if faiss_segments is not None:
@@ -251,6 +297,11 @@ class Manifest:
                 db.execute("COMMIT")
             except sqlite3.IntegrityError as e:
                 raise IndexCorrupt(f"manifest refused the commit: {e}") from e
+            except sqlite3.OperationalError as e:  # SQLite rolled back: the previous generation stands
+                if "full" in str(e):
+                    raise OSError(errno.ENOSPC, "No space left on device (the commit was rolled back)",
+                                  str(self.path)) from e
+                raise IndexCorrupt(f"manifest {self.path}: the commit failed and was rolled back: {e}") from e
 
     def update_meta(self, meta_of_rows: dict[int, dict]) -> None:
         """Replace the metadata of existing rows, in one transaction. Metadata is not versioned by
@@ -275,6 +326,38 @@ class Manifest:
             self._db.executemany("INSERT OR REPLACE INTO state (key, value) VALUES (?, ?)",
                                  [("generation", "0"), ("n_rows", "0"), ("n_live", "0"), ("settings", "{}")])
             self._db.execute("COMMIT")
+
+
+class ManifestCheck:
+    """SQL for checking and restoring a manifest's own integrity (storage/manifest_check.py)."""
+
+    def __init__(self, manifest: Manifest):
+        self.m = manifest
+
+    def integrity_check(self) -> list[str]:
+        """SQLite's own check of every page, B-tree and index against its table; [] = ok."""
+        got = [str(r[0]) for r in self.m._q("PRAGMA integrity_check")]
+        return [] if got == ["ok"] else got
+
+    def live_rows_by_scan(self) -> list[tuple[int, bytes, str | None, int, int]]:
+        """(row, path, sha256, size, mtime_ns) of rows not removed, read from the table itself
+        (NOT INDEXED: a damaged index must not decide what is found)."""
+        return [(int(r), bytes(p), h, int(s), int(t)) for r, p, h, s, t in self.m._q(
+            "SELECT row, path, sha256, size, mtime_ns FROM rows NOT INDEXED WHERE removed IS NULL ORDER BY row")]
+
+    def drop_indexes(self) -> None:
+        """Drop the secondary indexes, so that a repair commit does not trip over a damaged one;
+        the next writable open (or :meth:`rebuild_indexes`) builds them again from the table."""
+        for (name,) in self.m._q("SELECT name FROM sqlite_master WHERE type='index' AND tbl_name='rows' "
+                                 "AND sql IS NOT NULL"):
+            self.m._q(f'DROP INDEX "{name}"')
+
+    def rebuild_indexes(self) -> None:
+        with self.m._lock:
+            try:
+                self.m._db.executescript(SCHEMA)
+            except sqlite3.DatabaseError as e:
+                raise IndexCorrupt(f"manifest {self.m.path}: indexes cannot be rebuilt: {e}") from e
 
 
 class HashLookup:

@@ -22,8 +22,10 @@ from typing import Sequence
 
 import numpy as np
 
-from ..errors import IndexCorrupt
-from ..fsutil import atomic_write
+from ..errors import IndexCorrupt, IndexGone
+from ..fsutil import atomic_write_bytes
+from .checksums import file_checksum, row_checksums
+from .layout import CONFIG_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +63,9 @@ class SegmentArray:
         self._fs = None
         self._lock = threading.Lock()
         self._maps: dict[int, np.ndarray] = {}  # first row -> memory map (local) or data offset (remote)
+        # first row -> (file checksum, row checksums) of segments written by this process and not
+        # yet committed: the commit records them in the manifest with the segment (checksums.py)
+        self.written: dict[int, tuple[str, bytes]] = {}
         self.set_segments(segments)
 
     # ------------------------------------------------------------------------------- layout
@@ -101,13 +106,15 @@ class SegmentArray:
         rows = np.ascontiguousarray(rows, dtype=self.dtype)
         if rows.shape[1:] != self.row_shape:
             raise ValueError(f"segment rows have shape {rows.shape[1:]}, the store holds {self.row_shape}")
+        buf = io.BytesIO()
+        np.lib.format.write_array(buf, rows, allow_pickle=False)
+        data = buf.getbuffer()
+        self.written[start] = (file_checksum(data), row_checksums(rows))
         if self.remote:
-            buf = io.BytesIO()
-            np.save(buf, rows, allow_pickle=False)
-            self.fs.pipe(self._path(start), buf.getvalue())  # one PUT: an object appears whole or not at all
+            self.fs.pipe(self._path(start), bytes(data))  # one PUT: an object appears whole or not at all
         else:
             Path(self.url).mkdir(parents=True, exist_ok=True)
-            atomic_write(self._path(start), lambda tmp: _save_npy(tmp, rows))
+            atomic_write_bytes(self._path(start), data)
         self._maps.pop(start, None)
         return start, rows.shape[0]
 
@@ -161,6 +168,9 @@ class SegmentArray:
                     size = os.path.getsize(path)
                     offset = size - got.nbytes
             except FileNotFoundError as e:
+                index_dir = Path(self.url).parent
+                if not self.remote and not (index_dir / CONFIG_FILE).exists():  # the whole index went, not a file
+                    raise IndexGone(f"index {index_dir} was removed (restore it or build it again)") from e
                 raise IndexCorrupt(f"segment file missing: {path} (run `edje-search repair`)") from e
             except (ValueError, OSError) as e:
                 raise IndexCorrupt(f"segment file unreadable: {path}: {e} (run `edje-search repair`)") from e
@@ -177,6 +187,23 @@ class SegmentArray:
         """Raise IndexCorrupt unless the segment exists with the right header and length."""
         self._maps.pop(start, None)
         self._open(start, count)
+
+    def path_of(self, start: int) -> str:
+        return self._path(start)
+
+    def read_file(self, start: int) -> bytes:
+        """The whole segment file, as stored (checksums)."""
+        path = self._path(start)
+        if self.remote:
+            return self.fs.cat_file(path)
+        with open(path, "rb") as f:
+            return f.read()
+
+    def read_segment(self, start: int, count: int) -> np.ndarray:
+        """All rows of one committed segment (checks, repair)."""
+        if self.remote:
+            return self.get(np.arange(start, start + count))
+        return np.asarray(self._open(start, count))
 
     def locate(self, rows: np.ndarray) -> np.ndarray:
         """Index into ``segments`` of each row."""
@@ -229,7 +256,3 @@ class SegmentArray:
                 e = min(s + batch, hi)
                 yield s, (self.get(np.arange(s, e)) if self.remote else np.asarray(data[s - start:e - start]))
 
-
-def _save_npy(path: Path, rows: np.ndarray) -> None:
-    with open(path, "wb") as f:
-        np.lib.format.write_array(f, rows, allow_pickle=False)

@@ -12,6 +12,8 @@ from typing import Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
+from ..errors import IndexCorrupt
+
 
 @runtime_checkable
 class TokenStore(Protocol):
@@ -312,8 +314,16 @@ class SegmentTokenStore:
     def get(self, rows) -> np.ndarray:
         idx = _check_rows(rows, len(self))
         if self.token_dtype == "int8":
-            return dequantize(self.arrays["tokens"].get(idx), self.arrays["token_scales"].get(idx))
-        return self.arrays["tokens"].get(idx)
+            out = dequantize(self.arrays["tokens"].get(idx), self.arrays["token_scales"].get(idx))
+        else:
+            out = self.arrays["tokens"].get(idx)
+        # the read-time check the format allows cheaply (a pass over the k rows a rerank reads
+        # anyway): damaged tokens fail the query instead of silently reordering its hits
+        if not np.isfinite(out).all():
+            bad = idx[~np.isfinite(out.reshape(len(idx), -1)).all(axis=1)]
+            raise IndexCorrupt(f"stored tokens of rows {sorted(set(bad.tolist()))[:8]} under {self.arrays['tokens'].url} "
+                               f"hold NaN or infinite values (run `edje-search verify`, then `repair`)")
+        return out
 
     def write_segment(self, start: int, tokens: np.ndarray) -> list[tuple[str, int, int]]:
         """Write rows [start, start + b) as new segments; returns the (store, start, count) to commit."""

@@ -52,8 +52,15 @@ def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray,
 
 
 def write_index(index: faiss.Index, path: str | Path) -> None:
-    """Plain write; callers make it atomic with fsutil.atomic_write."""
-    faiss.write_index(index, str(path))
+    """Plain write; callers make it atomic with fsutil.atomic_write.
+
+    FAISS writes through Python's file object (faiss.PyCallbackIOWriter), so a full disk or an
+    I/O error is an OSError naming the file, not FAISS's internal assertion text."""
+    try:
+        with open(path, "wb") as f:
+            faiss.write_index(index, faiss.PyCallbackIOWriter(f.write))
+    except OSError as e:
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from e
 
 
 def read_index(path: str | Path) -> faiss.Index:

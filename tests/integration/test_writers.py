@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edje_search import BadInput, EdjeError, Engine, IndexExists, IndexLocked
+from edje_search import EdjeError, Engine, IndexExists, IndexLocked, ModelMismatch
 from edje_search.models.registry import build_tiny_model, load_model
 
 # fork after torch has run its thread pool can hang; a fork server that imported the engine once
@@ -155,7 +155,9 @@ def test_a_moved_model_is_found_again_with_model_and_remembered(tmp_path, tiny_m
         Engine.from_pretrained(index)
     Engine.from_pretrained(index, model=moved, writable=True)  # a writer given the model records where it is
     assert Engine.from_pretrained(index).verify() == []
-    with pytest.raises(BadInput, match="built in memory"):
-        Engine.create_or_open(index, build_tiny_model(seed=0))
+    # a model built in memory (a registered name) is accepted when it is the index's own model
+    assert Engine.create_or_open(index, build_tiny_model(seed=0)).model.path == moved.resolve()
+    with pytest.raises(ModelMismatch, match="another model"):
+        Engine.create_or_open(index, build_tiny_model(seed=1))
     with pytest.raises(IndexExists):
         Engine.create(index, load_model(moved))

@@ -1,0 +1,103 @@
+"""Checksums of the stored vector and token segments, and the checks that use them.
+
+Each segment file gets two records in the manifest when its commit is made: a CRC-32 of the
+whole file (header included) and a CRC-32 per row (4 bytes a row, little-endian uint32). The
+file checksum says cheaply whether anything changed; the row checksums say which rows did, so
+``repair`` drops exactly the damaged rows and keeps the rest of the segment. CRC-32 (zlib) is
+enough here: the threat is damage (flipped bits, torn writes, a stray tool), not an adversary
+who forges a matching checksum, and zlib's CRC runs at memory speed.
+
+Segments committed before checksums existed have no record: they are "unchecked", reported as
+such by ``verify`` and read as before. Every segment, checked or not, is also scanned for
+non-finite values (NaN, inf), which a commit refuses to store.
+"""
+from __future__ import annotations
+
+import dataclasses
+import zlib
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ..errors import IndexCorrupt
+
+if TYPE_CHECKING:
+    from .segments import SegmentArray
+
+ALGORITHM = "crc32"
+
+
+def file_checksum(data: bytes | memoryview) -> str:
+    return f"{ALGORITHM}:{zlib.crc32(data):08x}"
+
+
+def row_checksums(rows: np.ndarray) -> bytes:
+    """CRC-32 of each row's bytes, as little-endian uint32s."""
+    flat = np.ascontiguousarray(rows).reshape(rows.shape[0], -1).view(np.uint8)
+    return np.fromiter((zlib.crc32(r) for r in flat), dtype="<u4", count=flat.shape[0]).tobytes()
+
+
+def non_finite_rows(rows: np.ndarray) -> np.ndarray:
+    """Offsets (into ``rows``) of the rows holding a NaN or an infinity; none for integer data."""
+    if not np.issubdtype(rows.dtype, np.floating) or rows.shape[0] == 0:
+        return np.zeros(0, dtype=np.int64)
+    return np.nonzero(~np.isfinite(rows.reshape(rows.shape[0], -1)).all(axis=1))[0]
+
+
+def written_checksums(arrays: dict, segs) -> list[tuple[str, int, str, bytes]]:
+    """(store, first row, file checksum, row checksums) of the segments ``segs`` (store, first
+    row, count) that this process just wrote, for the manifest commit that names them."""
+    return [(kind, s, *arrays[kind].written.pop(s)) for kind, s, _n in segs]
+
+
+@dataclasses.dataclass
+class SegmentDamage:
+    """What is wrong with one segment: the rows lost (absolute row numbers) and why."""
+
+    kind: str
+    path: str
+    start: int
+    count: int
+    rows: list[int]
+    reason: str
+    readable: bool = True  # False when the file itself cannot be read (missing, wrong length)
+
+    def message(self) -> str:
+        span = f"rows {self.start}-{self.start + self.count - 1}"
+        if not self.rows:
+            return f"{self.kind} segment {self.path} ({span}): {self.reason}"
+        first = ", ".join(str(r) for r in self.rows[:8]) + (", ..." if len(self.rows) > 8 else "")
+        return f"{self.kind} segment {self.path} ({span}): {self.reason}: {len(self.rows)} rows damaged ({first})"
+
+
+def check_segment(kind: str, arr: SegmentArray, start: int, count: int,
+                  record: tuple[str, bytes] | None) -> SegmentDamage | None:
+    """Damage in one committed segment, or None when it is whole.
+
+    ``record`` is the (file checksum, row checksums) committed with the segment, None for a
+    segment written before checksums. A file that cannot be read loses all its rows; a file
+    whose checksum fails loses the rows whose own checksums fail (none, if only header padding
+    changed: the segment is then rewritten by repair with its rows intact).
+    """
+    path = arr.path_of(start)
+    try:
+        arr.check_segment(start, count)
+    except IndexCorrupt as e:
+        return SegmentDamage(kind, path, start, count, list(range(start, start + count)),
+                             str(e).split(" (run")[0].split(": ", 1)[0].replace(f" {path}", ""), readable=False)
+    rows = arr.read_segment(start, count)
+    bad: set[int] = set()
+    reasons = []
+    if record is not None and file_checksum(arr.read_file(start)) != record[0]:
+        want = np.frombuffer(record[1], dtype="<u4")
+        got = np.frombuffer(row_checksums(rows), dtype="<u4")
+        changed = np.nonzero(want != got)[0] if want.shape == got.shape else np.arange(count)
+        bad.update((changed + start).tolist())
+        reasons.append("fails its checksum" + ("" if changed.size else " (header bytes changed, rows intact)"))
+    nan = non_finite_rows(rows)
+    if nan.size:
+        bad.update((nan + start).tolist())
+        reasons.append("holds NaN or infinite values")
+    if not reasons:
+        return None
+    return SegmentDamage(kind, path, start, count, sorted(bad), " and ".join(reasons))

@@ -321,7 +321,8 @@ class SegmentTokenStore:
         # anyway): damaged tokens fail the query instead of silently reordering its hits
         if not np.isfinite(out).all():
             bad = idx[~np.isfinite(out.reshape(len(idx), -1)).all(axis=1)]
-            raise IndexCorrupt(f"stored tokens of rows {sorted(set(bad.tolist()))[:8]} under {self.arrays['tokens'].url} "
+            where = self.arrays["tokens"].url
+            raise IndexCorrupt(f"stored tokens of rows {sorted(set(bad.tolist()))[:8]} under {where} "
                                f"hold NaN or infinite values (run `edje-search verify`, then `repair`)")
         return out
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from edje_search.storage.index_store import IndexStore
 
 ROOT = Path(__file__).resolve().parents[2]
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / ".shim"), str(ROOT)])}
+ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 
 
 def _build(folder, index, *extra) -> subprocess.Popen:

@@ -68,7 +68,8 @@ def test_verify_names_a_deleted_weights_file(tiny_model_dir, tmp_path):
     Engine.create(tmp_path / "idx", load_model(d))
     assert verify_index(tmp_path / "idx") == []
     (d / "first_stage" / "first_stage.safetensors").unlink()
-    assert verify_index(tmp_path / "idx") == [f"model weights file missing: {d / 'first_stage' / 'first_stage.safetensors'}"]
+    missing = d / "first_stage" / "first_stage.safetensors"
+    assert verify_index(tmp_path / "idx") == [f"model weights file missing: {missing}"]
 
 
 def test_a_nan_embedding_raises_instead_of_returning_no_hits(built_index):

@@ -27,7 +27,7 @@ def _closed_by_a_writer(index: Path) -> None:
 
 
 def _cli(*args: str, prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / ".shim"), str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     return subprocess.run([*prefix, sys.executable, "-m", "edje_search_cli.main", *args], capture_output=True,
                           text=True, env=env, timeout=600)
 

@@ -130,7 +130,7 @@ def test_score_file_equals_reranker_score(pairs_file, model, tmp_path):
 
 
 def _cli_subprocess(args, fault=None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / ".shim"), str(ROOT)])}
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("EDJE_FAULT", None)
     if fault:
         env["EDJE_FAULT"] = fault

@@ -318,10 +318,11 @@ class Engine:
                 vectors[i] = v
         clock.lap("image_embed")
         own_row = [None if isinstance(q, torch.Tensor) else int(q) for q in queries]
-        live = self.store.paths([r for r in own_row if r is not None and 0 <= r <= MAX_ROW])
+        live = sorted(self.store.paths([r for r in own_row if r is not None and 0 <= r <= MAX_ROW]))
+        stored = dict(zip(live, self.store.vectors(live))) if live else {}
         for i, row in enumerate(own_row):
-            if row is not None and row in live:
-                vectors[i] = self.store.vectors([row])[0]
+            if row in stored:
+                vectors[i] = stored[row]
         clock.lap("gather")
         results: list[list[Hit] | None] = [None] * len(queries)
         asked = [i for i, v in enumerate(vectors) if v is not None]

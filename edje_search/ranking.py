@@ -59,13 +59,3 @@ def score_rows(reranker, tokens_of: Callable[[np.ndarray], np.ndarray], queries:
     if clock:
         clock.lap("rerank")
     return scores.reshape(rows.shape)
-
-
-def near_duplicates(vectors: np.ndarray, threshold: float) -> list[int]:
-    """Positions of results whose (L2-normalised) embedding has a cosine of ``threshold`` or more
-    with an earlier result's: what collapsing near-duplicates in a ranked list drops."""
-    if len(vectors) < 2:
-        return []
-    sims = np.asarray(vectors, np.float32) @ np.asarray(vectors, np.float32).T
-    earlier = np.tril(sims >= threshold, k=-1)
-    return np.nonzero(earlier.any(axis=1))[0].tolist()

@@ -43,6 +43,23 @@ def built_index(_built_index, tmp_path) -> Path:
     return d
 
 
+@pytest.fixture
+def docs_workspace(tmp_path, monkeypatch, tiny_model_dir, shapes_dir):
+    """``make(n)``: a working folder (the current directory) holding ``./photos`` with ``n``
+    generated test scenes, and ``$EDJE_HOME/models/edje-demo`` (the tiny random model), as the
+    documentation's examples expect."""
+    def make(n_images: int) -> Path:
+        photos = tmp_path / "work" / "photos"
+        photos.mkdir(parents=True)
+        for src in sorted((shapes_dir / "test").glob("*.png"))[:n_images]:
+            shutil.copy(src, photos / src.name)
+        shutil.copytree(tiny_model_dir, tmp_path / "home" / "models" / "edje-demo")
+        monkeypatch.setenv("EDJE_HOME", str(tmp_path / "home"))
+        monkeypatch.chdir(tmp_path / "work")
+        return tmp_path / "work"
+    return make
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -27,7 +27,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.exceptions import HTTPException
 
-from ..ranking import near_duplicates
+from ..storage.duplicates import collapse_vectors
 from ..validation import MAX_ROW
 from .context import ServeContext
 from .service import IMAGE_KEY, ImageJob, TextJob, text_key
@@ -89,9 +89,10 @@ def clip_router(contexts: dict[str, ServeContext], url_prefixes: dict[str, str])
             raise HTTPException(404, f"no index named {name!r}; served: {', '.join(contexts)}")
         return name, contexts[name]
 
-    def results(request: Request, name: str, ctx: ServeContext, scored: list[tuple[int, float]],
-                num_images: int) -> list[dict]:
-        metas = ctx.engine.metadata([row for row, _ in scored[:num_images]])
+    async def results(request: Request, name: str, ctx: ServeContext, scored: list[tuple[int, float]],
+                      num_images: int) -> list[dict]:
+        shown = [row for row, _ in scored[:num_images]]  # a manifest read: on the engine thread, off the event loop
+        metas = await ctx.batcher.call(lambda: ctx.engine.metadata(shown))
         base = str(request.base_url).rstrip("/") + url_prefixes[name]
         out = []
         for i, (row, similarity) in enumerate(scored):
@@ -148,9 +149,8 @@ def clip_router(contexts: dict[str, ServeContext], url_prefixes: dict[str, str])
             scored = [(int(r), float(s)) for r, s in zip(rows[0], scores[0]) if r >= 0]
         if body.deduplicate and len(scored) > 1:
             vectors = await ctx.batcher.call(lambda: ctx.engine.vectors([r for r, _ in scored]))
-            drop = set(near_duplicates(vectors, DUPLICATE_COSINE))
-            scored = [s for i, s in enumerate(scored) if i not in drop]
-        return JSONResponse(results(request, name, ctx, scored, max(0, body.num_images)))
+            scored = [scored[group[0]] for group in collapse_vectors(vectors, DUPLICATE_COSINE)]
+        return JSONResponse(await results(request, name, ctx, scored, max(0, body.num_images)))
 
     @router.post("/metadata")
     async def metadata(request: Request):

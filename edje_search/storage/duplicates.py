@@ -125,15 +125,23 @@ def collapse_near(store: "IndexStore", rows: list[int], threshold: float = DEFAU
     that row instead of being kept. Returns [[kept row, rows it absorbed...], ...] in rank order."""
     if not rows:
         return []
-    vecs = store.vectors(np.asarray(rows, dtype=np.int64)).astype(np.float32)
+    vecs = store.vectors(np.asarray(rows, dtype=np.int64))
+    return [[rows[i] for i in group] for group in collapse_vectors(vecs, threshold)]
+
+
+def collapse_vectors(vectors: np.ndarray, threshold: float) -> list[list[int]]:
+    """The rule of :func:`collapse_near` on (n, E) L2-normalised embeddings in rank order:
+    positions grouped as [[kept, absorbed...], ...], a position joining the first earlier kept
+    one whose cosine with it is >= ``threshold``."""
+    vecs = np.asarray(vectors, dtype=np.float32)
     sims = vecs @ vecs.T
-    kept: list[int] = []  # positions in rows
+    kept: list[int] = []  # positions
     groups: list[list[int]] = []
-    for i, row in enumerate(rows):
+    for i in range(len(vecs)):
         home = next((j for j, k in enumerate(kept) if sims[i, k] >= threshold), None)
         if home is None:
             kept.append(i)
-            groups.append([row])
+            groups.append([i])
         else:
-            groups[home].append(row)
+            groups[home].append(i)
     return groups

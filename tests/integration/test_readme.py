@@ -7,7 +7,6 @@ with ``$EDJE_HOME`` holding a tiny ``edje-demo``. The names a block leaves to th
 from __future__ import annotations
 
 import re
-import shutil
 from pathlib import Path
 
 import pytest
@@ -31,16 +30,9 @@ def block_with(text: str) -> str:
 
 
 @pytest.fixture
-def readme_home(tmp_path, monkeypatch, tiny_model_dir, shapes_dir) -> Path:
-    """A working folder with ./photos and $EDJE_HOME/models/edje-demo (the tiny random model)."""
-    photos = tmp_path / "work" / "photos"
-    photos.mkdir(parents=True)
-    for src in sorted((shapes_dir / "test").glob("*.png"))[:6]:
-        shutil.copy(src, photos / src.name)
-    shutil.copytree(tiny_model_dir, tmp_path / "home" / "models" / "edje-demo")
-    monkeypatch.setenv("EDJE_HOME", str(tmp_path / "home"))
-    monkeypatch.chdir(tmp_path / "work")
-    return tmp_path / "work"
+def readme_home(docs_workspace) -> Path:
+    """A working folder with ./photos (6 scenes) and $EDJE_HOME/models/edje-demo (the tiny random model)."""
+    return docs_workspace(6)
 
 
 def test_every_python_block_is_covered():

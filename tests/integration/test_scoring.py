@@ -415,20 +415,13 @@ def test_quality_benchmark_runs_end_to_end(shapes_dir, tiny_model_dir, tmp_path)
     assert 0 <= z["joint_top1_accuracy"] <= 1 and 0 <= z["first_stage_top1_accuracy"] <= 1
 
 
-def test_docs_python_block_runs(tmp_path, monkeypatch, tiny_model_dir, shapes_dir, capsys):
+def test_docs_python_block_runs(docs_workspace, capsys):
     """docs/scoring.md's library example, as written, with the tiny model standing in for edje-demo."""
     import re
-    import shutil
 
     block = re.findall(r"^```python\n(.*?)^```$", (ROOT / "docs" / "scoring.md").read_text(), flags=re.S | re.M)
     assert len(block) == 1
-    photos = tmp_path / "work" / "photos"
-    photos.mkdir(parents=True)
-    for src in sorted((shapes_dir / "test").glob("*.png"))[:5]:
-        shutil.copy(src, photos / src.name)
-    shutil.copytree(tiny_model_dir, tmp_path / "home" / "models" / "edje-demo")
-    monkeypatch.setenv("EDJE_HOME", str(tmp_path / "home"))
-    monkeypatch.chdir(tmp_path / "work")
+    docs_workspace(5)
     ns: dict = {}
     exec(block[0], ns)  # noqa: S102 - the page's own code
     ranked = ns["ranked"]

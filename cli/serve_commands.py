@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import click
 
@@ -9,12 +10,14 @@ from .common import BACKENDS, DEFAULT_INDEX
 
 
 def _named_indexes(values: tuple[str, ...]) -> dict[str, str]:
-    """``--index DIR`` or ``--index NAME=DIR`` (repeated) -> {name: dir}; a plain DIR is named after its folder."""
+    """``--index DIR`` or ``--index NAME=DIR`` (repeated) -> {name: dir}; a plain DIR is named after
+    its folder (other characters than letters, digits, '-' and '_' become '-')."""
     named: dict[str, str] = {}
     for value in values or (DEFAULT_INDEX,):
         name, sep, directory = value.partition("=")
-        if not sep:
-            name, directory = (os.path.basename(os.path.normpath(value)) or "default"), value
+        if not sep:  # named after its folder, in the letters an index name may use
+            folder = re.sub(r"[^A-Za-z0-9_-]+", "-", os.path.basename(os.path.normpath(value))).strip("-")
+            name, directory = (folder[:64] or "default"), value
         if not name or not directory:
             raise click.BadParameter(f"{value!r}: give DIR or NAME=DIR", param_hint="--index")
         if name in named:
@@ -99,6 +102,11 @@ def serve(indexes, host, port, backend, device, token, max_batch, max_wait_ms, m
     limits = ServeLimits(max_k=max_k, max_rerank_k=max_rerank_k, max_upload_bytes=int(max_upload_mb * 2**20),
                          body_timeout_s=body_timeout, max_concurrent_decodes=max_decodes)
     named = _named_indexes(indexes)
+    from edje_search.serve.app import INDEX_NAME
+
+    for name in named:  # before any model is loaded: the app's own rule for names
+        if not INDEX_NAME.fullmatch(name):
+            raise click.BadParameter(f"index name {name!r}: use letters, digits, '-' and '_'", param_hint="--index")
     engines = {name: Engine.from_pretrained(d, device=device, backend=backend) for name, d in named.items()}
     first = next(iter(engines))
     app = create_app(engines[first], limits=limits, batching=batching, token=token,

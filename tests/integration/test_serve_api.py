@@ -438,3 +438,11 @@ def test_micro_batcher_waits_for_company_only_when_some_is_coming():
 
     assert asyncio.run(one_job(0)) < 0.15  # nobody else in the server: the idle engine starts at once
     assert asyncio.run(one_job(1)) >= 0.25  # another request is on its way: wait (up to 300 ms) for it
+
+
+def test_serve_names_its_indexes_from_the_command_line():
+    from edje_search_cli.serve_commands import _named_indexes
+
+    assert _named_indexes(("indexes/my photos.v2",)) == {"my-photos-v2": "indexes/my photos.v2"}
+    assert _named_indexes(("a=x", "b=y")) == {"a": "x", "b": "y"}
+    assert _named_indexes(()) == {"default": "indexes/default"}

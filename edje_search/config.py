@@ -99,6 +99,7 @@ class IndexConfig:
     tokens_per_image: int
     token_width: int
     token_dtype: str = "float16"  # "float16", "float32" or "int8"
+    token_shard_rows: int = 256  # rows per shard object of the token store (storage/zarr_rows.py)
     factory: str = "auto"  # FAISS factory string, or "auto": chosen by size (storage/vector_index.py)
     model_path: str = "model"  # the model directory: relative to the index, or absolute when outside it
     model_fingerprint: str = ""

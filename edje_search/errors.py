@@ -28,6 +28,10 @@ class IndexGone(IndexCorrupt):
     """The index a reader has open was deleted, or replaced by one it cannot switch to."""
 
 
+class IndexOutdated(IndexCorrupt):
+    """The index was written in an older on-disk layout that ``edje-search migrate`` converts."""
+
+
 class IndexExists(EdjeError, FileExistsError):
     """An index already exists where a new one was to be created."""
 

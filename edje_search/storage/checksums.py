@@ -1,9 +1,11 @@
 """Checksums of the stored vector and token segments, and the checks that use them.
 
-Each segment file gets two records in the manifest when its commit is made: a CRC-32 of the
-whole file (header included) and a CRC-32 per row (4 bytes a row, little-endian uint32). The
-file checksum says cheaply whether anything changed; the row checksums say which rows did, so
-``repair`` drops exactly the damaged rows and keeps the rest of the segment. CRC-32 (zlib) is
+Each commit's vector file and token span get two records in the manifest: a CRC-32 of the
+whole (the vector file with its header; the token span's row bytes) and a CRC-32 per row (4
+bytes a row, little-endian uint32). The whole checksum says cheaply whether anything changed;
+the row checksums say which rows did, so ``repair`` drops exactly the damaged rows and keeps
+the rest. (The token shards also carry Zarr's own CRC-32C per row and per shard index, which
+tensorstore checks on every read: zarr_rows.py.) CRC-32 (zlib) is
 enough here: the threat is damage (flipped bits, torn writes, a stray tool), not an adversary
 who forges a matching checksum, and zlib's CRC runs at memory speed.
 
@@ -15,14 +17,9 @@ from __future__ import annotations
 
 import dataclasses
 import zlib
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..errors import IndexCorrupt
-
-if TYPE_CHECKING:
-    from .segments import SegmentArray
 
 ALGORITHM = "crc32"
 
@@ -70,30 +67,31 @@ class SegmentDamage:
         return f"{self.kind} segment {self.path} ({span}): {self.reason}: {len(self.rows)} rows damaged ({first})"
 
 
-def check_segment(kind: str, arr: SegmentArray, start: int, count: int,
+def check_segment(kind: str, arr, start: int, count: int,
                   record: tuple[str, bytes] | None) -> SegmentDamage | None:
-    """Damage in one committed segment, or None when it is whole.
+    """Damage in one committed segment (a vector ``.npy`` file or a span of token rows), or None
+    when it is whole.
 
-    ``record`` is the (file checksum, row checksums) committed with the segment, None for a
-    segment written before checksums. A file that cannot be read loses all its rows; a file
-    whose checksum fails loses the rows whose own checksums fail (none, if only header padding
-    changed: the segment is then rewritten by repair with its rows intact).
+    ``record`` is the (checksum, row checksums) committed with the segment, None for one written
+    before checksums. Rows that cannot be read are lost; when the whole-segment checksum fails,
+    the rows whose own checksums fail are lost too (none, if only a file header changed: the
+    segment is then rewritten by repair with its rows intact).
     """
     path = arr.path_of(start)
-    try:
-        arr.check_segment(start, count)
-    except IndexCorrupt as e:
-        return SegmentDamage(kind, path, start, count, list(range(start, start + count)),
-                             str(e).split(" (run")[0].split(": ", 1)[0].replace(f" {path}", ""), readable=False)
-    rows = arr.read_segment(start, count)
-    bad: set[int] = set()
-    reasons = []
-    if record is not None and file_checksum(arr.read_file(start)) != record[0]:
+    lost, why = arr.unreadable_rows(start, count)
+    if len(lost) == count:
+        return SegmentDamage(kind, path, start, count, lost, why, readable=False)
+    rows = arr.read_span(start, count, lost)
+    bad: set[int] = set(lost)
+    reasons = [why] if lost else []
+    if record is not None and not arr.span_matches(start, rows, record[0]):
         want = np.frombuffer(record[1], dtype="<u4")
         got = np.frombuffer(row_checksums(rows), dtype="<u4")
         changed = np.nonzero(want != got)[0] if want.shape == got.shape else np.arange(count)
-        bad.update((changed + start).tolist())
-        reasons.append("fails its checksum" + ("" if changed.size else " (header bytes changed, rows intact)"))
+        changed = [r for r in (changed + start).tolist() if r not in bad]
+        if changed or not lost:
+            reasons.append("fails its checksum" + ("" if changed else " (header bytes changed, rows intact)"))
+        bad.update(changed)
     nan = non_finite_rows(rows)
     if nan.size:
         bad.update((nan + start).tolist())

@@ -84,7 +84,7 @@ def merge(store: IndexStore, run: list[tuple[str, str, int, int]]) -> None:
     first, end, recipe = run[0][2], run[-1][3], store.recipe
     gen = store.generation + 1
     rows, vecs = live_rows_in(store, first, end)
-    index = vector_index.new_segment_index(recipe, store.config.dim, store.faiss_template())
+    index = vector_index.new_segment_index(recipe, store.config.dim, faiss_template(store))
     if len(rows):
         index.add_with_ids(np.ascontiguousarray(vecs), rows)
     name = f"seg-{first:012d}-g{gen}.index"
@@ -94,6 +94,12 @@ def merge(store: IndexStore, run: list[tuple[str, str, int, int]]) -> None:
     faiss_list.sort(key=lambda s: s[2])
     commit_faiss(store, faiss_list, store.settings)
     logger.info("merged %d FAISS segments of rows [%d, %d) into %s", len(run), first, end, name)
+
+
+def faiss_template(store: IndexStore):
+    """The trained, empty index new segments of the recipe are cloned from (None for Flat)."""
+    name = store.settings.get("template")
+    return vector_index.read_index(store.directory / layout.FAISS_DIR / name) if name else None
 
 
 def commit_faiss(store: IndexStore, faiss_list: list, settings: dict) -> None:

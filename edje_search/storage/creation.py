@@ -21,6 +21,7 @@ from . import vector_index
 from .layout import CONFIG_FILE, FAISS_DIR
 from .manifest import MANIFEST_FILE, Manifest
 from .segments import is_remote
+from .token_store import LAYOUT as TOKEN_LAYOUT
 
 
 def create_index_dir(directory: Path, config: IndexConfig,
@@ -46,7 +47,7 @@ def create_index_dir(directory: Path, config: IndexConfig,
             config = populate(tmp) or config
         config = dataclasses.replace(config, index_id=uuid.uuid4().hex)
         m = Manifest(tmp / MANIFEST_FILE, readonly=False, create=True)
-        m.initialise()
+        m.initialise({"token_store": TOKEN_LAYOUT})
         m.close()
         save_config(config, tmp / CONFIG_FILE)
         try:

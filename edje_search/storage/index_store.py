@@ -4,15 +4,18 @@ Layout of an index directory (every path inside is relative to it, so it can mov
 
     index.json          IndexConfig (recipe, widths, model path and fingerprint, store URL)
     manifest.sqlite     rows, segment lists, FAISS segment list, generation (storage/manifest.py)
-    vectors/, tokens/   append-only row segments, one per commit (storage/segments.py);
-                        or under IndexConfig.store_url (e.g. s3://bucket/prefix)
+    vectors/            first-stage vectors, one .npy segment per commit (storage/segments.py)
+    tokens.zarr/        the tokens, a Zarr v3 group of sharded arrays (storage/token_store.py);
+                        vectors/ and tokens.zarr/ may live under IndexConfig.store_url (s3://...)
     faiss/              one FAISS file per segment of rows, plus the trained template
     model/              the model, when the index was created from one built in memory
     writer.lock         held by the one writer (storage/lock.py)
     skipped.jsonl       files the last build could not use, with the reason
 
-A commit costs O(rows in the batch): it writes the batch's vector, token and FAISS segments
-as new files, then commits one SQLite transaction naming them (the commit point). Nothing
+A commit costs O(rows in the batch): it writes the batch's vector segment, token shards and
+FAISS segment as new files, then commits one SQLite transaction naming them (the commit point).
+A commit's first row is the first row of a token shard, so no commit touches a file an earlier
+one wrote; the row numbers skipped in between are never used. Nothing
 already committed is rewritten, so a crash at any moment leaves the previous generation whole;
 files a crashed commit wrote are named by no generation and are removed by the next writer.
 Small FAISS segments are merged, and the recipe retrained as the index grows, by
@@ -30,7 +33,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from ..config import IndexConfig, load_config, save_config
-from ..errors import BadInput, IndexCorrupt
+from ..errors import BadInput, IndexCorrupt, IndexOutdated
 from ..fsutil import atomic_write
 from . import compaction, identity, integrity, layout, vector_index
 from .layout import CONFIG_FILE, FAISS_DIR, REFINE_FACTOR, SKIPPED_FILE
@@ -39,7 +42,8 @@ from .creation import create_index_dir
 from .lock import WriterLock
 from .manifest import MANIFEST_FILE, HashLookup, Manifest, ManifestEntry, Snapshot
 from .segments import SegmentArray
-from .token_store import SegmentTokenStore
+from .token_store import LAYOUT as TOKEN_LAYOUT
+from .token_store import TokenStore
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +61,8 @@ class IndexStore:
         self.mode = mode
         base = config.store_url or str(directory)
         self.vector_array = SegmentArray(f"{base.rstrip('/')}/vectors", (config.dim,), "float32")
-        self.tokens = SegmentTokenStore(base, config.tokens_per_image, config.token_width, config.token_dtype)
+        self.tokens = TokenStore(base, config.tokens_per_image, config.token_width, config.token_dtype,
+                                 config.token_shard_rows)
         self.arrays = {"vectors": self.vector_array, **self.tokens.arrays}  # named as the manifest names them
         self.lock = WriterLock(directory, wait=lock_wait) if mode != "r" else None
         self._writer_thread = threading.RLock()
@@ -67,6 +72,9 @@ class IndexStore:
     # ------------------------------------------------------------------------------- state
     def adopt(self, snap: Snapshot) -> None:
         """Adopt a committed generation: segment lists, FAISS segments, tombstones."""
+        if snap.settings.get("token_store") != TOKEN_LAYOUT and snap.segments.get("tokens"):
+            raise IndexOutdated(f"index {self.directory} keeps its tokens in edje-search 0.2's .npy segments: convert "
+                                f"it once with `edje-search migrate --index {self.directory}`")
         self.snapshot = snap
         self.vector_array.set_segments(snap.segments.get("vectors", ()))
         self.tokens.set_segments(snap.segments)
@@ -85,18 +93,7 @@ class IndexStore:
         self.tombstones = np.asarray(self.manifest.removed_rows(snap.generation), dtype=np.int64)
 
     def _read_faiss(self, name: str, recipe: str):
-        path = self.directory / FAISS_DIR / name
-        if not path.is_file():
-            raise IndexCorrupt(f"FAISS file missing: {path} (run `edje-search repair` to rebuild it "
-                               f"from the stored vectors)")
-        try:
-            index = vector_index.read_segment(path, recipe)
-        except RuntimeError as e:
-            raise IndexCorrupt(f"FAISS file unreadable: {path} (run `edje-search repair` to rebuild it "
-                               f"from the stored vectors)") from e
-        if index.d != self.config.dim:
-            raise IndexCorrupt(f"FAISS file {path} holds {index.d}-d vectors but {CONFIG_FILE} says {self.config.dim}")
-        return index
+        return read_faiss_file(self.directory / FAISS_DIR / name, recipe, self.config.dim)
 
     @property
     def generation(self) -> int:
@@ -104,7 +101,7 @@ class IndexStore:
 
     @property
     def n_rows(self) -> int:
-        """Rows ever committed (live or removed): the length of the vector and token stores."""
+        """One past the last row ever committed (live or removed; rows between commits are gaps)."""
         return self.snapshot.n_rows
 
     def __len__(self) -> int:
@@ -131,7 +128,9 @@ class IndexStore:
         """A new, empty index, created atomically (storage/creation.py); raises IndexExists if
         another process created ``directory`` first."""
         create_index_dir(Path(directory), config, populate)
-        return cls.open(directory, mode="r+")
+        store = cls.open(directory, mode="r+")
+        store.publish()  # an empty group and arrays, so that Zarr readers open a new index too
+        return store
 
     @classmethod
     def open(cls, directory: str | Path, mode: str = "r", lock_wait: float = 0.0) -> "IndexStore":
@@ -178,6 +177,7 @@ class IndexStore:
                 if outer:
                     self.refresh()
                     integrity.remove_stray_files(self)
+                    self.publish(only_if_stale=True)  # a crash may have come after the last commit
                 yield self
 
     def require_lock(self, repairing: bool = False) -> None:
@@ -203,7 +203,7 @@ class IndexStore:
         removed = sorted({int(r) for r in removed_rows})
         if not b and not removed:
             return
-        start, gen = self.n_rows, self.generation + 1
+        start, gen = self.next_row(), self.generation + 1
         segs: list[tuple[str, int, int]] = []
         faiss_list = [(n, r, a, e) for n, r, a, e in self.snapshot.faiss_segments]
         new_faiss = None
@@ -227,23 +227,43 @@ class IndexStore:
         meta = new_meta or [None] * b
         entries = [ManifestEntry(start + i, p, h, int(st[0]), int(st[1]), mt)
                    for i, (p, h, st, mt) in enumerate(zip(new_paths, new_hashes, stats, meta))]
-        self.manifest.commit(generation=gen, n_rows=start + b, new=entries, removed=removed, add_segments=segs,
-                             faiss_segments=faiss_list if b else None, checksums=written_checksums(self.arrays, segs))
+        settings = None if self.settings.get("token_store") == TOKEN_LAYOUT else \
+            dict(self.settings, token_store=TOKEN_LAYOUT)
+        n_rows = start + b if b else self.n_rows
+        self.manifest.commit(generation=gen, n_rows=n_rows, new=entries, removed=removed, add_segments=segs,
+                             faiss_segments=faiss_list if b else None, checksums=written_checksums(self.arrays, segs),
+                             settings=settings)
         layout.fault("after_manifest")
         # adopt the new generation in memory without re-reading what did not change
         snap = self.snapshot
         seg_map = {k: list(v) for k, v in snap.segments.items()}
         for store, s, n in segs:
             seg_map.setdefault(store, []).append((s, n))
-        self.snapshot = dataclasses.replace(snap, generation=gen, n_rows=start + b,
-                                            n_live=snap.n_live + b - self._count_live(removed),
-                                            segments=seg_map, faiss_segments=faiss_list)
+        self.snapshot = dataclasses.replace(snap, generation=gen, n_rows=n_rows,
+                                            n_live=snap.n_live + b - count_live(removed, self.tombstones),
+                                            segments=seg_map, faiss_segments=faiss_list,
+                                            settings=settings if settings is not None else snap.settings)
         self.vector_array.set_segments(seg_map.get("vectors", ()))
         self.tokens.set_segments(seg_map)
         if new_faiss:
             self.faiss_files[new_faiss] = self._read_faiss(new_faiss, "Flat")
         if removed:
             self.tombstones = np.union1d(self.tombstones, np.asarray(removed, dtype=np.int64))
+        if b:
+            self.publish()
+
+    def next_row(self) -> int:
+        """The first row of the next commit: the first row of the next token shard."""
+        return -(-self.n_rows // self.tokens.shard_rows) * self.tokens.shard_rows
+
+    def publish(self, only_if_stale: bool = False) -> None:
+        """Let plain Zarr readers see every committed token row (TokenStore.publish). The engine
+        never reads what this writes: a failure is logged, and the next writer publishes again."""
+        try:
+            if not only_if_stale or self.tokens.published_rows() != self.n_rows:
+                self.tokens.publish(self.n_rows, self.config.model_fingerprint)
+        except OSError as e:
+            logger.warning("could not update the token store's zarr.json (the index is fine): %s", e)
 
     def remove_rows(self, rows: Sequence[int]) -> None:
         """A commit that only drops ``rows`` (removed or deleted files)."""
@@ -251,22 +271,8 @@ class IndexStore:
         self.commit([], [], np.zeros((0, self.config.dim), np.float32), np.zeros((0, m, d), np.float16),
                     removed_rows=rows)
 
-    def _count_live(self, rows: list[int]) -> int:
-        if not rows:
-            return 0
-        dead = set(self.tombstones.tolist())
-        return sum(1 for r in rows if r not in dead and r < self.n_rows)
-
     def write_faiss(self, index, name: str) -> None:
         atomic_write(self.directory / FAISS_DIR / name, lambda tmp: vector_index.write_index(index, tmp))
-
-    def faiss_template(self):
-        name = self.settings.get("template")
-        if not name:
-            return None
-        if getattr(self, "_template_cache", (None, None))[0] != name:
-            self._template_cache = (name, vector_index.read_index(self.directory / FAISS_DIR / name))
-        return self._template_cache[1]
 
     # --------------------------------------------------------------------------------- reading
     def vectors(self, rows) -> np.ndarray:
@@ -335,8 +341,7 @@ class IndexStore:
         return p if p.is_absolute() else self.directory / p
 
     def record_model_dir(self, model_dir: str | Path) -> None:
-        """Point the index at ``model_dir`` (relative when inside the index), e.g. after the model
-        moved. Called with the writer lock held."""
+        """Point the index at ``model_dir`` (relative when inside it) after the model moved; writer lock held."""
         self.require_lock()
         model_dir = Path(model_dir).resolve()
         try:
@@ -345,6 +350,27 @@ class IndexStore:
             path = str(model_dir)
         self.config = dataclasses.replace(self.config, model_path=path)
         save_config(self.config, self.directory / CONFIG_FILE)
+
+
+def count_live(rows: Sequence[int], tombstones: np.ndarray) -> int:
+    """How many of ``rows`` (committed rows) are not removed yet."""
+    return int(np.count_nonzero(~np.isin(np.asarray(rows, dtype=np.int64), tombstones))) if len(rows) else 0
+
+
+def read_faiss_file(path: Path, recipe: str, dim: int):
+    """One committed FAISS segment file, memory-mapped; IndexCorrupt naming the way out if it is
+    missing, unreadable or of another width than the index."""
+    if not path.is_file():
+        raise IndexCorrupt(f"FAISS file missing: {path} (run `edje-search repair` to rebuild it "
+                           f"from the stored vectors)")
+    try:
+        index = vector_index.read_segment(path, recipe)
+    except RuntimeError as e:
+        raise IndexCorrupt(f"FAISS file unreadable: {path} (run `edje-search repair` to rebuild it "
+                           f"from the stored vectors)") from e
+    if index.d != dim:
+        raise IndexCorrupt(f"FAISS file {path} holds {index.d}-d vectors but {CONFIG_FILE} says {dim}")
+    return index
 
 
 def check_batch(config: IndexConfig, paths: Sequence[str], hashes: Sequence, vectors: np.ndarray,

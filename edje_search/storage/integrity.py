@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import IndexCorrupt
-from . import checksums, compaction, manifest_check, vector_index
+from . import checksums, compaction, manifest_check, migrate, vector_index
 from .layout import CONFIG_FILE, FAISS_DIR
 from .manifest import Snapshot
 
@@ -153,18 +153,17 @@ def repair(store: IndexStore) -> RepairReport:
     damage = segment_damage(store)
     replaced: list[tuple[str, int, int]] = []
     lost_rows: set[int] = set()
+    by_kind: dict[str, tuple[set[int], list[int]]] = {}
     for d in damage:
         lost_rows.update(d.rows)
-    for d in damage:
-        # keep the rows tiled: the segment is written again with every lost row zeroed (never
-        # live again) and the intact rows as they are, under new checksums
-        arr = arrays[d.kind]
-        keep = arr.read_segment(d.start, d.count).copy() if d.readable else \
-            np.zeros((d.count, *arr.row_shape), arr.dtype)
-        keep[[r - d.start for r in d.rows]] = 0
-        arr.write_segment(d.start, keep)
-        replaced.append((d.kind, d.start, d.count))
+        rows, starts = by_kind.setdefault(d.kind, (set(), []))
+        rows.update(d.rows)
+        starts.append(d.start)
         report.damaged.append(d.message())
+    for kind, (rows, starts) in by_kind.items():
+        # keep every intact row where it is: the damaged ones are written again as zeros (never
+        # live again), under new checksums
+        replaced += [(kind, s, n) for s, n in arrays[kind].rewrite_rows(sorted(rows), starts)]
     lost_rows |= unverifiable_vectors(store, lost_rows)
     wrong_rows, report.manifest = manifest_check.restore(store)
     lost_rows |= wrong_rows
@@ -195,6 +194,12 @@ def check_config_against_segments(store: IndexStore, arrays: dict, snap: Snapsho
     store is readable but of another row shape than the config implies, dropping its rows
     would destroy an intact index."""
     for kind, arr in arrays.items():
+        if hasattr(arr, "config_mismatch"):  # a Zarr array: its zarr.json says what it holds
+            wrong = arr.config_mismatch()
+            if wrong:
+                raise IndexCorrupt(f"{CONFIG_FILE} disagrees with the stored {kind} ({wrong}); restore "
+                                   f"{CONFIG_FILE} instead of repairing")
+            continue
         problems = []
         for start, count in snap.segments.get(kind, []):
             try:
@@ -215,6 +220,7 @@ def remove_stray_files(store: IndexStore) -> list[str]:
     removed = []
     for arr in [store.vector_array, *store.tokens.arrays.values()]:
         removed += arr.remove_stray_files()
+    removed += migrate.remove_legacy_tokens(store.config.store_url or str(store.directory))  # a migration's leftovers
     keep = set(store.faiss_files) | {store.settings.get("template", "")}
     for p in (store.directory / FAISS_DIR).iterdir():
         if p.name not in keep:

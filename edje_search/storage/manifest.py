@@ -319,12 +319,13 @@ class Manifest:
             except sqlite3.DatabaseError as e:
                 raise IndexCorrupt(f"manifest {self.path}: {e}") from e
 
-    def initialise(self) -> None:
+    def initialise(self, settings: dict | None = None) -> None:
         """Generation 0: no rows, no segments."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             self._db.executemany("INSERT OR REPLACE INTO state (key, value) VALUES (?, ?)",
-                                 [("generation", "0"), ("n_rows", "0"), ("n_live", "0"), ("settings", "{}")])
+                                 [("generation", "0"), ("n_rows", "0"), ("n_live", "0"),
+                                  ("settings", json.dumps(settings or {}, sort_keys=True))])
             self._db.execute("COMMIT")
 
 

@@ -1,15 +1,17 @@
-"""Append-only row segments: the on-disk (or object-storage) home of vectors and tokens.
+"""Append-only row segments: the on-disk (or object-storage) home of the first-stage vectors.
 
 Each commit writes its rows as one immutable ``.npy`` file named by its first row
 (``000000001024.npy``); files are never modified after they are written, so the same code
 works on a local disk and on any fsspec URL (``s3://bucket/prefix``), and a half-written
 commit leaves only a file that no committed generation names. Which segments exist is
-recorded by the manifest in the commit's transaction, never by listing a folder.
+recorded by the manifest in the commit's transaction, never by listing a folder. Segments need
+not tile the rows: row numbers between commits that the token store skips (token_store.py) are
+skipped here too.
 
-Why not Zarr: appending rows to a Zarr array rewrites its metadata and the last chunk or
-shard in place, which an object store cannot do atomically; and a random gather through
-zarr-python's codec pipeline costs far more per row than a memory-mapped ``.npy``
-(docs/storage.md). The ``.npy`` format keeps each segment readable by any numpy.
+The vectors stay in ``.npy`` segments (the tokens live in Zarr) because the two hot paths that
+read them want plain memory: FAISS merges and retraining stream whole segments, and the exact
+re-scoring of lossy FAISS codes reads a few hundred rows through a memory map, with no codec
+pipeline in between.
 """
 from __future__ import annotations
 
@@ -72,12 +74,12 @@ class SegmentArray:
     def set_segments(self, segments: Sequence[tuple[int, int]]) -> None:
         self.segments = sorted((int(s), int(n)) for s, n in segments)
         self._starts = [s for s, _ in self.segments]
-        expect = 0
+        end = 0
         for s, n in self.segments:
-            if s != expect:
-                raise IndexCorrupt(f"{self.url}: segments do not tile the rows (gap or overlap at row {s})")
-            expect = s + n
-        self.n_rows = expect
+            if s < end:
+                raise IndexCorrupt(f"{self.url}: segments overlap at row {s}")
+            end = s + n
+        self.n_rows = end
 
     def __len__(self) -> int:
         return self.n_rows
@@ -188,6 +190,40 @@ class SegmentArray:
         self._maps.pop(start, None)
         self._open(start, count)
 
+    def unreadable_rows(self, start: int, count: int) -> tuple[list[int], str]:
+        """All rows of the segment and why, when its file is missing or of the wrong length; ([], "")."""
+        try:
+            self.check_segment(start, count)
+            return [], ""
+        except IndexCorrupt as e:
+            path = self._path(start)
+            return list(range(start, start + count)), str(e).split(" (run")[0].split(": ", 1)[0].replace(f" {path}", "")
+
+    def read_span(self, start: int, count: int, lost: Sequence[int] = ()) -> np.ndarray:
+        """The segment's rows (a segment is read whole or not at all: ``lost`` is all or none)."""
+        return np.asarray(self.read_segment(start, count))
+
+    def span_matches(self, start: int, rows: np.ndarray, checksum: str) -> bool:
+        """Whether the segment file still has the checksum its commit recorded."""
+        return file_checksum(self.read_file(start)) == checksum
+
+    def rewrite_rows(self, lost: Sequence[int], starts: Sequence[int] = ()) -> list[tuple[int, int]]:
+        """Repair: write each segment holding a row of ``lost`` (and the segments starting at
+        ``starts``) again with those rows zeroed (a segment that cannot be read at all is written
+        as zeros); returns the segments written."""
+        lost_set = {int(r) for r in lost}
+        done = []
+        for start, count in self.segments:
+            mine = [r - start for r in lost_set if start <= r < start + count]
+            if not mine and start not in starts:
+                continue
+            whole = len(mine) == count
+            keep = np.zeros((count, *self.row_shape), self.dtype) if whole else self.read_segment(start, count).copy()
+            keep[mine] = 0
+            self.write_segment(start, keep)
+            done.append((start, count))
+        return done
+
     def path_of(self, start: int) -> str:
         return self._path(start)
 
@@ -206,8 +242,13 @@ class SegmentArray:
         return np.asarray(self._open(start, count))
 
     def locate(self, rows: np.ndarray) -> np.ndarray:
-        """Index into ``segments`` of each row."""
-        return np.searchsorted(np.asarray(self._starts), rows, side="right") - 1
+        """Index into ``segments`` of each row; IndexError for a row no segment holds."""
+        pos = np.searchsorted(np.asarray(self._starts), rows, side="right") - 1
+        ends = np.asarray([s + n for s, n in self.segments], dtype=np.int64)
+        bad = (pos < 0) | (rows >= ends[np.clip(pos, 0, None)])
+        if bad.any():
+            raise IndexError(f"rows {rows[bad][:5].tolist()} were never committed to {self.url}")
+        return pos
 
     def get(self, rows) -> np.ndarray:
         """Rows in the order asked -> (k, *row_shape)."""

@@ -11,11 +11,19 @@ from edje_search.config import IndexConfig
 from edje_search.errors import BadInput
 from edje_search.storage.index_store import IndexStore
 from edje_search.storage.integrity import unchecked_segments
+from tests.damage import flip_row_bytes, write_rows_behind_the_index
+
+SHARD = 16  # token rows per shard here: commit c of ten rows starts at row 16 * c
+
+
+def _row(i: int) -> int:
+    """The row of /p{i} (commits of ten rows, each starting at a shard boundary)."""
+    return (i // 10) * SHARD + i % 10
 
 
 def _config(**kw):
     base = dict(factory="Flat", dim=8, tokens_per_image=2, token_width=4, token_dtype="float16",
-                model_path="m", model_fingerprint="f")
+                token_shard_rows=SHARD, model_path="m", model_fingerprint="f")
     return IndexConfig(**{**base, **kw})
 
 
@@ -56,47 +64,51 @@ def test_flipped_token_bytes_fail_verify_and_repair_drops_exactly_those_rows(tmp
     root = tmp_path / "i"
     v, t = _build(root)
     assert IndexStore.open(root).verify() == [] and unchecked_segments(IndexStore.open(root)) == []
-    hit = _flip(root / "tokens" / "000000000010.npy", 5, seed=1)
-    rows = [10 + r for r in hit]
+    hit = [11, 14, 18]
+    flip_row_bytes(root, [_row(i) for i in hit], SHARD)
     problems = IndexStore.open(root).verify()
-    assert len(problems) == 1 and "fails its checksum" in problems[0] and "000000000010.npy" in problems[0]
-    assert all(str(r) in problems[0] for r in rows)
+    assert len(problems) == 1 and "tokens segment" in problems[0] and "CRC-32C" in problems[0]
+    assert "3 rows damaged (17, 20, 24)" in problems[0]
     report = _repair(root)
-    assert report.dropped == sorted(f"/p{r}" for r in rows)
+    assert report.dropped == [f"/p{i}" for i in hit]
     again = IndexStore.open(root)
-    assert again.verify() == [] and len(again) == 40 - len(rows)
-    keep = [r for r in range(10, 20) if r not in rows]
-    np.testing.assert_array_equal(again.tokens.get(keep), t[keep])  # the intact rows of the segment stay
-    _, got = again.search(v[rows[0]:rows[0] + 1], 40)
-    assert rows[0] not in got[0].tolist()
+    assert again.verify() == [] and len(again) == 40 - len(hit)
+    keep = [i for i in range(10, 20) if i not in hit]
+    np.testing.assert_array_equal(again.tokens.get([_row(i) for i in keep]), t[keep])  # the span's intact rows stay
+    _, got = again.search(v[hit[0]:hit[0] + 1], 40)
+    assert _row(hit[0]) not in got[0].tolist()
 
 
 def test_flipped_vector_bytes_are_dropped_never_rebuilt_into_faiss(tmp_path):
     root = tmp_path / "i"
     v, _ = _build(root)
-    hit = _flip(root / "vectors" / "000000000020.npy", 3, seed=2)
-    rows = [20 + r for r in hit]
+    hit = _flip(root / "vectors" / f"{_row(20):012d}.npy", 3, seed=2)
+    ids = [20 + r for r in hit]
     problems = IndexStore.open(root).verify()
     assert any("vectors segment" in p and "fails its checksum" in p for p in problems)
     report = _repair(root)
-    assert report.dropped == sorted(f"/p{r}" for r in rows)
+    assert report.dropped == sorted(f"/p{i}" for i in ids)
     again = IndexStore.open(root)
     assert again.verify() == []
     _, got = again.search(v, 1)  # every intact row is still its own nearest neighbour
-    assert [int(got[i, 0]) for i in range(40) if i not in rows] == [i for i in range(40) if i not in rows]
-    assert not set(got[:, 0].tolist()) & set(rows)
+    assert [int(got[i, 0]) for i in range(40) if i not in ids] == [_row(i) for i in range(40) if i not in ids]
+    assert not set(got[:, 0].tolist()) & {_row(i) for i in ids}
 
 
 @pytest.mark.parametrize("store_name", ["vectors", "tokens"])
 def test_nan_written_into_a_segment_is_found_and_its_rows_dropped(tmp_path, store_name):
     root = tmp_path / "i"
     _build(root)
-    seg = root / store_name / "000000000030.npy"
-    arr = np.load(seg)
-    arr[[2, 7]] = np.nan
-    np.save(seg, arr)
+    rows = [_row(32), _row(37)]
+    if store_name == "vectors":
+        seg = root / "vectors" / f"{_row(30):012d}.npy"
+        arr = np.load(seg)
+        arr[[2, 7]] = np.nan
+        np.save(seg, arr)
+    else:
+        write_rows_behind_the_index(IndexStore.open(root), rows, np.full((2, 2, 4), np.nan))
     problems = IndexStore.open(root).verify()
-    assert any("NaN" in p and "32" in p and "37" in p for p in problems)
+    assert any("NaN" in p and str(rows[0]) in p and str(rows[1]) in p for p in problems)
     assert _repair(root).dropped == ["/p32", "/p37"]
     assert IndexStore.open(root).verify() == []
 
@@ -126,10 +138,11 @@ def test_segments_without_checksums_are_unchecked_not_broken(tmp_path):
 def test_int8_token_scales_are_checksummed_too(tmp_path):
     root = tmp_path / "i"
     _build(root, token_dtype="int8")
-    hit = _flip(root / "token_scales" / "000000000000.npy", 2, seed=3)
+    flip_row_bytes(root, [1, 6], SHARD, array="token_scales", at=1)
     problems = IndexStore.open(root).verify()
-    assert any("token_scales segment" in p and "fails its checksum" in p for p in problems)
-    assert _repair(root).dropped == sorted(f"/p{r}" for r in hit)
+    assert any("token_scales segment" in p and "rows damaged (1, 6)" in p for p in problems)
+    assert _repair(root).dropped == ["/p1", "/p6"]
+    assert IndexStore.open(root).verify() == []
 
 
 def test_commit_refuses_non_finite_vectors_and_tokens(tmp_path):
@@ -154,14 +167,7 @@ def test_cli_verify_and_repair_on_a_built_index(built_index):
     from edje_search_cli.main import cli, register_commands
 
     register_commands()
-    tokens = sorted((built_index / "tokens").glob("*.npy"))[0]
-    arr = np.load(tokens, mmap_mode="r")
-    offset, row_bytes = tokens.stat().st_size - arr.nbytes, arr.nbytes // arr.shape[0]
-    del arr
-    data = bytearray(tokens.read_bytes())
-    for row in (3, 17):
-        data[offset + row * row_bytes + 5] ^= 0x10
-    tokens.write_bytes(bytes(data))
+    flip_row_bytes(built_index, [3, 17])
     vectors = sorted((built_index / "vectors").glob("*.npy"))[0]
     v = np.load(vectors)
     v[25, 0] = np.nan
@@ -198,10 +204,9 @@ def test_a_query_reading_nan_tokens_fails_instead_of_reordering_silently(built_i
     from edje_search import Engine
     from edje_search.errors import IndexCorrupt
 
-    seg = sorted((built_index / "tokens").glob("*.npy"))[0]
-    arr = np.load(seg)
-    arr[:] = np.nan  # every row: whichever the query reranks
-    np.save(seg, arr)
+    store = IndexStore.open(built_index)
+    rows = [e.row for e in store.entries]  # every row: whichever the query reranks
+    write_rows_behind_the_index(store, rows, np.full((len(rows), *store.tokens.arrays["tokens"].row_shape), np.nan))
     with pytest.raises(IndexCorrupt, match=r"stored tokens of rows \[.*hold NaN"):
         IndexStore.open(built_index).tokens.get([0, 1])
     with pytest.raises(IndexCorrupt, match="hold NaN or infinite values"):

@@ -12,7 +12,7 @@ from edje_search.data.synthetic import make_dataset
 from edje_search.evaluation import (encode_set, first_correct_rank, load_eval_set, recall_at_k, rerank_order,
                                     rerank_scores, rerank_set, served_tokens)
 from edje_search.ranking import rank_pool
-from edje_search.storage.token_store import create_token_store
+from edje_search.storage.token_store import TokenStore
 
 
 def _png(path):
@@ -112,8 +112,9 @@ def test_ties_keep_the_first_stage_order():
 @pytest.mark.parametrize("dtype", ["float16", "float32", "int8"])
 def test_served_tokens_are_what_a_token_store_gives_back(tmp_path, dtype):
     tokens = np.random.default_rng(0).normal(size=(5, 4, 8)).astype(np.float32)
-    store = create_token_store(tmp_path / "t", 4, 8, dtype=dtype, chunk_rows=2)
-    store.write(0, tokens.astype("float16" if dtype == "int8" else dtype))  # as the indexing stage hands them over
+    store = TokenStore(str(tmp_path), 4, 8, dtype, shard_rows=2)
+    spans = store.write_segment(0, tokens.astype("float16" if dtype == "int8" else dtype))  # as indexing hands them
+    store.set_segments({kind: [(s, n)] for kind, s, n in spans})
     np.testing.assert_array_equal(served_tokens(tokens, dtype), np.asarray(store.get(range(5)), dtype=np.float32))
 
 

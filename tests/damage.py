@@ -1,0 +1,39 @@
+"""Ways to damage a stored index on purpose, for the integrity tests.
+
+Token rows live in Zarr v3 shards (``tokens.zarr/<array>/c/<shard>/0/0``): the row bytes, each
+followed by its CRC-32C, then the shard index (offset and length of each row, little-endian
+uint64 pairs) and the index's CRC-32C at the end of the file.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def shard_file(index_dir: Path, row: int, shard_rows: int = 256, array: str = "tokens") -> Path:
+    return Path(index_dir) / "tokens.zarr" / array / "c" / str(row // shard_rows) / "0" / "0"
+
+
+def row_span(index_dir: Path, row: int, shard_rows: int = 256, array: str = "tokens") -> tuple[Path, int, int]:
+    """(shard file, byte offset, length without its CRC) of one stored row."""
+    path = shard_file(index_dir, row, shard_rows, array)
+    tail = path.read_bytes()[-(16 * shard_rows + 4):-4]
+    offset, nbytes = np.frombuffer(tail, dtype="<u8").reshape(shard_rows, 2)[row % shard_rows]
+    return path, int(offset), int(nbytes) - 4
+
+
+def flip_row_bytes(index_dir: Path, rows, shard_rows: int = 256, array: str = "tokens", at: int = 5) -> None:
+    """XOR one data byte of each row in ``rows`` (as bit rot would)."""
+    for row in rows:
+        path, offset, _ = row_span(index_dir, row, shard_rows, array)
+        data = bytearray(path.read_bytes())
+        data[offset + at] ^= 0x10
+        path.write_bytes(bytes(data))
+
+
+def write_rows_behind_the_index(store, rows, values, array: str = "tokens") -> None:
+    """Overwrite stored rows through Zarr itself (valid shards, fresh CRC-32Cs): damage only
+    the checksums the manifest recorded can see, as a stray tool writing the array would."""
+    arr = store.tokens.arrays[array]
+    arr.handle[np.asarray(rows)].write(np.asarray(values, dtype=arr.dtype)).result()

@@ -3,6 +3,7 @@ mode) on 127.0.0.1, started and stopped here; the index passes the same build, q
 and repair checks as one on local disk."""
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 
 from edje_search import Engine
+from edje_search.storage.index_store import IndexStore
 from edje_search.models.registry import load_model
 
 pytest.importorskip("s3fs", reason="object storage needs the [s3] extra (s3fs)")
@@ -45,11 +47,16 @@ def s3_endpoint():
             time.sleep(0.2)
     saved = dict(fsspec.config.conf)
     fsspec.config.conf["s3"] = {"endpoint_url": url, "key": "testing", "secret": "testing"}
+    # the token shards go through tensorstore, which takes S3 credentials from the AWS environment
+    saved_env = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    os.environ.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"})
     fs = fsspec.filesystem("s3", skip_instance_cache=True)
     fs.mkdir("edje-test")
     yield url
     fsspec.config.conf.clear()
     fsspec.config.conf.update(saved)
+    for k, v in saved_env.items():
+        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
     proc.terminate()
     proc.wait(10)
 
@@ -64,22 +71,29 @@ def test_index_on_s3_answers_like_a_local_one(s3_endpoint, tmp_path, tiny_model_
     report = remote.sync(shapes_dir / "test", num_workers=0, progress=False, batch_size=16, commit_every=16)
     assert report.added == 40
     fs = fsspec.filesystem("s3", skip_instance_cache=True)
-    assert len(fs.ls("edje-test/idx/tokens")) == 3  # one segment per commit, on the server
-    assert not any((tmp_path / "remote").rglob("*.npy"))  # nothing of the stores on local disk
+    assert len(fs.find("edje-test/idx/tokens.zarr/tokens/c")) == 3  # one shard per commit, on the server
+    assert not any((tmp_path / "remote").rglob("*.npy")) and not (tmp_path / "remote" / "tokens.zarr").exists()
 
     reopened = Engine.from_pretrained(tmp_path / "remote")
     assert reopened.verify() == []
     for q in ("a red circle", "two blue squares"):
         want = [(h.path, round(h.score, 5)) for h in local.search(q, k=5, rerank_k=10)]
         assert [(h.path, round(h.score, 5)) for h in reopened.search(q, k=5, rerank_k=10)] == want
-    rows = np.arange(40)
-    np.testing.assert_array_equal(reopened.store.tokens.get(rows[::-1]), local.store.tokens.get(rows[::-1]))
+    local_rows = {e.path: e.row for e in local.store.entries}
+    pairs = [(e.row, local_rows[e.path]) for e in reopened.store.entries][::-1]
+    np.testing.assert_array_equal(reopened.store.tokens.get([r for r, _ in pairs]),
+                                  local.store.tokens.get([r for _, r in pairs]))
+    import zarr  # a plain Zarr reader on the bucket reads the same tokens
+
+    group = zarr.open_group("s3://edje-test/idx/tokens.zarr", mode="r", storage_options=fsspec.config.conf["s3"])
+    some = np.array(sorted(r for r, _ in pairs)[:20])
+    np.testing.assert_array_equal(group["tokens"].oindex[some], reopened.store.tokens.get(some))
 
     gone = sorted(e.path for e in reopened.store.entries)[:3]
     writer = Engine.from_pretrained(tmp_path / "remote", writable=True)
     assert writer.remove(gone) == 3 and writer.verify() == []
 
-    fs.rm("edje-test/idx/tokens/000000000016.npy")  # a lost object is an error, never zeros
+    fs.rm("edje-test/idx/tokens.zarr/tokens/c/1/0/0")  # a lost object is an error, never zeros
     problems = Engine.from_pretrained(tmp_path / "remote").verify()
     assert any("missing" in p for p in problems)
     repaired = writer.repair()
@@ -87,3 +101,19 @@ def test_index_on_s3_answers_like_a_local_one(s3_endpoint, tmp_path, tiny_model_
     assert writer.verify() == []
     writer.sync(shapes_dir / "test", num_workers=0, progress=False, batch_size=16)  # re-embeds what was dropped
     assert len(writer.store) == 40 and writer.verify() == []
+
+
+@pytest.mark.parametrize("token_dtype", ["float16", "int8"])
+def test_plain_zarr_readers_on_the_bucket_get_the_tokens_the_engine_gathers(s3_endpoint, tmp_path, token_dtype):
+    import fsspec
+
+    from tests.integration.test_token_store import build_random_index, tensorstore_tokens, zarr_tokens
+
+    url = f"s3://edje-test/random-{token_dtype}"
+    store, by_row = build_random_index(tmp_path / "i", token_dtype, store_url=url)
+    rows = np.random.default_rng(2).choice(sorted(by_row), 100, replace=False)
+    engine_view = IndexStore.open(tmp_path / "i").tokens.get(rows)
+    np.testing.assert_array_equal(zarr_tokens(f"{url}/tokens.zarr", rows, fsspec.config.conf["s3"]), engine_view)
+    kv = {"driver": "s3", "bucket": "edje-test", "path": f"random-{token_dtype}/tokens.zarr/",
+          "endpoint": s3_endpoint, "aws_region": "us-east-1"}
+    np.testing.assert_array_equal(tensorstore_tokens(kv, rows), engine_view)

@@ -1,0 +1,207 @@
+"""The token store is a plain Zarr v3 group: other readers get the engine's tokens, damage to a
+shard is found and repaired, and indexes of the previous release migrate without losing a row."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edje_search.config import IndexConfig
+from edje_search.errors import IndexOutdated
+from edje_search.storage import layout
+from edje_search.storage.index_store import IndexStore
+from edje_search.storage.migrate import migrate
+from tests.damage import shard_file
+
+LEGACY = Path(__file__).parents[1] / "data" / "index-0.2"
+SHARD = 64
+
+
+def build_random_index(root, token_dtype, commits=(110, 110, 110), seed=0, store_url=""):
+    """An index of random rows in a few commits (gaps between them); returns (store, tokens by row)."""
+    rng = np.random.default_rng(seed)
+    store = IndexStore.create(root, IndexConfig(dim=8, tokens_per_image=4, token_width=16, token_dtype=token_dtype,
+                                                token_shard_rows=SHARD, factory="Flat", model_fingerprint="fp",
+                                                store_url=store_url))
+    by_row, n = {}, 0
+    for b in commits:
+        v = rng.standard_normal((b, 8)).astype(np.float32)
+        t = (rng.standard_normal((b, 4, 16)) * rng.uniform(0.1, 4, (b, 4, 1))).astype(np.float16)
+        with store.writing():
+            start = store.next_row()
+            store.commit([f"/img{n + i}.jpg" for i in range(b)], [None] * b, v / np.linalg.norm(v, axis=1)[:, None], t)
+        by_row.update({start + i: t[i] for i in range(b)})
+        n += b
+    return store, by_row
+
+
+def zarr_tokens(group_path, rows, storage_options=None):
+    """What a plain zarr-python reader computes from the group and its documented attributes."""
+    import zarr
+
+    group = zarr.open_group(str(group_path), mode="r", storage_options=storage_options)
+    attrs = group.attrs["edje_search"]
+    uniq, inverse = np.unique(rows, return_inverse=True)
+    tokens = np.asarray(group["tokens"].oindex[uniq])[inverse]
+    if attrs["dtype"] == "int8":
+        return tokens.astype(np.float32) * np.asarray(group["token_scales"].oindex[uniq])[inverse].astype(np.float32)
+    return tokens
+
+
+def tensorstore_tokens(kvstore: dict, rows):
+    """What a plain tensorstore reader gets, given the group's key-value store spec."""
+    import tensorstore as ts
+
+    def read(name):
+        spec = dict(kvstore, path=f"{kvstore['path'].rstrip('/')}/{name}/")
+        return ts.open({"driver": "zarr3", "kvstore": spec}).result()[rows].read().result()
+
+    tokens = read("tokens")
+    if tokens.dtype == np.int8:
+        return tokens.astype(np.float32) * read("token_scales").astype(np.float32)
+    return tokens
+
+
+@pytest.mark.parametrize("token_dtype", ["float16", "int8"])
+def test_zarr_python_and_tensorstore_read_the_tokens_the_engine_gathers(tmp_path, token_dtype):
+    store, by_row = build_random_index(tmp_path / "i", token_dtype)
+    rows = np.random.default_rng(1).choice(sorted(by_row), 100, replace=False)
+    engine_view = IndexStore.open(tmp_path / "i").tokens.get(rows)
+    group = tmp_path / "i" / "tokens.zarr"
+    np.testing.assert_array_equal(zarr_tokens(group, rows), engine_view)
+    np.testing.assert_array_equal(tensorstore_tokens({"driver": "file", "path": str(group)}, rows), engine_view)
+    if token_dtype == "float16":
+        np.testing.assert_array_equal(engine_view, np.stack([by_row[r] for r in rows]))
+    import zarr
+
+    group_meta = zarr.open_group(str(group), mode="r")
+    assert group_meta["tokens"].shape == (store.n_rows, 4, 16)
+    assert group_meta.attrs["edje_search"]["model_fingerprint"] == "fp"
+
+
+def test_a_built_index_is_readable_by_zarr_too(built_index):
+    from edje_search import Engine
+
+    engine = Engine.from_pretrained(built_index)
+    rows = np.array([e.row for e in engine.store.entries])
+    np.testing.assert_array_equal(zarr_tokens(built_index / "tokens.zarr", rows), engine.store.tokens.get(rows))
+
+
+def _truncate(path):
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size // 2)
+
+
+def _overwrite_index(path):
+    data = bytearray(path.read_bytes())
+    data[-40:-4] = bytes(36)  # entries of the shard index, its own CRC left as it was
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", [Path.unlink, _truncate, _overwrite_index],
+                         ids=["deleted", "truncated", "index-overwritten"])
+def test_a_damaged_shard_fails_verify_and_repair_drops_exactly_its_rows(tmp_path, damage):
+    store, by_row = build_random_index(tmp_path / "i", "float16")
+    second = sorted(by_row)[110]  # the second commit: rows 128-237, shards 2 and 3
+    hit = shard_file(tmp_path / "i", second + SHARD, SHARD)  # shard 3: rows 192-237
+    damage(hit)
+    problems = IndexStore.open(tmp_path / "i").verify()
+    assert problems and any("tokens segment" in p and "rows 128-237" in p for p in problems)
+    writer = IndexStore.open(tmp_path / "i", mode="r+")
+    with writer.writing():
+        report = writer.repair()
+    lost = range(192, 238)
+    assert report.dropped == sorted(f"/img{110 + r - 128}.jpg" for r in lost)
+    again = IndexStore.open(tmp_path / "i")
+    assert again.verify() == [] and len(again) == 330 - len(lost)
+    keep = [r for r in sorted(by_row) if r not in lost]
+    np.testing.assert_array_equal(again.tokens.get(keep), np.stack([by_row[r] for r in keep]))
+
+
+def test_zarr_json_lagging_after_a_crash_is_published_by_the_next_writer(tmp_path):
+    store, _ = build_random_index(tmp_path / "i", "float16", commits=(10,))
+    meta = tmp_path / "i" / "tokens.zarr" / "tokens" / "zarr.json"
+    doc = json.loads(meta.read_text())
+    doc["shape"][0] = 0  # as if the process died between the manifest commit and publishing
+    meta.write_text(json.dumps(doc))
+    with IndexStore.open(tmp_path / "i", mode="r+").writing():
+        pass
+    assert json.loads(meta.read_text())["shape"][0] == 10
+
+
+def _legacy_copy(tmp_path, dtype):
+    shutil.copytree(LEGACY / dtype, tmp_path / dtype)
+    return tmp_path / dtype
+
+
+def _legacy_tokens(index_dir, dtype):
+    """Every row's tokens as 0.2 stored them (read with numpy, dequantised for int8)."""
+    segs = sorted((index_dir / "tokens").glob("*.npy"))
+    tokens = np.concatenate([np.load(p) for p in segs])
+    if dtype == "int8":
+        scales = np.concatenate([np.load(p) for p in sorted((index_dir / "token_scales").glob("*.npy"))])
+        return tokens.astype(np.float32) * scales.astype(np.float32)
+    return tokens
+
+
+@pytest.mark.parametrize("dtype", ["float16", "int8"])
+def test_an_index_of_the_previous_release_migrates_without_losing_a_row(tmp_path, tiny_model_dir, dtype):
+    from click.testing import CliRunner
+
+    from edje_search import Engine, load_model
+    from edje_search_cli.main import cli
+
+    index_dir = _legacy_copy(tmp_path, dtype)
+    expected = json.loads((LEGACY / "expected.json").read_text())[dtype]
+    old_tokens = _legacy_tokens(index_dir, dtype)
+    with pytest.raises(IndexOutdated, match="edje-search migrate --index"):
+        IndexStore.open(index_dir)
+    result = CliRunner().invoke(cli, ["migrate", "--index", str(index_dir), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["migrated"] and report["rows"] == 12 and report["dropped"] == [] and report["problems"] == []
+    assert not (index_dir / "tokens").exists() and not (index_dir / "token_scales").exists()
+
+    model = load_model(tiny_model_dir)
+    assert model.fingerprint() == expected["fingerprint"]
+    engine = Engine.from_pretrained(index_dir, model=model)
+    assert {Path(e.path).name: e.row for e in engine.store.entries} == expected["rows"]
+    rows = np.arange(12)
+    np.testing.assert_array_equal(engine.store.tokens.get(rows), old_tokens)
+    for q, want in expected["hits"].items():
+        got = [[Path(h.path).name, round(h.score, 4)] for h in engine.search(q, k=5, rerank_k=8)]
+        assert got == want
+    # a current index: migrate again is a no-op, and new commits start at the next shard
+    assert json.loads(CliRunner().invoke(cli, ["migrate", "--index", str(index_dir), "--json"]).stdout)[
+        "migrated"] is False
+    writer = IndexStore.open(index_dir, mode="r+")
+    assert writer.next_row() == 256
+
+
+@pytest.mark.parametrize("point", ["migrate_after_copy", "migrate_after_commit"])
+def test_a_migration_killed_part_way_leaves_a_whole_index(tmp_path, monkeypatch, point):
+    index_dir = _legacy_copy(tmp_path, "int8")
+    old_tokens = _legacy_tokens(index_dir, "int8")
+
+    def crash(name):
+        if name == point:
+            raise SystemExit(137)
+
+    monkeypatch.setattr(layout, "fault", crash)
+    with pytest.raises(SystemExit):
+        migrate(index_dir)
+    monkeypatch.setattr(layout, "fault", lambda name: None)
+    if point == "migrate_after_copy":  # before the commit: still the 0.2 index, whole
+        with pytest.raises(IndexOutdated):
+            IndexStore.open(index_dir)
+        assert migrate(index_dir).migrated
+    else:  # after it: a migrated index, whose leftovers the next writer removes
+        with IndexStore.open(index_dir, mode="r+").writing():
+            pass
+        assert not (index_dir / "tokens").exists()
+    again = IndexStore.open(index_dir)
+    assert again.verify() == []
+    np.testing.assert_array_equal(again.tokens.get(np.arange(12)), old_tokens)

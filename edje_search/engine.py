@@ -73,7 +73,7 @@ class Engine:
         self.model = model
         self._indexer = Indexer(store, model)
         logger.info("index %s: %d images, generation %d, model %s on %s", store.directory, len(store),
-                    store.generation, model.name, model.device)
+                    store.generation, getattr(model, "name", None), getattr(model, "device", None))
         self.last_timings: dict[str, float] = {}  # milliseconds per stage of the latest search
 
     # -------------------------------------------------------------------------- construction

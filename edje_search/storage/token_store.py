@@ -18,6 +18,7 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import IndexCorrupt
+from .checksums import all_finite, non_finite_rows
 from .zarr_rows import ZarrRows, is_remote, write_document
 
 TOKEN_DTYPES = ("float16", "float32", "int8")
@@ -107,8 +108,8 @@ class TokenStore:
             out = self.arrays["tokens"].get(idx)
         # a pass over the k rows a rerank reads anyway: damaged tokens fail the query instead of
         # silently reordering its hits
-        if not np.isfinite(out).all():
-            bad = idx[~np.isfinite(out.reshape(len(idx), -1)).all(axis=1)]
+        if not all_finite(out):
+            bad = idx[non_finite_rows(out)]
             raise IndexCorrupt(f"stored tokens of rows {sorted(set(bad.tolist()))[:8]} under {self.url} "
                                f"hold NaN or infinite values (run `edje-search verify`, then `repair`)")
         return out

@@ -83,9 +83,11 @@ def kvstore_spec(url: str) -> dict:
 
 
 def array_metadata(row_shape: Sequence[int], dtype: str, shard_rows: int, rows: int,
-                   attributes: dict | None = None) -> dict:
+                   attributes: dict | None = None, compressor: dict | None = None) -> dict:
     """Zarr v3 array metadata: rows of ``row_shape``, one row per CRC-32C-checked inner chunk,
-    ``shard_rows`` rows per shard, no compression (stored tokens barely compress: docs/storage.md)."""
+    ``shard_rows`` rows per shard. No compression: measured on trained tokens, no codec pays
+    (docs/storage.md); ``compressor`` (a Zarr v3 codec such as zstd or blosc) is there for that
+    measurement (benchmarks/token_codecs.py)."""
     row_shape = [int(x) for x in row_shape]
     little = {"name": "bytes", "configuration": {"endian": "little"}}
     one_byte = np.dtype(dtype).itemsize == 1
@@ -96,7 +98,8 @@ def array_metadata(row_shape: Sequence[int], dtype: str, shard_rows: int, rows: 
         "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
         "codecs": [{"name": "sharding_indexed", "configuration": {
             "chunk_shape": [1, *row_shape],
-            "codecs": [{"name": "bytes"} if one_byte else little, {"name": "crc32c"}],
+            "codecs": [{"name": "bytes"} if one_byte else little, *([compressor] if compressor else []),
+                       {"name": "crc32c"}],
             "index_codecs": [little, {"name": "crc32c"}],
             "index_location": "end"}}],
         "fill_value": 0,

@@ -18,7 +18,6 @@ from edje_search.models.bundle import EdjeModel
 from edje_search.models.first_stage import FirstStage
 from edje_search.models.registry import bundled_minilm_dir
 from edje_search.storage.index_store import IndexStore
-from edje_search.storage.token_store import create_token_store
 
 from .throughput import joint_encoder
 from .timing import median_seconds
@@ -35,12 +34,12 @@ def _random_rows(start: int, count: int, width: int, seed: int = 0) -> np.ndarra
 
 
 def gather_latency(directory: Path, n_rows: int, dtype: str, ks=(10, 50, 100), repeats: int = 30) -> dict:
-    """Median ms to gather k random rows from an on-disk token store of ``n_rows`` x 64 x 384."""
-    store = create_token_store(directory / f"gather-{dtype}-{n_rows}.zarr", 64, 384, dtype=dtype)
-    for s in range(0, n_rows, 4096):
-        store.write(s, _random_rows(s, min(4096, n_rows - s), 384))
+    """Median ms to gather k random live rows through the engine's token store (the Zarr store
+    of an index of ``n_rows`` x 64 x 384 tokens; benchmarks/token_gather.py goes to 1M rows)."""
+    store = synthetic_index(directory / f"gather-{dtype}-{n_rows}", n_rows, 16, dtype)
+    live = np.array([e.row for e in store.iter_entries()], dtype=np.int64)
     rng = np.random.default_rng(1)
-    return {f"k={k}": 1000 * median_seconds(lambda k=k: store.get(rng.choice(n_rows, k, replace=False)),
+    return {f"k={k}": 1000 * median_seconds(lambda k=k: store.tokens.get(rng.choice(live, k, replace=False)),
                                             warmup=3, repeats=repeats) for k in ks}
 
 
@@ -70,7 +69,8 @@ def synthetic_index(directory: Path, n_rows: int, dim: int, token_dtype: str, ch
         tokens = np.concatenate([_random_rows(s + i, min(4096, b - i), 384) for i in range(0, b, 4096)])
         paths = [f"/synthetic/{s + i:07d}.jpg" for i in range(b)]
         hashes = [hashlib.sha256(p.encode()).hexdigest() for p in paths]
-        store.commit(paths, hashes, vec, tokens, new_stats=[(0, 0)] * b)
+        with store.writing():
+            store.commit(paths, hashes, vec, tokens, new_stats=[(0, 0)] * b)
     return store
 
 

@@ -34,8 +34,8 @@ class DuplicateGroup:
 
 def exact_groups(store: "IndexStore") -> list[DuplicateGroup]:
     """Live files with identical content, grouped by hash (rows in order)."""
-    live = Manifest._live(store.generation)
-    got = store.manifest._q(
+    live = Manifest.live_condition(store.generation)
+    got = store.manifest.select(
         f"SELECT sha256, row, path FROM rows WHERE {live} AND sha256 IN (SELECT sha256 FROM rows WHERE {live} "
         f"AND sha256 IS NOT NULL GROUP BY sha256 HAVING COUNT(*) > 1) ORDER BY sha256, row")
     groups: dict[str, list[int]] = {}

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import click
 
-from . import duplicate_commands, index_commands, model_commands, score_commands, serve_commands, train_commands
+from . import (duplicate_commands, index_commands, model_commands, query_commands, score_commands, serve_commands,
+               train_commands)
 from .common import BACKENDS, FriendlyGroup  # noqa: F401  (BACKENDS: torch-free, so --help stays fast)
 
-COMMAND_MODULES = (index_commands, duplicate_commands, model_commands, score_commands, serve_commands,
+COMMAND_MODULES = (index_commands, query_commands, duplicate_commands, model_commands, score_commands, serve_commands,
                    train_commands)
 
 

@@ -114,6 +114,16 @@ def report(present: dict, absent: dict, k: int, min_prob: float) -> dict:
                               "absent": float(np.mean(absent["top_prob"]))}}
 
 
+def publish(result: dict, out: str | None, scratch: Path | None) -> None:
+    """Print the result as JSON, write it to ``out`` when given, remove the ``scratch`` folder."""
+    text = json.dumps(result, indent=1)
+    print(text)
+    if out:
+        Path(out).write_text(text + "\n")
+    if scratch is not None:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True, help="model directory (calibrated on the validation split)")
@@ -172,12 +182,7 @@ def main() -> None:
         "captions_of_one_image_only": report(subset(present, unique), subset(absent, unique), a.k, a.min_prob),
         "seconds": {"build": build_s, "present_queries": present_s, "absent_folds": absent_s},
     }
-    text = json.dumps(out, indent=1)
-    print(text)
-    if a.out:
-        Path(a.out).write_text(text + "\n")
-    if a.work is None:
-        shutil.rmtree(work, ignore_errors=True)
+    publish(out, a.out, work if a.work is None else None)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ and its groups checked against the planted copies.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import tempfile
@@ -30,6 +29,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from benchmarks.cutoff import publish
 from edje_search import Engine, load_model
 from edje_search.evaluation import load_eval_set
 from edje_search.storage.duplicates import find_duplicates
@@ -134,12 +134,7 @@ def main() -> None:
            "other_pairs_similarity": {"max": float(pair_sims[~same].max()),
                                       "p99_9": float(np.percentile(pair_sims[~same], 99.9))},
            "target_recall": a.target, "chosen": chosen, "find_duplicates_at_chosen": check, "sweep": sweep}
-    text = json.dumps(out, indent=1)
-    print(text)
-    if a.out:
-        Path(a.out).write_text(text + "\n")
-    if a.work is None:
-        shutil.rmtree(work, ignore_errors=True)
+    publish(out, a.out, work if a.work is None else None)
 
 
 if __name__ == "__main__":

@@ -7,11 +7,16 @@ nprobe tuning uses. Each selectivity is measured twice: the automatic choice (ex
 selected rows when they are few, else the FAISS ID selector) and the ID selector forced.
 
     python -m benchmarks.filtered --rows 20000 --factory IVF64,Flat --out benchmarks/results/filtered_20k.json
+
+``--data scale`` takes the vectors of benchmarks/scale.py instead (``--dim`` wide, 50,000 centres,
+noise 1.0: far harder for IVF than the default's 100 rows per tight cluster), with queries drawn
+from the same generator as scale.py's.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -46,12 +51,20 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=32)
     ap.add_argument("--factory", default="IVF64,Flat")
     ap.add_argument("--queries", type=int, default=200)
+    ap.add_argument("--data", choices=["clusters", "scale"], default="clusters",
+                    help="clusters: n/100 tight clusters (default); scale: benchmarks/scale.py's generator")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     rng = np.random.default_rng(0)
     n, dim = a.rows, a.dim
-    centres = rng.standard_normal((max(n // 100, 10), dim))
-    vectors = _unit(centres[rng.integers(0, len(centres), n)] + 0.35 * rng.standard_normal((n, dim)))
+    if a.data == "scale":
+        from benchmarks.scale import Vectors
+
+        gen = Vectors(dim)
+        vectors = np.concatenate([gen.batch(s, min(100_000, n - s)) for s in range(0, n, 100_000)])
+    else:
+        centres = rng.standard_normal((max(n // 100, 10), dim))
+        vectors = _unit(centres[rng.integers(0, len(centres), n)] + 0.35 * rng.standard_normal((n, dim)))
     config = IndexConfig(factory=a.factory, dim=dim, tokens_per_image=1, token_width=2, token_dtype="float16",
                          model_path="m", model_fingerprint="f")
     with tempfile.TemporaryDirectory() as tmp:
@@ -60,10 +73,14 @@ def main() -> None:
             store.commit([f"/p/{i}.jpg" for i in range(n)], [None] * n, vectors, np.zeros((n, 1, 2), np.float16),
                          new_meta=[{"bucket": i % 1000} for i in range(n)])
             trained = store.optimize()
-        queries = _unit(vectors[rng.integers(0, n, a.queries)] + 0.5 / np.sqrt(dim)
-                        * rng.standard_normal((a.queries, dim)))
+        if a.data == "scale":
+            queries = gen.batch(10**9, a.queries)
+        else:
+            queries = _unit(vectors[rng.integers(0, n, a.queries)] + 0.5 / np.sqrt(dim)
+                            * rng.standard_normal((a.queries, dim)))
         _, got = store.search(queries, 10)
-        out = {"rows": n, "dim": dim, "recipe": store.recipe, "nprobe": store.settings.get("nprobe"),
+        out = {"command": "python -m benchmarks.filtered " + " ".join(sys.argv[1:]), "data": a.data,
+               "rows": n, "dim": dim, "recipe": store.recipe, "nprobe": store.settings.get("nprobe"),
                "optimize": trained, "queries": a.queries,
                "unfiltered": {"recall_at_10": _recall(got, np.argsort(-(queries @ vectors.T), axis=1)[:, :10]),
                               "p50_ms": _p50_ms(lambda q: store.search(q, 10), queries)},

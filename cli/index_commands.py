@@ -1,4 +1,5 @@
-"""build-index, add, remove, query, info.
+"""build-index, add, remove, info (query: query_commands.py; verify, repair, migrate:
+maintenance_commands.py).
 
 Commands import the library inside their bodies, and `info` never imports torch, so it starts
 in well under a second.
@@ -11,10 +12,9 @@ from pathlib import Path
 
 import click
 
-from edje_search.config import DEFAULT_RERANK_K
 from edje_search.storage.layout import SKIPPED_FILE
 
-from .common import BACKENDS, Failure, echo_text, emit_json, index_option, json_option
+from .common import Failure, echo_text, emit_json, index_option, json_option
 
 SHOW_SKIPPED = 10  # skipped files named on stderr after a build; the rest are in skipped.jsonl
 
@@ -202,123 +202,6 @@ def remove(paths, index_dir, allow_all, wait, as_json):
         click.echo(f"{n} removed; index holds {len(engine)} images")
 
 
-@click.command("query")
-@click.argument("text", nargs=-1, required=True)
-@index_option
-@click.option("-k", "k", default=10, show_default=True,
-              help="Number of results (an index with fewer images returns them all, with a note on stderr).")
-@click.option("--rerank-k", default=DEFAULT_RERANK_K, show_default=True,
-              help="First-stage candidates rescored by the joint encoder (0 = no reranking).")
-@click.option("--model", default=None, help="Model to query with (default: the index's own model).")
-@click.option("--backend", type=click.Choice(BACKENDS), default="eager", show_default=True,
-              help="How the reranker runs; onnx-int8 is the fastest on CPUs (see docs/benchmarks.md, fidelity).")
-@click.option("--compare", is_flag=True, help="Show first-stage and reranked top-k side by side.")
-@click.option("--where", default=None, metavar="EXPR",
-              help='Search only images whose metadata passes EXPR, e.g. \'taken >= "2023-06-01" and make = "Canon"\' '
-                   "(grammar and fields: docs/filters.md). k hits come back whenever k images pass.")
-@click.option("--under", default=None, type=click.Path(file_okay=False), metavar="FOLDER",
-              help="Search only images under FOLDER.")
-@click.option("--dedupe", is_flag=True,
-              help="Collapse near-duplicates in the results: a hit whose first-stage similarity to a better hit "
-                   "is at or above --dedupe-threshold is listed under it instead of taking a place of the k.")
-@click.option("--dedupe-threshold", default=0.95, show_default=True, type=click.FloatRange(-1.0, 1.0),
-              help="Cosine similarity at or above which --dedupe treats two hits as the same image.")
-@device_option
-@json_option
-def query(text, index_dir, k, rerank_k, model, backend, compare, where, under, dedupe, dedupe_threshold, device,
-          as_json):
-    """Search the index for TEXT; each TEXT argument is one query.
-
-    The first stage's top --rerank-k are reordered by score = joint-encoder logit (rerank) +
-    the model's fusion weight x first-stage similarity (first); the weight is 0 unless
-    `edje-search calibrate` set it. Hits below --rerank-k keep their first-stage order."""
-    from edje_search.errors import BadInput
-    from edje_search.validation import check_query
-
-    for q in text:  # the library's rule, checked before the model loads
-        check_query(q)
-    if k <= 0:
-        raise BadInput("-k must be at least 1")
-    if rerank_k < 0:
-        raise BadInput("--rerank-k must be 0 or more")
-    from edje_search.engine import Engine
-
-    engine = Engine.from_pretrained(index_dir, model=model, backend=backend, device=device)
-    n = len(engine)
-    if n == 0:
-        raise Failure(f"the index {index_dir} is empty: add images with `edje-search build-index`")
-    if k > n and not (where or under):
-        click.echo(f"note: the index holds only {n} image{'s' if n != 1 else ''}; showing all of them", err=True)
-        k = n
-    if dedupe and compare:
-        raise BadInput("--dedupe and --compare do not combine")
-    fetch = min(n, k * DEDUPE_FETCH) if dedupe else k  # room for the hits that collapse
-    results = engine.search_batch(list(text), k=fetch, rerank_k=rerank_k, where=where, under=under)
-    if (where or under) and not any(results):
-        click.echo("no image passes the filter", err=True)
-    if dedupe:
-        results, absorbed = _dedupe(index_dir, results, k, dedupe_threshold)
-    if compare:
-        plain = engine.search_batch(list(text), k=k, rerank_k=0, where=where, under=under)
-        if as_json:
-            emit_json([{"query": q, "first_stage": [dataclasses.asdict(h) for h in p],
-                        "reranked": [dataclasses.asdict(h) for h in r]} for q, p, r in zip(text, plain, results)])
-        else:
-            for q, p, r in zip(text, plain, results):
-                _print_side_by_side(q, p, r)
-        return
-    gone = {h.path for hits in results for h in hits if not os.path.exists(h.path)}
-    if gone:
-        echo_text(f"note: {len(gone)} hits name image files that are gone from disk (first: {sorted(gone)[0]}); "
-                  f"`edje-search build-index` drops them", err=True)
-    if as_json:
-        emit_json([{"query": q, "hits": [{**dataclasses.asdict(h), "missing": h.path in gone,
-                                          **({"near_duplicates": absorbed[h.row]} if dedupe else {})} for h in hits]}
-                   for q, hits in zip(text, results)])
-        return
-    for q, hits in zip(text, results):
-        click.echo(f"query: {q}")
-        click.echo(f"{'rank':>4}  {'score':>8}  {'rerank':>8}  {'first':>7}  path")
-        for h in hits:
-            sc, rr = (f"{x:8.3f}" if x is not None else f"{'-':>8}" for x in (h.score, h.rerank_score))
-            echo_text(f"{h.rank:>4}  {sc}  {rr}  {h.first_stage_score:7.4f}  {h.path}" +
-                      (" (missing)" if h.path in gone else ""))
-            for p in absorbed.get(h.row, []) if dedupe else []:
-                echo_text(f"{'':>4}  {'':>8}  {'':>8}  {'':>7}    near-duplicate: {p}")
-
-
-DEDUPE_FETCH = 4  # --dedupe asks for this many times k hits, so k remain after collapsing
-
-
-def _dedupe(index_dir, results, k: int, threshold: float):
-    """Collapse near-duplicate hits (storage/duplicates.collapse_near); returns the kept hits per
-    query, re-ranked 1..k, and kept row -> paths of the hits it absorbed."""
-    from edje_search.storage.duplicates import collapse_near
-    from edje_search.storage.index_store import IndexStore
-
-    store = IndexStore.open(index_dir)
-    out, absorbed = [], {}
-    for hits in results:
-        by_row = {h.row: h for h in hits}
-        groups = collapse_near(store, [h.row for h in hits], threshold)[:k]
-        out.append([dataclasses.replace(by_row[g[0]], rank=i + 1) for i, g in enumerate(groups)])
-        absorbed.update({g[0]: [by_row[r].path for r in g[1:]] for g in groups})
-    return out, absorbed
-
-
-def _short(path: str, width: int = 34) -> str:
-    return path if len(path) <= width else "..." + path[-(width - 3):]
-
-
-def _print_side_by_side(q, plain, reranked) -> None:
-    click.echo(f"query: {q}")
-    click.echo(f"{'rank':>4}  {'first stage only':<34} {'score':>7}   {'reranked':<34} {'score':>7}")
-    for a, b in zip(plain, reranked):
-        rr = f"{b.score:7.3f}" if b.score is not None else f"{'-':>7}"
-        echo_text(f"{a.rank:>4}  {_short(a.path):<34} {a.first_stage_score:7.4f}   {_short(b.path):<34} {rr}")
-    click.echo("")
-
-
 @click.command("info")
 @index_option
 @json_option
@@ -334,4 +217,4 @@ def info(index_dir, as_json):
             echo_text(f"{key:>18}: {value}")
 
 
-COMMANDS = (build_index, add, remove, query, info)
+COMMANDS = (build_index, add, remove, info)

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import click
 
-from . import (duplicate_commands, index_commands, maintenance_commands, model_commands, score_commands, serve_commands,
-               train_commands)
+from . import (duplicate_commands, index_commands, maintenance_commands, model_commands, query_commands, score_commands,
+               serve_commands, train_commands)
 from .common import BACKENDS, FriendlyGroup  # noqa: F401  (BACKENDS: torch-free, so --help stays fast)
 
-COMMAND_MODULES = (index_commands, maintenance_commands, duplicate_commands, model_commands, score_commands,
-                   serve_commands, train_commands)
+COMMAND_MODULES = (index_commands, query_commands, maintenance_commands, duplicate_commands, model_commands,
+                   score_commands, serve_commands, train_commands)
 
 
 @click.group(cls=FriendlyGroup, context_settings={"help_option_names": ["-h", "--help"]})

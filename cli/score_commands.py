@@ -61,7 +61,8 @@ def _file_id(path: str) -> dict:
 @click.option("--text", "texts", multiple=True,
               help="With --index and no PAIRS: score every row against this text instead (repeatable).")
 @click.option("--keep-min-prob", type=click.FloatRange(0, 1), default=None,
-              help="Write only pairs whose prob (sigmoid of the logit) is at least this: filters a data set.")
+              help="Write only pairs whose prob is at least this: filters a data set. prob is the model's "
+                   "calibrated match probability (`edje-search calibrate`), else the sigmoid of the logit.")
 @click.option("--keep-shards", type=click.Path(file_okay=False), default=None,
               help="With webdataset shards and --keep-min-prob: write DIR/NAME.tar per input shard holding only "
                    "the kept samples (members copied unchanged).")
@@ -83,8 +84,9 @@ def score_cmd(pairs, out, model, index_dir, image_root, texts, keep_min_prob, ke
     a list), or webdataset shards (a .tar, a folder of them, or a .txt list of them; captions from
     KEY.txt, images named SHARD.tar#MEMBER). Streams in chunks; re-running the same command after
     an interruption carries on where it stopped (state in OUT.state.json). Bad entries and
-    unreadable images are skipped and listed in OUT.skipped.jsonl with the reason. prob is not
-    calibrated: pick --keep-min-prob on labelled validation pairs.
+    unreadable images are skipped and listed in OUT.skipped.jsonl with the reason. prob is the
+    match probability calibrated by `edje-search calibrate` when the model has that calibration;
+    otherwise it is sigmoid(logit), not calibrated: pick --keep-min-prob on labelled validation pairs.
     """
     from edje_search.score_run import ResumableOutput, run_scoring
     from edje_search.score_shards import ShardScorer, shard_pairs, write_kept_shards
@@ -102,6 +104,8 @@ def score_cmd(pairs, out, model, index_dir, image_root, texts, keep_min_prob, ke
     rows, loaded = _open(model, index_dir, device, batch_size=max(batch_size, 64), cosine=not no_cosine)
     signature = {"model": loaded.fingerprint(), "keep_min_prob": keep_min_prob, "cosine": not no_cosine,
                  "index": os.path.abspath(index_dir) if index_dir else None}
+    if loaded.calibration is not None:  # prob depends on it (absent: the signature of an uncalibrated run)
+        signature["calibration"] = loaded.calibration.to_dict()
     if shards is not None:
         signature.update(shards=[_file_id(s) for s in shards])
 

@@ -209,22 +209,27 @@ def eval_cmd(annotations, image_root, models, rerank_k, precision, batch_size, b
 @click.option("--rerank-k", default=DEFAULT_RERANK_K, show_default=True, help="First-stage candidates to rerank.")
 @click.option("--weights", default=None,
               help="Comma-separated fusion weights to try (default: 0,1,2,5,10,20,50,100,200).")
+@click.option("--fit", type=click.Choice(["both", "fusion", "probability"]), default="both", show_default=True,
+              help="What to fit and write: the fusion weight, the match-probability calibration, or both.")
 @click.option("--batch-size", default=128, show_default=True, help="Pairs per joint-encoder batch.")
-@click.option("--dry-run", is_flag=True, help="Report the best weight without writing it.")
+@click.option("--dry-run", is_flag=True, help="Report what was fitted without writing it.")
 @threads_option
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available).")
 @json_option
-def calibrate_cmd(annotations, image_root, model_name, rerank_k, weights, batch_size, dry_run, threads, device,
+def calibrate_cmd(annotations, image_root, model_name, rerank_k, weights, fit, batch_size, dry_run, threads, device,
                   as_json):
-    """Choose how much first-stage similarity to add to the joint-encoder score, on a labelled split.
+    """Fit, on a labelled split, how reranked hits are ranked and what their probability means.
 
-    Reranked hits are ranked by joint-encoder logit + W x first-stage similarity (as ALBEF and
-    BLIP add their contrastive similarity to the matching score; W = 0 is the joint encoder
-    alone). Each W is scored by mean R@1 of both directions on --data, which should be a
-    validation split, not the test split you report. The best W goes into the model's
-    edje.json, which search and eval then use; stored index rows do not change.
+    Fusion weight: reranked hits are ranked by joint-encoder logit + W x first-stage similarity
+    (as ALBEF and BLIP add their contrastive similarity to the matching score; W = 0 is the
+    joint encoder alone); each W is scored by mean R@1 of both directions. Match probability:
+    Platt scaling, prob = sigmoid(a x logit + b), fitted on each caption with its own image and
+    with the other first-stage candidates it reranks; `query --min-prob` cuts on it. --data
+    should be a validation split, not the test split you report. Both go into the model's
+    edje.json, which search, eval and score then use; stored index rows do not change.
     """
     from edje_search import load_model
+    from edje_search.calibration import Calibration
     from edje_search.devices import pick_device
     from edje_search.evaluation import FUSION_GRID, calibrate_fusion, load_eval_set
     from edje_search.models.names import is_hub_ref
@@ -236,32 +241,49 @@ def calibrate_cmd(annotations, image_root, model_name, rerank_k, weights, batch_
                                  param_hint="--weights") from None
     if any(w < 0 for w in grid):
         raise click.BadParameter("fusion weights must be >= 0", param_hint="--weights")
+    if rerank_k < 2:
+        raise click.BadParameter("needs at least 2 candidates per caption", param_hint="--rerank-k")
     if is_hub_ref(model_name) and not dry_run:
         raise click.UsageError("a hub model lives in the read-only hub cache: copy its directory and calibrate "
                                "the copy, or use --dry-run")
     _use_threads(threads)
     data = load_eval_set(annotations, image_root)
     model = load_model(model_name).to(pick_device(device)).eval()
-    result = calibrate_fusion(model, data, rerank_k=rerank_k, weights=grid, batch_size=batch_size)
-    result.update(model=str(model.path), data=str(annotations), previous=model.fusion_weight, written=not dry_run)
+    result = calibrate_fusion(model, data, rerank_k=rerank_k, weights=grid, batch_size=batch_size,
+                              fusion=fit != "probability", probability=fit != "fusion")
+    result.update(model=str(model.path), data=str(annotations), previous=model.fusion_weight, written=not dry_run,
+                  previous_calibration=model.calibration.to_dict() if model.calibration else None)
+    if "calibration" in result:
+        result["calibration"]["data"] = str(annotations)
     if not dry_run:
-        model.fusion_weight = result["best"]
+        if result["best"] is not None:
+            model.fusion_weight = result["best"]
+        if "calibration" in result:
+            model.calibration = Calibration.from_dict(result["calibration"])
         model.save_info()
     if as_json:
         emit_json(result)
         return
+    _print_calibration(result, rerank_k, dry_run, model.path)
+
+
+def _print_calibration(result: dict, rerank_k: int, dry_run: bool, model_path) -> None:
     click.echo(f"{result['n_images']} images, {result['n_captions']} captions, rerank_k={rerank_k}")
-    first = result.get("first_stage")
-    click.echo(f"{'weight':>11} | {'t2i R@1':>8} {'i2t R@1':>8}" + (" | vs first stage" if first else ""))
-    if first:
+    where = "not written (--dry-run)" if dry_run else f"written to {model_path}/edje.json"
+    if result["rows"]:
+        first = result["first_stage"]
+        click.echo(f"{'weight':>11} | {'t2i R@1':>8} {'i2t R@1':>8} | vs first stage")
         click.echo(f"{'first stage':>11} | {first['t2i']['R@1']:8.1f} {first['i2t']['R@1']:8.1f} |")
-    for row in result["rows"]:
-        mark = "  <- best" if row["fusion_weight"] == result["best"] else ""
-        gain = (f" | {row['t2i']['R@1'] - first['t2i']['R@1']:+6.1f} {row['i2t']['R@1'] - first['i2t']['R@1']:+6.1f}"
-                if first else "")
-        click.echo(f"{row['fusion_weight']:11g} | {row['t2i']['R@1']:8.1f} {row['i2t']['R@1']:8.1f}{gain}{mark}")
-    where = "not written (--dry-run)" if dry_run else f"written to {model.path}/edje.json"
-    click.echo(f"fusion weight {result['best']:g} {where} (was {result['previous']:g})")
+        for row in result["rows"]:
+            mark = "  <- best" if row["fusion_weight"] == result["best"] else ""
+            gain = f" | {row['t2i']['R@1'] - first['t2i']['R@1']:+6.1f} {row['i2t']['R@1'] - first['i2t']['R@1']:+6.1f}"
+            click.echo(f"{row['fusion_weight']:11g} | {row['t2i']['R@1']:8.1f} {row['i2t']['R@1']:8.1f}{gain}{mark}")
+        click.echo(f"fusion weight {result['best']:g} {where} (was {result['previous']:g})")
+    cal = result.get("calibration")
+    if cal:
+        click.echo(f"match probability = sigmoid({cal['a']:.4f} x logit {cal['b']:+.4f}), fitted on {cal['positives']} "
+                   f"matching and {cal['negatives']} non-matching pairs; mean log loss {cal['log_loss']:.4f} "
+                   f"(sigmoid(logit): {cal['log_loss_sigmoid']:.4f}); {where}")
 
 
 COMMANDS = (make_dataset_cmd, train, eval_cmd, calibrate_cmd)

@@ -26,10 +26,11 @@ from .opening import create_index, open_index
 from .pipeline import embed_pixels
 from .ranking import rank_pool, score_rows
 from .scoring import RowScorer
+from .sorting import sort_hits, sort_key
 from .storage import filtered_search
 from .storage.index_store import IndexStore
 from .storage.integrity import RepairReport
-from .validation import MAX_ROW, check_query
+from .validation import MAX_ROW, check_min_prob, check_query
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +42,10 @@ class Hit:
 
     ``rerank_score`` is the joint encoder's logit and ``score`` what the hit was ranked by:
     ``rerank_score + fusion_weight * first_stage_score`` (the model's fusion weight, 0 by
-    default). Both are None for hits beyond the reranked pool, which keep first-stage order.
+    default). ``prob`` is the match probability, the logit through the model's calibration
+    (``sigmoid(logit)`` when it has none: ordered right, not a probability; calibration.py).
+    All three are None for hits beyond the reranked pool, which keep first-stage order.
+    ``rank`` is the position in relevance order (also when the hits are sorted by a field).
     """
 
     rank: int
@@ -50,6 +54,26 @@ class Hit:
     first_stage_score: float
     rerank_score: float | None
     score: float | None = None
+    prob: float | None = None
+
+
+def _ranked_hits(model: EdjeModel, by_row: dict[int, str], rows: np.ndarray, first_scores: np.ndarray,
+                 n_rerank: int, logits: np.ndarray | None, k: int, min_prob: float | None) -> list[Hit]:
+    """One query's hits: its first ``n_rerank`` candidates (first-stage order) ranked by the rule of
+    ranking.py, each with its match probability, then the rest in first-stage order; with
+    ``min_prob``, only the reranked hits whose probability reaches it."""
+    cand = [(int(r), float(s)) for r, s in zip(rows, first_scores) if r >= 0]
+    head, tail = cand[:n_rerank], cand[n_rerank:]
+    rs = logits[: len(head)] if logits is not None else np.zeros(0, np.float32)
+    order, fused = rank_pool(rs, np.array([s for _, s in head]), model.fusion_weight)
+    probs = model.match_probability(rs)
+    ranked = [(*head[i], float(rs[i]), float(fused[i]), float(probs[i])) for i in order]
+    if min_prob is None:
+        ranked += [(r, s, None, None, None) for r, s in tail]
+    else:  # only reranked hits have a probability
+        ranked = [h for h in ranked if h[4] >= min_prob]
+    return [Hit(rank=j + 1, row=r, path=by_row[r], first_stage_score=s, rerank_score=x, score=f, prob=p)
+            for j, (r, s, x, f, p) in enumerate(ranked[:k])]
 
 
 class StageClock:
@@ -208,20 +232,28 @@ class Engine:
 
     # -------------------------------------------------------------------------------- search
     def search(self, query: str, *, k: int = 10, rerank_k: int = DEFAULT_RERANK_K, batch_size: int = 64,
-               where: str | None = None, under: str | None = None) -> list[Hit]:
+               where: str | None = None, under: str | None = None, min_prob: float | None = None,
+               sort: str | None = None) -> list[Hit]:
         """Top ``k`` images for one text query, the first ``rerank_k`` candidates reranked, among the rows
-        passing ``where`` (a metadata filter, docs/filters.md) and under folder ``under`` when given."""
-        return self.search_batch([query], k=k, rerank_k=rerank_k, batch_size=batch_size, where=where, under=under)[0]
+        passing ``where`` (a metadata filter, docs/filters.md) and under folder ``under`` when given.
+        ``min_prob``: only hits whose :attr:`Hit.prob` reaches it, possibly none (only reranked hits have
+        one: at most ``rerank_k`` come back). ``sort``: list the hits relevance chose by a metadata
+        field (``"taken"``, ``"-date"`` newest first; sorting.py)."""
+        return self.search_batch([query], k=k, rerank_k=rerank_k, batch_size=batch_size, where=where, under=under,
+                                 min_prob=min_prob, sort=sort)[0]
 
     @torch.inference_mode()
     def search_batch(self, queries: Sequence[str], *, k: int = 10, rerank_k: int = DEFAULT_RERANK_K,
-                     batch_size: int = 64, where: str | None = None, under: str | None = None) -> list[list[Hit]]:
+                     batch_size: int = 64, where: str | None = None, under: str | None = None,
+                     min_prob: float | None = None, sort: str | None = None) -> list[list[Hit]]:
         """Like :meth:`search` for several queries; their pairs are scored in shared batches."""
         queries = [check_query(q) for q in queries]
         if len(self.store) == 0:
             raise BadQuery("the index is empty: add images with `edje-search build-index`")
         if k <= 0 or rerank_k < 0:
             raise BadQuery(f"k must be positive and rerank_k non-negative (got k={k}, rerank_k={rerank_k})")
+        check_min_prob(min_prob, rerank_k)
+        key = sort_key(self.store, sort) if sort else None
         clock = StageClock()
         selected = None
         if where or under:
@@ -241,19 +273,17 @@ class Engine:
             rerank = score_rows(self.model.reranker, self.store.tokens.get, queries, rows[:, :n_rerank],
                                 batch_size, clock) if n_rerank else None
         by_row = self.store.paths(rows[rows >= 0].tolist())
-        fusion_weight = self.model.fusion_weight
-        results = []
-        for qi in range(len(queries)):
-            cand = [(int(r), float(s)) for r, s in zip(rows[qi], first_scores[qi]) if r >= 0]
-            head, tail = cand[:n_rerank], cand[n_rerank:]
-            rs = rerank[qi][: len(head)] if rerank is not None else np.zeros(0, np.float32)
-            order, fused = rank_pool(rs, np.array([s for _, s in head]), fusion_weight)
-            ranked = [(*head[i], float(rs[i]), float(fused[i])) for i in order] + [(r, s, None, None) for r, s in tail]
-            results.append([Hit(rank=j + 1, row=r, path=by_row[r], first_stage_score=s, rerank_score=x, score=f)
-                            for j, (r, s, x, f) in enumerate(ranked[:k])])
+        results = [_ranked_hits(self.model, by_row, rows[qi], first_scores[qi], n_rerank,
+                                rerank[qi] if rerank is not None else None, k, min_prob) for qi in range(len(queries))]
+        if key is not None:
+            results = [sort_hits(self.store, hits, key) for hits in results]
         clock.lap("merge")
         self.last_timings = {**clock.ms, "total": sum(clock.ms.values())}
         return results
+
+    def sort_hits(self, hits: Sequence[Hit], sort: str) -> list[Hit]:
+        """``hits`` ordered by a metadata field as ``search(sort=...)`` orders them (sorting.py)."""
+        return sort_hits(self.store, list(hits), sort_key(self.store, sort))
 
     def scorer(self, *, batch_size: int = 64, cosine: bool = True) -> RowScorer:
         """Joint scores of indexed rows from their stored tokens, over the open generation and the
@@ -301,15 +331,20 @@ class Engine:
         return int(self.model.first_stage.config.image_size), str(self.model.first_stage.config.resize_mode)
 
     @torch.inference_mode()
-    def search_by_image(self, queries: Sequence[int | torch.Tensor], *, k: int = 10) -> list[list[Hit] | None]:
+    def search_by_image(self, queries: Sequence[int | torch.Tensor], *, k: int = 10, where: str | None = None,
+                        under: str | None = None) -> list[list[Hit] | None]:
         """First-stage neighbours of images: each query is an indexed row (its stored embedding;
         the row itself is left out of its hits) or preprocessed (3, H, W) pixels (:meth:`preprocess`).
         The first stage embeds images and texts into one space and FAISS holds the image
         embeddings, so an image query is a plain nearest-neighbour search there; nothing is
-        reranked. A row that is not live gives None instead of a list of hits."""
+        reranked. ``where`` and ``under`` restrict the hits as in :meth:`search` (a query row
+        need not pass them). A row that is not live gives None instead of a list of hits."""
         if k <= 0:
             raise BadQuery(f"k must be positive (got k={k})")
         clock = StageClock()
+        selected = filtered_search.select_rows(self.store, where, under) if where or under else None
+        if selected is not None:
+            clock.lap("filter")
         vectors: list[np.ndarray | None] = [None] * len(queries)
         uploads = [i for i, q in enumerate(queries) if isinstance(q, torch.Tensor)]
         if uploads:
@@ -326,9 +361,11 @@ class Engine:
         clock.lap("gather")
         results: list[list[Hit] | None] = [None] * len(queries)
         asked = [i for i, v in enumerate(vectors) if v is not None]
-        n = len(self.store)
+        n = len(self.store) if selected is None else len(selected)
         if asked and n:
-            scores, rows = self.store.search(np.stack([vectors[i] for i in asked]).astype(np.float32), min(k + 1, n))
+            q = np.stack([vectors[i] for i in asked]).astype(np.float32)
+            scores, rows = self.store.search(q, min(k + 1, n)) if selected is None else \
+                filtered_search.search_rows(self.store, q, min(k + 1, n), selected)
             clock.lap("faiss")
             paths = self.store.paths(rows[rows >= 0].tolist())
             for qi, i in enumerate(asked):

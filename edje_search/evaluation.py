@@ -20,6 +20,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from .calibration import Calibration, fit_platt, sigmoid
 from .config import DEFAULT_RERANK_K
 from .data.annotations import CaptionSet
 from .devices import precision_autocast
@@ -30,9 +31,9 @@ from .ranking import rerank_order
 from .storage.token_store import TOKEN_DTYPES, dequantize, quantize_per_token, working_dtype
 
 __all__ = [
-    "EncodedSet", "RerankedSet", "calibrate_fusion", "encode_set", "evaluate", "first_correct_rank",
-    "first_stage_rankings", "format_table", "load_eval_set", "pair_scorer", "recall_at_k", "rerank_order",
-    "rerank_scores", "rerank_set", "served_tokens", "top_pairs",
+    "EncodedSet", "RerankedSet", "calibrate_fusion", "calibration_pairs", "encode_set", "evaluate",
+    "first_correct_rank", "first_stage_rankings", "fit_probability", "format_table", "load_eval_set", "pair_scorer",
+    "recall_at_k", "rerank_order", "rerank_scores", "rerank_set", "served_tokens", "top_pairs",
 ]
 
 KS = (1, 5, 10)
@@ -215,21 +216,64 @@ FUSION_GRID = (0.0, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0)
 
 
 def calibrate_fusion(model: EdjeModel, data: CaptionSet, *, rerank_k: int = DEFAULT_RERANK_K,
-                     weights: Sequence[float] = FUSION_GRID,
+                     weights: Sequence[float] = FUSION_GRID, fusion: bool = True, probability: bool = False,
                      batch_size: int = 128, token_dtype: str = "float16", progress: bool = True) -> dict:
-    """R@1 for each candidate fusion weight on a validation split; picks the best mean of both directions.
+    """What ``edje-search calibrate`` fits on a validation split, from one scoring pass.
 
-    Scores are computed once; each weight only reorders them. Ties go to the smaller weight.
+    ``fusion``: R@1 for each candidate fusion weight; picks the best mean of both directions
+    (each weight only reorders the scores; ties go to the smaller weight). ``probability``: the
+    Platt scaling of the logit into a match probability (:func:`fit_probability`), under
+    ``"calibration"``.
     """
     enc = encode_set(model, data, token_dtype=token_dtype, progress=progress)
     ranked = rerank_set(model, data, enc, enc.tokens[0], rerank_k=rerank_k, batch_size=batch_size,
                         progress=progress)
-    rows = [{"fusion_weight": float(w), "t2i": ranked.recall("t2i", w), "i2t": ranked.recall("i2t", w)}
-            for w in sorted(set(weights))]
-    best = max(rows, key=lambda r: (r["t2i"]["R@1"] + r["i2t"]["R@1"], -r["fusion_weight"]))
     first = {d: recall_at_k(first_correct_rank(ranked.orders[d], ranked.targets[d])) for d in ("t2i", "i2t")}
-    return {"n_images": len(data.images), "n_captions": len(data.captions), "rerank_k": rerank_k,
-            "first_stage": first, "rows": rows, "best": best["fusion_weight"]}
+    result = {"n_images": len(data.images), "n_captions": len(data.captions), "rerank_k": rerank_k,
+              "first_stage": first, "rows": [], "best": None}
+    if fusion:
+        rows = [{"fusion_weight": float(w), "t2i": ranked.recall("t2i", w), "i2t": ranked.recall("i2t", w)}
+                for w in sorted(set(weights))]
+        best = max(rows, key=lambda r: (r["t2i"]["R@1"] + r["i2t"]["R@1"], -r["fusion_weight"]))
+        result.update(rows=rows, best=best["fusion_weight"])
+    if probability:
+        result["calibration"] = fit_probability(model, data, enc, ranked, batch_size=batch_size, progress=progress)
+    return result
+
+
+def calibration_pairs(model: EdjeModel, data: CaptionSet, enc: EncodedSet, ranked: RerankedSet, *,
+                      batch_size: int = 128, progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """(logits, labels) of the pairs a search cutoff faces: each caption with its own image (a
+    match, scored even when the first stage did not bring it into the top k) and with every
+    other image of its reranked first-stage top k (the hard non-matches)."""
+    target = np.asarray(data.caption_image, dtype=np.int64)
+    scores = ranked.scores["t2i"]
+    top = ranked.orders["t2i"][:, :scores.shape[1]]
+    labels = top == target[:, None]
+    logits, flags = [scores.reshape(-1)], [labels.reshape(-1)]
+    missing = np.flatnonzero(~labels.any(axis=1))
+    if len(missing):
+        score = pair_scorer(model, data.captions, enc.tokens[0], captions_are_queries=True, batch_size=batch_size,
+                            progress=progress)
+        logits.append(np.asarray(score(missing, target[missing])))
+        flags.append(np.ones(len(missing), dtype=bool))
+    return np.concatenate(logits).astype(np.float64), np.concatenate(flags)
+
+
+def fit_probability(model: EdjeModel, data: CaptionSet, enc: EncodedSet, ranked: RerankedSet, *,
+                    batch_size: int = 128, progress: bool = True) -> dict:
+    """Platt scaling fitted on :func:`calibration_pairs`: the Calibration's fields, and the mean
+    log loss of its probabilities beside that of sigmoid(logit) on the same pairs."""
+    logits, labels = calibration_pairs(model, data, enc, ranked, batch_size=batch_size, progress=progress)
+    a, b = fit_platt(logits, labels)
+    cal = Calibration(a, b, positives=int(labels.sum()), negatives=int((~labels).sum()),
+                      rerank_k=int(ranked.scores["t2i"].shape[1]))
+
+    def log_loss(p: np.ndarray) -> float:
+        p = np.clip(p, 1e-12, 1 - 1e-12)
+        return float(-np.mean(np.where(labels, np.log(p), np.log(1 - p))))
+
+    return {**cal.to_dict(), "log_loss": log_loss(cal.prob(logits)), "log_loss_sigmoid": log_loss(sigmoid(logits))}
 
 
 def format_table(results: dict) -> str:

@@ -22,7 +22,7 @@ from .fsutil import atomic_write
 from .images import decode_image, failure_reason
 from .models.bundle import EdjeModel
 from .pipeline import embed_pixels
-from .scoring import BadEntry, Pair, _each, _record, joint_and_cosine
+from .scoring import BadEntry, Pair, joint_and_cosine, records
 
 
 def shard_pairs(shards: Iterable[str]) -> Iterator[Pair | BadEntry]:
@@ -72,7 +72,7 @@ class ShardScorer:
         logits, cosines = joint_and_cosine(self.model, [p.caption for p in good], np.concatenate(vectors),
                                            torch.from_numpy(np.concatenate(tokens)), np.arange(len(good)),
                                            batch_size=self.batch_size, cosine=self.cosine)
-        return [_record(p, lg, c) for p, lg, c in zip(good, logits, _each(cosines, len(good)))], bad
+        return records(self.model, good, logits, cosines), bad
 
     def close(self) -> None:
         pass

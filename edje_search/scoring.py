@@ -1,9 +1,10 @@
 """Joint scores of any (image, caption) pair: from image files, or from an index's stored tokens.
 
-Every pair gets the joint encoder's logit, ``prob = sigmoid(logit)`` and the first stage's
-cosine. The reranker is trained to rank a matching caption above a non-matching one, so the
-logit orders pairs well but ``prob`` is not a calibrated probability: choose a filtering
-threshold on labelled validation pairs.
+Every pair gets the joint encoder's logit, its match probability ``prob`` and the first stage's
+cosine. ``prob`` is the logit through the model's calibration when ``edje-search calibrate``
+stored one (calibration.py), else ``sigmoid(logit)``: the reranker is trained to rank a matching
+caption above a non-matching one, so that orders pairs well but is not a calibrated probability
+(choose a filtering threshold on labelled validation pairs then).
 
 Inputs (:func:`read_pairs`): JSON Lines of ``{"image", "caption"}`` or a BLIP-style JSON list;
 a caption may be a list (one pair per caption). Indexed rows (:meth:`RowScorer.caption_pairs`)
@@ -21,6 +22,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
+from .calibration import sigmoid  # noqa: F401  (classify and the server import it from here)
 from .devices import precision_autocast
 from .errors import BadInput
 from .models.bundle import EdjeModel
@@ -42,10 +44,6 @@ class BadEntry:
     position: int
     where: str
     reason: str
-
-
-def sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-np.asarray(x, dtype=np.float64)))
 
 
 def _records(path: Path) -> Iterator[tuple[str, object]]:
@@ -129,16 +127,17 @@ def joint_and_cosine(model: EdjeModel, captions: Sequence[str], vectors: np.ndar
     return logits, cosines.astype(np.float32)
 
 
-def _record(pair: Pair, logit: float, cosine: float | None) -> dict:
-    rec = {"image": pair.image, "caption": pair.caption, "logit": round(float(logit), 6),
-           "prob": round(float(sigmoid(logit)), 6), "cosine": None if cosine is None else round(float(cosine), 6)}
-    if pair.row is not None:
-        rec["row"] = pair.row
-    return rec
-
-
-def _each(cosines: np.ndarray | None, n: int):
-    return cosines if cosines is not None else [None] * n
+def records(model: EdjeModel, pairs: Sequence[Pair], logits: np.ndarray, cosines: np.ndarray | None) -> list[dict]:
+    """One output record per scored pair: logit, the model's match probability, cosine (or None)."""
+    probs = model.match_probability(np.asarray(logits))
+    out = []
+    for i, pair in enumerate(pairs):
+        rec = {"image": pair.image, "caption": pair.caption, "logit": round(float(logits[i]), 6),
+               "prob": round(float(probs[i]), 6), "cosine": None if cosines is None else round(float(cosines[i]), 6)}
+        if pair.row is not None:
+            rec["row"] = pair.row
+        out.append(rec)
+    return out
 
 
 class FileScorer:
@@ -169,7 +168,7 @@ class FileScorer:
         logits, cosines = joint_and_cosine(
             self.model, [p.caption for p in good], np.concatenate(vectors), torch.from_numpy(np.concatenate(tokens)),
             np.array([where[p.path] for p in good]), batch_size=self.batch_size, cosine=self.cosine)
-        return [_record(p, lg, c) for p, lg, c in zip(good, logits, _each(cosines, len(good)))], bad
+        return records(self.model, good, logits, cosines), bad
 
     def close(self) -> None:
         self._embedder.close()
@@ -260,7 +259,7 @@ class RowScorer:
         vectors, tokens = self.row_data(rows.tolist())
         logits, cosines = joint_and_cosine(self.model, [p.caption for p in good], vectors, tokens, image_idx,
                                            batch_size=self.batch_size, cosine=self.cosine)
-        return [_record(p, lg, c) for p, lg, c in zip(good, logits, _each(cosines, len(good)))], bad
+        return records(self.model, good, logits, cosines), bad
 
     def close(self) -> None:
         pass

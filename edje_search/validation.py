@@ -45,6 +45,17 @@ def check_query(text: object, max_chars: int = MAX_QUERY_CHARS) -> str:
     return text
 
 
+def check_min_prob(min_prob: float | None, rerank_k: int) -> None:
+    """A relevance cutoff must be a probability, and needs reranked hits to cut (BadQuery otherwise)."""
+    if min_prob is None:
+        return
+    if isinstance(min_prob, bool) or not isinstance(min_prob, (int, float)) or not 0.0 <= min_prob <= 1.0:
+        raise BadQuery(f"min_prob must be a number between 0 and 1 (got {min_prob!r})")
+    if rerank_k <= 0:
+        raise BadQuery("min_prob cuts on the joint encoder's probability, which only reranked hits have: "
+                       "rerank_k must be at least 1")
+
+
 def check_row(row: int) -> int:
     """``row`` if it can name a row at all (0 .. 2**63-1), else :class:`BadInput`."""
     if isinstance(row, bool) or not isinstance(row, int) or not 0 <= row <= MAX_ROW:

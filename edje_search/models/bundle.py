@@ -3,7 +3,7 @@
 Layout::
 
     MODEL_DIR/
-      edje.json                  name, format version, fusion weight
+      edje.json                  name, format version, fusion weight, probability calibration
       first_stage/               first_stage.json, first_stage.safetensors, tokenizer/ (if HF text)
       reranker/                  reranker.json, bert_config.json, reranker.safetensors, tokenizer/
 """
@@ -13,8 +13,10 @@ import dataclasses
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from ..calibration import Calibration, match_probability
 from ..errors import ModelDamaged
 from ..fsutil import atomic_write_text
 from .first_stage import FirstStage
@@ -37,11 +39,12 @@ class EdjeModel:
     """The two trained parts a search engine needs, plus what identifies them."""
 
     def __init__(self, first_stage: FirstStage, reranker: Reranker, name: str = "unnamed",
-                 fusion_weight: float = 0.0):
+                 fusion_weight: float = 0.0, calibration: Calibration | None = None):
         self.first_stage = first_stage
         self.reranker = reranker
         self.name = name
         self.fusion_weight = float(fusion_weight)
+        self.calibration = calibration  # logit -> match probability (calibration.py); None: sigmoid
         self.path: Path | None = None
         self._fingerprint: str | None = None
         reranker.attach_vision_encoder(first_stage)
@@ -71,6 +74,11 @@ class EdjeModel:
     def embed_texts(self, texts: list[str]) -> torch.Tensor:
         return _finite(self.first_stage.encode_text(list(texts)).float(), "text embeddings", self)
 
+    def match_probability(self, logits) -> np.ndarray:
+        """Joint-encoder logits -> match probabilities (float64): the stored calibration, or
+        ``sigmoid(logit)`` for an uncalibrated model (ordered right, not a probability)."""
+        return match_probability(logits, self.calibration)
+
     def fingerprint(self) -> str:
         """Hash of the saved weights (tensor_fingerprint), stored in edje.json when they were saved,
         so opening a model never re-hashes gigabytes; identifies what produced an index's rows."""
@@ -91,11 +99,12 @@ class EdjeModel:
         return directory
 
     def save_info(self) -> None:
-        """(Re)write ``edje.json`` alone, atomically (name and fusion weight)."""
+        """(Re)write ``edje.json`` alone, atomically (name, fusion weight, calibration)."""
         if self.path is None:
             raise RuntimeError("save_info() needs a saved model; call save_pretrained first")
         info = BundleInfo(self.name, fusion_weight=self.fusion_weight, fingerprint=self.fingerprint(),
-                          files=weight_file_records(self.path))
+                          files=weight_file_records(self.path),
+                          calibration=self.calibration.to_dict() if self.calibration is not None else None)
         atomic_write_text(self.path / BUNDLE_FILE, json.dumps(dataclasses.asdict(info), indent=2) + "\n")
 
     @classmethod
@@ -107,7 +116,7 @@ class EdjeModel:
         check_weights(directory, info)
         model = cls(FirstStage.from_pretrained(directory / "first_stage"),
                     Reranker.from_reranker_dir(directory / "reranker"), name=info.name,
-                    fusion_weight=info.fusion_weight)
+                    fusion_weight=info.fusion_weight, calibration=Calibration.from_dict(info.calibration))
         model.path = directory.resolve()
         model._fingerprint = info.fingerprint or None
         return model.eval()

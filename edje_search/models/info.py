@@ -23,12 +23,15 @@ class BundleInfo:
     """``edje.json``. Ranking score of a reranked hit = joint-encoder logit + ``fusion_weight`` x
     first-stage similarity (ALBEF and BLIP add their contrastive similarity to the matching score
     the same way); 0 ranks by the joint encoder alone, as the EDJE paper does. ``edje-search
-    calibrate`` picks the weight on a validation split. Not part of the fingerprint: it changes
-    no stored row."""
+    calibrate`` picks the weight on a validation split, and fits ``calibration`` there: the Platt
+    scaling of the joint encoder's logit into a match probability (calibration.Calibration as a
+    dict; None = uncalibrated, prob = sigmoid(logit)). Neither is part of the fingerprint: they
+    change no stored row."""
 
     name: str
     format_version: int = 1
     fusion_weight: float = 0.0
+    calibration: dict | None = None
     fingerprint: str = ""  # tensor_fingerprint() of the weights, computed once when they are saved
     # weight file (relative path) -> {"size", "sampled" hash, "sha256" when small}: checked at open
     files: dict = dataclasses.field(default_factory=dict)

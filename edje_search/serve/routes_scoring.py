@@ -16,7 +16,7 @@ from pydantic import BaseModel, Field
 from ..classify import ClassifySettings, LabelSet, check_labels, classify_rows
 from ..errors import BadQuery
 from ..pipeline import embed_pixels
-from ..scoring import embed_captions, sigmoid
+from ..scoring import embed_captions
 from .context import ServeContext
 from .limits import ServeLimits
 
@@ -85,7 +85,8 @@ def scoring_router(ctx: ServeContext) -> APIRouter:
 
     @router.post("/score", response_model=None)
     async def score(body: ScoreRequest):
-        """Joint-encoder logit, sigmoid probability and first-stage cosine of (text, indexed row) pairs."""
+        """Joint-encoder logit, match probability (the model's calibration, else sigmoid(logit)) and
+        first-stage cosine of (text, indexed row) pairs."""
         rows = _check_rows(body.rows, limits)
         texts = _check_texts(body.texts, limits, "texts")
         if len(texts) == 1:
@@ -94,13 +95,14 @@ def scoring_router(ctx: ServeContext) -> APIRouter:
             raise BadQuery(f"{len(texts)} texts for {len(rows)} rows: give one text per row, or a single text")
 
         def work():
-            logits, cosines = engine.scorer().score_texts(texts, rows)
-            return logits, cosines, engine.paths(rows), engine.generation
+            scorer = engine.scorer()
+            logits, cosines = scorer.score_texts(texts, rows)
+            return logits, scorer.model.match_probability(logits), cosines, engine.paths(rows), engine.generation
 
-        logits, cosines, paths, gen = await batcher.call(work)
+        logits, probs, cosines, paths, gen = await batcher.call(work)
         return JSONResponse({"generation": gen, "results": [
-            {"text": t, "row": r, "path": paths[r], "logit": float(lg), "prob": float(sigmoid(lg)), "cosine": float(c)}
-            for t, r, lg, c in zip(texts, rows, logits, cosines)]})
+            {"text": t, "row": r, "path": paths[r], "logit": float(lg), "prob": float(pr), "cosine": float(c)}
+            for t, r, lg, pr, c in zip(texts, rows, logits, probs, cosines)]})
 
     @router.post("/score/image", response_model=None)
     async def score_image(file: Annotated[UploadFile, File(description="the image")],
@@ -113,11 +115,11 @@ def scoring_router(ctx: ServeContext) -> APIRouter:
             model = engine.scorer().model
             vectors, tokens = _embed_upload(model, pixels)
             logits = model.reranker.score_pairs(texts, tokens, np.arange(len(texts)), np.zeros(len(texts), int))
-            return logits, embed_captions(model, texts) @ vectors[0]
+            return logits, model.match_probability(logits), embed_captions(model, texts) @ vectors[0]
 
-        logits, cosines = await batcher.call(work)
-        return JSONResponse({"results": [{"text": t, "logit": float(lg), "prob": float(sigmoid(lg)), "cosine": float(c)}
-                                         for t, lg, c in zip(texts, logits, cosines)]})
+        logits, probs, cosines = await batcher.call(work)
+        return JSONResponse({"results": [{"text": t, "logit": float(lg), "prob": float(pr), "cosine": float(c)}
+                                         for t, lg, pr, c in zip(texts, logits, probs, cosines)]})
 
     @router.post("/classify", response_model=None)
     async def classify(body: ClassifyRequest):

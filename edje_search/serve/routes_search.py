@@ -9,10 +9,10 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from ..config import DEFAULT_RERANK_K
-from ..validation import MAX_ROW
+from ..validation import MAX_ROW, check_min_prob
 from . import schemas
 from .context import ServeContext, documented, timings, url_prefix, with_urls
-from .service import IMAGE_KEY, ImageJob, RowGone, TextJob, text_key
+from .service import ImageJob, RowGone, TextJob, image_key, text_key
 
 
 def search_router(ctx: ServeContext) -> APIRouter:
@@ -24,15 +24,20 @@ def search_router(ctx: ServeContext) -> APIRouter:
                      k: int = Query(10, description="results to return"),
                      rerank_k: int = Query(DEFAULT_RERANK_K,
                                            description="first-stage candidates reranked by the joint encoder"),
-                     where: Optional[str] = Query(None, description=schemas.WHERE_HELP)):
+                     where: Optional[str] = Query(None, description=schemas.WHERE_HELP),
+                     min_prob: Optional[float] = Query(None, description=schemas.MIN_PROB_HELP),
+                     sort: Optional[str] = Query(None, description=schemas.SORT_HELP)):
         """Top k images for one text query, in the reranked order and the first stage's order."""
         limits.check_query(q)
         limits.check_k(k)
         limits.check_rerank_k(rerank_k)
-        (results, stages), info = await batcher.submit(text_key(rerank_k, where), TextJob([q], k), weight=1)
+        check_min_prob(min_prob, rerank_k)
+        (results, stages), info = await batcher.submit(text_key(rerank_k, where, min_prob, sort), TextJob([q], k),
+                                                       weight=1)
         p = url_prefix(request)
         result = results[0]
-        return JSONResponse({"query": q, "k": k, "rerank_k": rerank_k, "generation": engine.generation,
+        return JSONResponse({"query": q, "k": k, "rerank_k": rerank_k, "min_prob": min_prob, "sort": sort,
+                             "generation": engine.generation,
                              "hits": [with_urls(h, p) for h in result["hits"]],
                              "first_stage": [with_urls(h, p) for h in result["first_stage"]],
                              "timings": timings(stages, info)})
@@ -43,11 +48,13 @@ def search_router(ctx: ServeContext) -> APIRouter:
         queries = limits.check_queries(body.queries)
         limits.check_k(body.k)
         limits.check_rerank_k(body.rerank_k)
-        (results, stages), info = await batcher.submit(text_key(body.rerank_k, body.where),
+        check_min_prob(body.min_prob, body.rerank_k)
+        (results, stages), info = await batcher.submit(text_key(body.rerank_k, body.where, body.min_prob, body.sort),
                                                        TextJob(queries, body.k), weight=len(queries))
         p = url_prefix(request)
         return JSONResponse({
-            "k": body.k, "rerank_k": body.rerank_k, "generation": engine.generation,
+            "k": body.k, "rerank_k": body.rerank_k, "min_prob": body.min_prob, "sort": body.sort,
+            "generation": engine.generation,
             "results": [{"query": r["query"], "hits": [with_urls(h, p) for h in r["hits"]],
                          "first_stage": [with_urls(h, p) for h in r["first_stage"]]} for r in results],
             "timings": timings(stages, info)})
@@ -57,7 +64,8 @@ def search_router(ctx: ServeContext) -> APIRouter:
                            file: Annotated[Optional[UploadFile], File(description="an image to search with")] = None,
                            row: Annotated[Optional[int], Form(ge=0, le=MAX_ROW,
                                                               description="or an indexed row to search from")] = None,
-                           k: Annotated[int, Form()] = 10):
+                           k: Annotated[int, Form()] = 10,
+                           where: Annotated[Optional[str], Form(description=schemas.WHERE_HELP)] = None):
         """Nearest images by first-stage image embedding, to an uploaded image or an indexed one."""
         limits.check_k(k)
         if (file is None) == (row is None):
@@ -73,7 +81,7 @@ def search_router(ctx: ServeContext) -> APIRouter:
             except ValueError as e:
                 raise HTTPException(400, f"not a usable image: {e}") from None
             job = ImageJob(k=k, pixels=pixels)
-        (result, stages), info = await batcher.submit(IMAGE_KEY, job)
+        (result, stages), info = await batcher.submit(image_key(where), job)
         if isinstance(result, Exception):
             raise result
         p = url_prefix(request)

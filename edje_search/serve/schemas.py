@@ -17,6 +17,9 @@ class HitOut(BaseModel):
     rerank_score: Optional[float] = Field(None, description="joint-encoder logit (null beyond rerank_k)")
     score: Optional[float] = Field(None, description="what the hit was ranked by: rerank_score + fusion_weight "
                                                      "x first_stage_score (null beyond rerank_k)")
+    prob: Optional[float] = Field(None, description="match probability: the joint-encoder logit through the model's "
+                                                    "calibration, sigmoid(logit) when uncalibrated (null beyond "
+                                                    "rerank_k)")
     image_url: str
     thumbnail_url: str
     missing: bool = Field(False, description="the image file is gone from disk (the next build drops the row)")
@@ -36,15 +39,21 @@ class SearchResult(BaseModel):
     first_stage: list[HitOut] = Field(description="top k in the first stage's order")
 
 
+WHERE_HELP = ('metadata filter, e.g. taken >= "2023-06-01" and make = "Canon" (docs/filters.md); only images '
+              'passing it are searched, and an invalid filter is a 400 naming the position and the fields')
+MIN_PROB_HELP = ("only hits whose match probability (prob) is at least this, between 0 and 1: possibly none (an "
+                 "empty list); only reranked hits have one, so at most rerank_k hits come back")
+SORT_HELP = ("order the top k by a metadata field instead of relevance: date, taken, mtime, size, name, ... "
+             "ascending, -FIELD descending (-date: newest first); hits without the field come last")
+
+
 class SearchResponse(SearchResult):
     k: int
     rerank_k: int
+    min_prob: Optional[float] = None
+    sort: Optional[str] = None
     generation: int
     timings: Timings
-
-
-WHERE_HELP = ('metadata filter, e.g. taken >= "2023-06-01" and make = "Canon" (docs/filters.md); only images '
-              'passing it are searched, and an invalid filter is a 400 naming the position and the fields')
 
 
 class BatchRequest(BaseModel):
@@ -52,11 +61,15 @@ class BatchRequest(BaseModel):
     k: int = 10
     rerank_k: int = DEFAULT_RERANK_K
     where: Optional[str] = Field(None, description=WHERE_HELP)
+    min_prob: Optional[float] = Field(None, description=MIN_PROB_HELP)
+    sort: Optional[str] = Field(None, description=SORT_HELP)
 
 
 class BatchResponse(BaseModel):
     k: int
     rerank_k: int
+    min_prob: Optional[float] = None
+    sort: Optional[str] = None
     generation: int
     results: list[SearchResult]
     timings: Timings

@@ -31,26 +31,35 @@ class RowGone(LookupError):
     """The row asked for is not in the index (any more)."""
 
 
-def text_key(rerank_k: int, where: str | None = None) -> Hashable:
-    """Text searches share an engine call when their rerank_k and filter agree (k only trims the
-    results); a filter that does not parse fails only the requests that sent it."""
-    return ("text", rerank_k, where or None)
+def text_key(rerank_k: int, where: str | None = None, min_prob: float | None = None,
+             sort: str | None = None) -> Hashable:
+    """Text searches share an engine call when their rerank_k, filter, cutoff and sort agree (k
+    only trims the results); a filter or sort field that is refused fails only the requests that
+    sent it."""
+    return ("text", rerank_k, where or None, min_prob, sort or None)
 
 
-IMAGE_KEY: Hashable = ("image",)
+def image_key(where: str | None = None) -> Hashable:
+    """Image searches share an engine call when their filters agree."""
+    return ("image", where or None)
+
+
+IMAGE_KEY: Hashable = image_key()
 
 
 def _hit_dict(hit: Hit, first_stage_rank: int, rank: int) -> dict:
     return {"rank": rank, "first_stage_rank": first_stage_rank, "row": hit.row, "path": hit.path,
-            "first_stage_score": hit.first_stage_score, "rerank_score": hit.rerank_score, "score": hit.score}
+            "first_stage_score": hit.first_stage_score, "rerank_score": hit.rerank_score, "score": hit.score,
+            "prob": hit.prob}
 
 
-def both_orders(pool: list[Hit], k: int) -> dict:
+def both_orders(pool: list[Hit], k: int, top: list[Hit] | None = None) -> dict:
     """The reranked top k and the first-stage top k of one query's candidate pool, each hit
-    carrying its position in both orders (how far reranking moved it)."""
+    carrying its position in both orders (how far reranking moved it). ``top``: the top k as
+    they are to be listed, when not in relevance order (sorted by a field)."""
     by_first = sorted(pool, key=lambda h: (-h.first_stage_score, h.row))
     first_rank = {h.row: i + 1 for i, h in enumerate(by_first)}
-    return {"hits": [_hit_dict(h, first_rank[h.row], h.rank) for h in pool[:k]],
+    return {"hits": [_hit_dict(h, first_rank[h.row], h.rank) for h in (pool[:k] if top is None else top)],
             "first_stage": [_hit_dict(h, first_rank[h.row], h.rank) for h in by_first[:k]]}
 
 
@@ -72,31 +81,34 @@ class SearchService:
             logger.info("index refreshed: generation %d, %d images", self.engine.generation, len(self.engine))
 
     def run(self, key: Hashable, jobs: list) -> list:
-        if key == IMAGE_KEY:
-            return self._image_batch(jobs)
-        return self._text_batch(key[1], jobs, where=key[2])
+        if key[0] == "image":
+            return self._image_batch(jobs, where=key[1])
+        return self._text_batch(key[1], jobs, where=key[2], min_prob=key[3], sort=key[4])
 
-    def _text_batch(self, rerank_k: int, jobs: list[TextJob], where: str | None = None
-                    ) -> list[tuple[list[dict], dict]]:
+    def _text_batch(self, rerank_k: int, jobs: list[TextJob], where: str | None = None,
+                    min_prob: float | None = None, sort: str | None = None) -> list[tuple[list[dict], dict]]:
         queries = [q for job in jobs for q in job.queries]
         if len(self.engine) == 0:
             return [([{"query": q, "hits": [], "first_stage": []} for q in job.queries], {}) for job in jobs]
-        # the whole candidate pool comes back, so both orders can be shown
+        if sort:
+            self.engine.sort_hits([], sort)  # an unknown field fails these requests before any search
+        # the whole candidate pool comes back, so both orders can be shown; a sort orders each top k
         pool_k = max(rerank_k, max(job.k for job in jobs))
-        pools = self.engine.search_batch(queries, k=pool_k, rerank_k=rerank_k, where=where)
+        pools = self.engine.search_batch(queries, k=pool_k, rerank_k=rerank_k, where=where, min_prob=min_prob)
         stages = dict(self.engine.last_timings)
         out, i = [], 0
         for job in jobs:
             results = []
             for q in job.queries:
-                results.append({"query": q, **both_orders(pools[i], job.k)})
+                top = self.engine.sort_hits(pools[i][:job.k], sort) if sort else None
+                results.append({"query": q, **both_orders(pools[i], job.k, top)})
                 i += 1
             out.append((results, stages))
         return out
 
-    def _image_batch(self, jobs: list[ImageJob]) -> list:
+    def _image_batch(self, jobs: list[ImageJob], where: str | None = None) -> list:
         queries = [job.pixels if job.pixels is not None else job.row for job in jobs]
-        found = self.engine.search_by_image(queries, k=max(job.k for job in jobs))
+        found = self.engine.search_by_image(queries, k=max(job.k for job in jobs), where=where)
         stages = dict(self.engine.last_timings)
         results: list = []
         for job, hits in zip(jobs, found):

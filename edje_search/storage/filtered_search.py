@@ -22,7 +22,7 @@ import numpy as np
 from . import vector_index
 from .filters import INDEXED_FIELDS, builtin_fields, compile_filter, meta_expr
 from .layout import REFINE_FACTOR
-from .manifest import Manifest, _prefix_end
+from .manifest import Manifest, prefix_end
 
 if TYPE_CHECKING:
     from .index_store import IndexStore
@@ -38,17 +38,19 @@ EXACT_CHUNK = 65_536  # rows scored per step of an exact scan (bounds its memory
 _FIELD_SAMPLE = 10_000  # rows sampled to list user fields in error messages
 
 
-def _user_field(manifest: Manifest):
+def has_user_field(manifest: Manifest):
+    """``known(name)``: does any row carry a user field of that name?"""
     def known(name: str) -> bool:
-        return bool(manifest._q("SELECT 1 FROM rows WHERE json_extract(meta, ?) IS NOT NULL LIMIT 1",
-                                (f'$."{name}"',)))
+        return bool(manifest.select("SELECT 1 FROM rows WHERE json_extract(meta, ?) IS NOT NULL LIMIT 1",
+                                    (f'$."{name}"',)))
     return known
 
 
-def _describe(manifest: Manifest):
+def describe_fields(manifest: Manifest):
+    """``describe()``: every field available, built-in then user fields (sampled), for error messages."""
     def describe() -> str:
-        got = manifest._q(f"SELECT DISTINCT j.key FROM (SELECT meta FROM rows WHERE meta IS NOT NULL "
-                          f"ORDER BY row DESC LIMIT {_FIELD_SAMPLE}) r, json_each(r.meta) j")
+        got = manifest.select(f"SELECT DISTINCT j.key FROM (SELECT meta FROM rows WHERE meta IS NOT NULL "
+                              f"ORDER BY row DESC LIMIT {_FIELD_SAMPLE}) r, json_each(r.meta) j")
         fields = list(builtin_fields())
         fields += sorted(k for (k,) in got if isinstance(k, str) and k not in fields)
         return ", ".join(fields)
@@ -59,25 +61,24 @@ def ensure_field_indexes(manifest: Manifest) -> None:
     """Create the manifest's expression indexes on INDEXED_FIELDS if missing (a writer calls this;
     on an index with many rows the first call builds them, once). A selective filter on those
     fields then reads an index range instead of every row's JSON."""
-    with manifest._lock:
-        for name in INDEXED_FIELDS:
-            manifest._db.execute(f"CREATE INDEX IF NOT EXISTS rows_meta_{name} ON rows({meta_expr(name)})")
+    for name in INDEXED_FIELDS:
+        manifest.ensure_index(f"rows_meta_{name}", meta_expr(name))
 
 
 def select_rows(store: "IndexStore", where: str | None = None, under: str | None = None) -> np.ndarray:
     """Live rows (sorted) passing the filter ``where`` and lying under folder ``under``."""
     manifest = store.manifest
-    sql = [Manifest._live(store.generation)]
+    sql = [Manifest.live_condition(store.generation)]
     params: list = []
     if where:
-        cond, p = compile_filter(where, _user_field(manifest), _describe(manifest))
+        cond, p = compile_filter(where, has_user_field(manifest), describe_fields(manifest))
         sql.append(cond)
         params += p
     if under:
         lo = os.fsencode(os.path.abspath(under).rstrip(os.sep) + os.sep)
         sql.append("path >= ? AND path < ?")  # a range on the path index, like live_under
-        params += [lo, _prefix_end(lo)]
-    got = manifest._q(f"SELECT row FROM rows WHERE {' AND '.join(sql)} ORDER BY row", params)
+        params += [lo, prefix_end(lo)]
+    got = manifest.select(f"SELECT row FROM rows WHERE {' AND '.join(sql)} ORDER BY row", params)
     return np.fromiter((r for (r,) in got), dtype=np.int64, count=len(got))
 
 

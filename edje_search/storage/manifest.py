@@ -18,6 +18,7 @@ import dataclasses
 import errno
 import json
 import os
+import re
 import sqlite3
 import threading
 from pathlib import Path
@@ -79,7 +80,7 @@ def _entry(r) -> ManifestEntry:
 _COLS = "row, path, sha256, size, mtime_ns, meta"
 
 
-def _prefix_end(prefix: bytes) -> bytes:
+def prefix_end(prefix: bytes) -> bytes:
     """The smallest byte string greater than every string starting with ``prefix`` (None-free:
     a prefix of only 0xFF bytes has no such bound, so it gets one far past any path)."""
     trimmed = prefix.rstrip(b"\xff")
@@ -148,6 +149,29 @@ class Manifest:
             except sqlite3.DatabaseError as e:
                 raise IndexCorrupt(f"manifest {self.path}: {e}") from e
 
+    def select(self, sql: str, params: Sequence = ()) -> list:
+        """Rows of one read query on the manifest (its ``rows`` table: row, path, sha256, size,
+        mtime_ns, meta, added, removed), with bound ``params``; for modules that compile their own
+        conditions (filters, duplicates). Runs under SQLite's ``query_only``, so it cannot write."""
+        with self._lock:
+            self._db.execute("PRAGMA query_only = 1")
+            try:
+                return self._q(sql, params)
+            finally:
+                self._db.execute("PRAGMA query_only = 0")
+
+    def ensure_index(self, name: str, expression: str) -> None:
+        """``CREATE INDEX IF NOT EXISTS name ON rows(expression)``: an index a reader's queries
+        need (filters' expression indexes). ``name`` and ``expression`` are fixed strings of the
+        caller's code, never user input."""
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            raise ValueError(f"not an index name: {name!r}")
+        with self._lock:
+            try:
+                self._db.execute(f"CREATE INDEX IF NOT EXISTS {name} ON rows({expression})")
+            except sqlite3.DatabaseError as e:
+                raise IndexCorrupt(f"manifest {self.path}: {e}") from e
+
     # -------------------------------------------------------------------------------- reading
     def snapshot(self) -> Snapshot:
         """The latest committed generation, read in one transaction."""
@@ -176,8 +200,11 @@ class Manifest:
         return int(got[0][0]) if got else 0
 
     @staticmethod
-    def _live(g: int) -> str:
+    def live_condition(g: int) -> str:
+        """SQL condition on ``rows`` for the rows live at generation ``g`` (for :meth:`select`)."""
         return f"added <= {int(g)} AND (removed IS NULL OR removed > {int(g)})"
+
+    _live = live_condition  # the name this module's own queries use
 
     def paths_of_rows(self, rows: Iterable[int], generation: int) -> dict[int, str]:
         """Paths of those ``rows`` that are live at ``generation``."""
@@ -214,7 +241,7 @@ class Manifest:
     def live_under(self, prefix: str, generation: int) -> Iterator[ManifestEntry]:
         """Live entries whose path starts with ``prefix`` (a range scan on the path index)."""
         lo = os.fsencode(prefix)
-        hi = _prefix_end(lo)
+        hi = prefix_end(lo)
         yield from (_entry(r) for r in self._q(
             f"SELECT {_COLS} FROM rows WHERE {self._live(generation)} AND path >= ? AND path < ? ORDER BY row",
             (lo, hi)))

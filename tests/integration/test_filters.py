@@ -258,7 +258,7 @@ def test_selective_filters_use_the_manifest_expression_indexes(photo_index):
     for expr, index in [('make = "Canon"', "rows_meta_make"), ('taken >= "2021-01-01"', "rows_meta_taken"),
                         ('folder = "/x"', "rows_meta_folder"), ("lat < -10", "rows_meta_lat")]:
         sql, params = compile_filter(expr, lambda name: False, lambda: "")
-        plan = store.manifest._q(f"EXPLAIN QUERY PLAN SELECT row FROM rows WHERE {sql}", params)
+        plan = store.manifest.select(f"EXPLAIN QUERY PLAN SELECT row FROM rows WHERE {sql}", params)
         assert any(index in str(step) for step in plan), (expr, plan)
 
 

@@ -4,6 +4,7 @@
 The page's Content-Security-Policy forbids eval, so every wait below is a JS function."""
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -30,12 +31,10 @@ def chromium() -> str:
     return CHROMIUM
 
 
-@pytest.fixture(scope="module")
-def server(chromium, _built_index, tmp_path_factory):
-    """`edje-search serve` in its own process (the real command line and uvicorn)."""
+@contextlib.contextmanager
+def serving(index):
+    """`edje-search serve --index INDEX` in its own process (the real command line and uvicorn)."""
     server_module = pytest.importorskip("edje_search.serve.server", reason="the [serve] extra is not installed")
-    index = tmp_path_factory.mktemp("browser") / "idx"
-    shutil.copytree(_built_index, index)
     port = server_module.free_port()
     env = {**os.environ, "EDJE_TOKEN": TOKEN, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "edje_search_cli", "serve", "--index", str(index),
@@ -64,6 +63,14 @@ def server(chromium, _built_index, tmp_path_factory):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(chromium, _built_index, tmp_path_factory):
+    index = tmp_path_factory.mktemp("browser") / "idx"
+    shutil.copytree(_built_index, index)
+    with serving(index) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
@@ -200,4 +207,78 @@ def test_gallery_opens_a_duplicate_group(server, page):
     page.click("#grid .card.group >> nth=0")
     wait_for_thumbnails(page, len(shown[0]["images"]))
     assert grid_rows(page) == [img["row"] for img in shown[0]["images"]]
+    assert page.problems == []
+
+
+@pytest.fixture(scope="module")
+def photo_server(chromium, tiny_model_dir, tmp_path_factory):
+    """A second server, over photos that carry EXIF dates: 8 in folder `trips` (taken 2019 to
+    2022), 4 undated in `misc` plus an exact and a resized copy of one of them."""
+    import numpy as np
+    from PIL import Image
+
+    from edje_search import Engine, load_model
+
+    root = tmp_path_factory.mktemp("dated")
+    rng = np.random.default_rng(3)
+    for i in range(12):
+        folder = root / ("trips" if i < 8 else "misc")
+        folder.mkdir(exist_ok=True)
+        px = (rng.random((48, 48, 3)) * 255).astype(np.uint8)
+        px[:, :24] = rng.integers(0, 255, 3)
+        ex = Image.Exif()
+        if i < 8:
+            ex.get_ifd(0x8769)[0x9003] = f"{2019 + i % 4}:0{1 + i % 9}:1{i % 9} 10:00:00"
+        Image.fromarray(px).save(folder / f"p{i:02d}.jpg", "JPEG", quality=92, exif=ex)
+    shutil.copy(root / "misc" / "p08.jpg", root / "misc" / "p08_copy.jpg")
+    Image.open(root / "misc" / "p09.jpg").resize((36, 36)).save(root / "misc" / "p09_small.jpg", quality=80)
+    index = root / "idx"
+    Engine.create(index, load_model(tiny_model_dir), factory="Flat").sync(root, num_workers=0, progress=False)
+    with serving(index) as running:
+        yield running
+
+
+def test_gallery_filters_probability_slider_no_match_and_duplicates(photo_server, page):
+    url, headers = photo_server
+    page.goto(f"{url}/?token={TOKEN}")
+    page.wait_for_function("() => document.querySelector('#index-info').textContent.includes('14 images')")
+    page.fill("#query", QUERY)
+    page.fill("#k", "10")
+    page.fill("#f-folder", "trips")
+    page.fill("#f-from", "2020-01-01")
+    page.fill("#f-to", "2021-12-31")
+    page.click("#search-button")
+    where = 'folder glob "*trips*" and taken >= "2020-01-01" and taken <= "2021-12-31"'
+    api = httpx.get(f"{url}/search", params={"q": QUERY, "k": 10, "rerank_k": page.input_value("#rerank-k"),
+                                             "where": where}, headers=headers).json()
+    assert len(api["hits"]) == 4  # p01, p02, p05, p06: taken in 2020 or 2021
+    wait_for_thumbnails(page, 4)
+    assert page.inner_text("#active-filter") == f"filter: {where}"
+    assert grid_rows(page) == [h["row"] for h in api["hits"]]
+    assert "prob" in page.inner_text("#grid .card >> nth=0")
+
+    # a low cutoff keeps every reranked hit; the slider's far end (1.00) keeps none
+    probs = [h["prob"] for h in api["hits"]]
+    page.focus("#min-prob")
+    with page.expect_response(lambda r: "min_prob=0.01" in r.url):
+        page.keyboard.press("ArrowRight")  # one step: 0.01, and the search runs again
+    wait_for_thumbnails(page, 4)
+    assert page.inner_text("#min-prob-value") == "0.01" and min(probs) >= 0.01
+    with page.expect_response(lambda r: "min_prob=1" in r.url):
+        page.keyboard.press("End")
+    page.wait_for_function("() => document.querySelector('#status').textContent === 'no image matches'")
+    assert page.inner_text("#min-prob-value") == "1.00"
+    assert grid_rows(page) == []
+    cut = httpx.get(f"{url}/search", params={"q": QUERY, "k": 10, "where": where, "min_prob": 1}, headers=headers)
+    assert cut.json()["hits"] == []
+
+    # duplicates: the exact copy is a group of its own; opening it shows both files
+    page.click("#duplicates-button")
+    page.wait_for_function("() => document.querySelector('#status').textContent.includes('groups of exact copies')")
+    found = httpx.get(f"{url}/duplicates", headers=headers).json()
+    exact = found["exact"][0]
+    assert sorted(os.path.basename(i["path"]) for i in exact["images"]) == ["p08.jpg", "p08_copy.jpg"]
+    page.click("#grid .card.group >> nth=0")
+    wait_for_thumbnails(page, 2)
+    assert grid_rows(page) == [img["row"] for img in exact["images"]]
     assert page.problems == []

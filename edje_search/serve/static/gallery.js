@@ -77,7 +77,7 @@ function card(hit) {
   const scores = document.createElement("span");
   scores.className = "scores";
   scores.textContent = state.kind === "text"
-    ? `score ${fmt(hit.score)} · first ${fmt(hit.first_stage_score)}`
+    ? `prob ${fmt(hit.prob, 2)} · score ${fmt(hit.score)} · first ${fmt(hit.first_stage_score)}`
     : `similarity ${fmt(hit.first_stage_score)}`;
   meta.append(rank, moveBadge(hit), scores);
   el.append(thumb, meta);
@@ -133,6 +133,17 @@ function filterExpression() {
   return parts.join(" and ");
 }
 
+function minProb() {
+  // the slider's value, or null at 0 (no cutoff)
+  const p = Number($("min-prob").value);
+  return p > 0 ? p : null;
+}
+
+function showFilter(where) {
+  $("active-filter").hidden = !where;
+  $("active-filter").textContent = where ? `filter: ${where}` : "";
+}
+
 async function searchText(ev) {
   if (ev) ev.preventDefault();
   const q = $("query").value.trim();
@@ -140,27 +151,40 @@ async function searchText(ev) {
   const where = filterExpression();
   const params = new URLSearchParams({ q, k: $("k").value, rerank_k: $("rerank-k").value });
   if (where) params.set("where", where);
-  $("active-filter").hidden = !where;
-  $("active-filter").textContent = where ? `filter: ${where}` : "";
+  const cutoff = minProb();
+  if (cutoff !== null) params.set("min_prob", cutoff);
+  if ($("sort").value) params.set("sort", $("sort").value);
+  showFilter(where);
   setStatus("searching…");
   try {
     state.result = await api(`search?${params}`);
     state.kind = "text";
-    setStatus(where && !state.result.hits.length ? "no image passes the filter" : "");
+    const none = !state.result.hits.length;
+    setStatus(none && cutoff !== null ? "no image matches"
+      : none && where ? "no image passes the filter" : "");
     render();
   } catch (e) {
     setStatus(e.message, true);
   }
 }
 
+function showMinProb() {
+  const p = minProb();
+  $("min-prob-value").textContent = p === null ? "off" : p.toFixed(2);
+}
+
 async function searchImage(form) {
   form.append("k", $("k").value);
+  const where = filterExpression();
+  if (where) form.append("where", where);
+  showFilter(where);
   setStatus("searching by image…");
   try {
     state.result = await api("search/image", { method: "POST", body: form });
     state.kind = "image";
     state.order = "reranked";
-    setStatus(state.result.query_row !== null ? `images like row ${state.result.query_row}` : "");
+    const like = state.result.query_row !== null ? `images like row ${state.result.query_row}` : "";
+    setStatus(where && !state.result.hits.length ? `${like ? `${like}: ` : ""}no image passes the filter` : like);
     render();
   } catch (e) {
     setStatus(e.message, true);
@@ -212,7 +236,8 @@ function openViewer(hit) {
   const table = $("viewer-scores");
   table.replaceChildren();
   const entries = state.kind === "text"
-    ? [["reranked rank", hit.rank], ["first-stage rank", hit.first_stage_rank], ["score", fmt(hit.score)],
+    ? [["reranked rank", hit.rank], ["first-stage rank", hit.first_stage_rank],
+       ["match probability", fmt(hit.prob)], ["score", fmt(hit.score)],
        ["rerank score", fmt(hit.rerank_score)], ["first-stage score", fmt(hit.first_stage_score, 4)], ["row", hit.row]]
     : [["rank", hit.rank], ["similarity", fmt(hit.first_stage_score, 4)], ["row", hit.row]];
   for (const [name, value] of entries) {
@@ -245,6 +270,10 @@ document.addEventListener("DOMContentLoaded", () => {
   $("order-reranked").addEventListener("click", () => setOrder("reranked"));
   $("order-first").addEventListener("click", () => setOrder("first"));
   $("duplicates-button").addEventListener("click", showDuplicates);
+  $("min-prob").addEventListener("input", showMinProb);
+  for (const id of ["min-prob", "sort"]) {  // a new cutoff or order searches again at once
+    $(id).addEventListener("change", () => { if ($("query").value.trim()) searchText(); });
+  }
   $("upload").addEventListener("change", () => {
     const file = $("upload").files[0];
     if (!file) return;

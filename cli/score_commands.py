@@ -198,14 +198,18 @@ def _image_paths(images) -> list[str]:
               help="Tagging: every shortlisted label whose sigmoid(logit) reaches --min-prob.")
 @click.option("--min-prob", default=0.5, show_default=True, type=click.FloatRange(0, 1),
               help="With --multi-label: the probability a label needs.")
+@click.option("--save-as", "save_as", default=None, metavar="FIELD",
+              help="With --index: write each image's top label (with --multi-label: its labels joined by '; ') "
+                   "into the index's metadata as FIELD, and its probability as FIELD_prob, so queries can "
+                   "filter on them (--where 'FIELD = \"cat\"').")
 @loader_options
 @device_option
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 @click.option("--json", "as_json", is_flag=True,
               help="JSON Lines on stdout: one {image, labels: [{label, prob, logit, cosine}], first_stage_label} "
                    "per image (row too with --index; error for a file that could not be read).")
-def classify_cmd(images, labels, model, index_dir, template, shortlist, top_k, multi_label, min_prob, batch_size,
-                 workers, device, no_progress, as_json):
+def classify_cmd(images, labels, model, index_dir, template, shortlist, top_k, multi_label, min_prob, save_as,
+                 batch_size, workers, device, no_progress, as_json):
     """Zero-shot labels for IMAGES (files or folders) or for every image of an index.
 
     The first stage shortlists labels per image; the joint encoder reads each shortlisted prompt
@@ -219,6 +223,8 @@ def classify_cmd(images, labels, model, index_dir, template, shortlist, top_k, m
         raise click.UsageError("give IMAGES or --index DIR (one of them)")
     if index_dir is None and model is None:
         raise click.UsageError("give --model to classify image files")
+    if save_as is not None and index_dir is None:
+        raise click.UsageError("--save-as writes into an index's metadata: give --index DIR")
     names = _read_labels(labels)
     if not names:
         raise click.UsageError("--labels holds no label")
@@ -227,6 +233,10 @@ def classify_cmd(images, labels, model, index_dir, template, shortlist, top_k, m
     rows, loaded = _open(model, index_dir, device, batch_size=batch_size)
     if rows is not None:
         total, results = len(rows), classify_rows(rows, names, None, settings)
+        if save_as is not None:
+            from edje_search.classify import save_labels
+
+            results = save_labels(index_dir, results, save_as, multi_label=multi_label)
     else:
         paths = _image_paths(images)
         total, results = len(paths), classify_files(loaded, names, paths, settings, num_workers=workers)

@@ -9,7 +9,7 @@ the shortlisted logits; multi-label: ``prob = sigmoid(logit)`` and labels at or 
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -148,3 +148,49 @@ def classify(model_or_engine, labels: Sequence[str], images=None, *, rows: Seque
     if not is_engine:
         raise BadInput("classifying indexed rows needs an Engine (Engine.from_pretrained(INDEX))")
     return list(classify_rows(model_or_engine.scorer(batch_size=settings.batch_size), labels, rows, settings))
+
+
+def label_fields(result: dict, field: str) -> dict:
+    """The metadata a classification gives one row: ``field`` = the top label (single-label) or
+    the kept labels joined by "; " (multi-label, so ``field glob "*cat*"`` finds them), and
+    ``{field}_prob`` = the top label's probability. Empty when no label was kept."""
+    labels = result.get("labels") or []
+    if not labels:
+        return {}
+    top = max(labels, key=lambda x: x["prob"])
+    value = "; ".join(x["label"] for x in labels) if result.get("multi_label") else top["label"]
+    return {field: value, f"{field}_prob": round(float(top["prob"]), 4)}
+
+
+def save_labels(index_dir, results: Iterable[dict], field: str, *, multi_label: bool = False,
+                lock_wait: float = 0.0, chunk: int = 10_000) -> Iterator[dict]:
+    """Pass ``results`` (of :func:`classify_rows`) through, writing each row's labels into its
+    metadata (:func:`label_fields`) so that filters can use them (``--where 'kind = "cat"'``).
+    Holds the index's writer lock while it runs; rows are updated ``chunk`` at a time, each chunk
+    one transaction; other metadata fields are kept. Metadata is not versioned: readers see new
+    labels at once."""
+    from .storage.index_store import IndexStore
+
+    if not field.isidentifier() or field.startswith("_"):
+        raise BadInput(f"--save-as {field!r}: a field name is letters, digits and _, not starting with _ or a digit")
+    store = IndexStore.open(index_dir, mode="r+", lock_wait=lock_wait)
+    with store.writing():
+        pending: dict[int, dict] = {}
+        for res in results:
+            if "row" in res and "error" not in res:
+                pending[int(res["row"])] = label_fields({**res, "multi_label": multi_label}, field)
+            if len(pending) >= chunk:
+                _write_labels(store, pending, field)
+                pending = {}
+            yield res
+        if pending:
+            _write_labels(store, pending, field)
+
+
+def _write_labels(store, labels: dict[int, dict], field: str) -> None:
+    current = store.entries_of_rows(list(labels))
+    updates = {}
+    for row, fields in labels.items():
+        meta = {k: v for k, v in (current[row].meta or {}).items() if k not in (field, f"{field}_prob")}
+        updates[row] = {**meta, **fields}
+    store.manifest.update_meta(updates)

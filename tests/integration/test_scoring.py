@@ -294,6 +294,32 @@ def test_classify_structure_and_consistency(built_index, shapes_dir, model):
     assert run("classify", "--index", built_index, "--labels", "a", "--template", "no slot", ok=False).exit_code == 2
 
 
+def test_classify_save_as_writes_labels_that_filters_find(built_index, model):
+    labels = ["a red circle", "a blue square", "a green triangle"]
+    engine = Engine.from_pretrained(built_index)
+    want = {r["row"]: r["labels"][0] for r in classify_rows(engine.scorer(), labels, None,
+                                                             ClassifySettings(template="there is {}", shortlist=3))}
+    out = run("classify", "--index", built_index, "--labels", ",".join(labels), "--template", "there is {}",
+              "--shortlist", 3, "--save-as", "kind", "--json", "--no-progress").stdout
+    assert len(out.splitlines()) == 40
+    again = Engine.from_pretrained(built_index)
+    meta = {e.row: e.meta for e in again.store.entries}
+    assert {r: (m["kind"], m["kind_prob"]) for r, m in meta.items()} == \
+        {r: (x["label"], round(x["prob"], 4)) for r, x in want.items()}
+    assert all("width" in m for m in meta.values())  # the fields collected at indexing stay
+    top = max(set(x["label"] for x in want.values()), key=lambda lab: sum(x["label"] == lab for x in want.values()))
+    hits = again.search("anything", k=40, rerank_k=0, where=f'kind = "{top}"')
+    assert {h.row for h in hits} == {r for r, x in want.items() if x["label"] == top}
+    tags = run("classify", "--index", built_index, "--labels", ",".join(labels), "--multi-label", "--min-prob", "0",
+               "--save-as", "tags", "--no-progress")
+    assert tags.exit_code == 0
+    tagged = {e.row: e.meta["tags"] for e in Engine.from_pretrained(built_index).store.entries}
+    assert all(set(t.split("; ")) <= set(labels) for t in tagged.values())
+    assert run("classify", "--index", built_index, "--labels", "a,b", "--save-as", "2bad", ok=False).exit_code == 2
+    assert run("classify", "x.png", "--model", model.path, "--labels", "a,b", "--save-as", "kind",
+               ok=False).exit_code == 2
+
+
 def _write_shard(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> None:
     import io
     import tarfile

@@ -77,6 +77,10 @@ def fit_platt(logits, labels, *, max_iter: int = 100, tol: float = 1e-10) -> tup
     Targets are Platt's smoothed labels, (N+ + 1) / (N+ + 2) for matches and 1 / (N- + 2) for
     non-matches, so perfectly separated scores give a finite fit (a steep one) instead of
     diverging; with thousands of pairs they differ from 0/1 by well under 1%.
+
+    Hand-written because no dependency offers it: scikit-learn (whose LogisticRegression would do
+    the regression, not Platt's targets) is not installed, and two parameters need no more than a
+    2 x 2 Newton step.
     """
     x = np.asarray(logits, dtype=np.float64).reshape(-1)
     y = np.asarray(labels, dtype=bool).reshape(-1)

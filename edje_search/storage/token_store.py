@@ -103,7 +103,9 @@ class TokenStore:
         """Rows in the order asked -> (k, m, d) tokens (float32 for int8 stores)."""
         idx = np.asarray(rows, dtype=np.int64).reshape(-1)
         if self.token_dtype == "int8":
-            out = dequantize(self.arrays["tokens"].get(idx), self.arrays["token_scales"].get(idx))
+            q, scales = self.arrays["tokens"], self.arrays["token_scales"]
+            pending = q.start_read(idx), scales.start_read(idx)
+            out = dequantize(q.read_started(pending[0]), scales.read_started(pending[1]))
         else:
             out = self.arrays["tokens"].get(idx)
         # a pass over the k rows a rerank reads anyway: damaged tokens fail the query instead of

@@ -351,11 +351,19 @@ class ZarrRows:
 
     def get(self, rows) -> np.ndarray:
         """Committed rows in the order asked -> (k, *row_shape); IndexCorrupt if any is unreadable."""
+        return self.read_started(self.start_read(rows))
+
+    def start_read(self, rows):
+        """Begin reading committed rows (checked now); :meth:`read_started` waits for them. Two
+        arrays read together (int8 tokens and their scales) overlap their I/O this way."""
         idx = self.check_rows(rows)
-        if not idx.size:
+        return self.handle[idx].read() if idx.size else None
+
+    def read_started(self, pending) -> np.ndarray:
+        if pending is None:
             return np.zeros((0, *self.row_shape), dtype=self.dtype)
         try:
-            return self.handle[idx].read().result()
+            return pending.result()
         except ValueError as e:
             raise self._corrupt(e) from e
 

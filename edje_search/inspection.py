@@ -59,6 +59,7 @@ def store_summary(store: IndexStore) -> dict:
         "factory": cfg.factory, "recipe": store.recipe, "nprobe": store.settings.get("nprobe"),
         "faiss_segments": len(store.faiss_files), "dim": cfg.dim, "tokens_per_image": cfg.tokens_per_image,
         "token_width": cfg.token_width, "token_dtype": cfg.token_dtype,
+        "token_store": f"{store.tokens.url} (Zarr v3, {cfg.token_shard_rows} rows per shard)",
         "store": cfg.store_url or "(inside the index)", "model": cfg.model_path,
         "model_fingerprint": cfg.model_fingerprint,
         "bytes_per_image": bytes_per_image(cfg.tokens_per_image, cfg.token_width, cfg.token_dtype),

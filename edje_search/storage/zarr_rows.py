@@ -184,7 +184,7 @@ class ZarrRows:
         if self._fs is None:
             import fsspec
 
-            self._fs, _ = fsspec.core.url_to_fs(self.url)
+            self._fs, self._fs_root = fsspec.core.url_to_fs(self.url)
         return self._fs
 
     def shard_key(self, shard: int) -> str:
@@ -285,7 +285,8 @@ class ZarrRows:
         base = f"{self.url}/c"
         try:
             if self.remote:
-                names = [p[len(self.fs._strip_protocol(self.url)) + 1:] for p in self.fs.find(base)]
+                found_paths = self.fs.find(base)
+                names = [p[len(self._fs_root.rstrip("/")) + 1:] for p in found_paths]
             else:
                 names = [os.path.relpath(os.path.join(d, f), self.url).replace(os.sep, "/")
                          for d, _, files in os.walk(base) for f in files]

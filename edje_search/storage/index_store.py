@@ -1,4 +1,4 @@
-"""The on-disk index: config, manifest, vector and token segments, FAISS segments.
+"""The on-disk index: config, manifest, vector segments, the Zarr token store, FAISS segments.
 
 Layout of an index directory (every path inside is relative to it, so it can move)::
 

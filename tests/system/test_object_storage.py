@@ -1,4 +1,4 @@
-"""The vector and token segments on object storage: a real S3-protocol server (moto in server
+"""The vector segments and the token store on object storage: a real S3-protocol server (moto in server
 mode) on 127.0.0.1, started and stopped here; the index passes the same build, query, verify
 and repair checks as one on local disk."""
 from __future__ import annotations

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from edje_search.storage.token_store import quantize_per_token
-from edje_search.storage.zarr_rows import array_metadata
+from edje_search.storage.zarr_io import array_metadata
 
 CODECS = {
     "none": None,

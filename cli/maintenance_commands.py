@@ -9,6 +9,7 @@ import click
 from .common import echo_text, emit_json, index_option, json_option
 from .index_commands import wait_option
 
+
 @click.command("verify")
 @index_option
 @click.option("--deep", default=0, show_default=True, type=click.IntRange(0),
@@ -75,7 +76,6 @@ def repair(index_dir, wait, as_json):
             echo_text(f"problem left: {p}", err=True)
     if problems:
         raise SystemExit(1)
-
 
 
 @click.command("migrate")

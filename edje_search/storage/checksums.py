@@ -94,10 +94,9 @@ def check_segment(kind: str, arr, start: int, count: int,
     the rows whose own checksums fail are lost too (none, if only a file header changed: the
     segment is then rewritten by repair with its rows intact).
     """
-    path = arr.path_of(start)
     lost, why = arr.unreadable_rows(start, count)
     if len(lost) == count:
-        return SegmentDamage(kind, path, start, count, lost, why, readable=False)
+        return SegmentDamage(kind, arr.path_of(start, lost), start, count, lost, why, readable=False)
     rows = arr.read_span(start, count, lost)
     bad: set[int] = set(lost)
     reasons = [why] if lost else []
@@ -115,4 +114,4 @@ def check_segment(kind: str, arr, start: int, count: int,
         reasons.append("holds NaN or infinite values")
     if not reasons:
         return None
-    return SegmentDamage(kind, path, start, count, sorted(bad), " and ".join(reasons))
+    return SegmentDamage(kind, arr.path_of(start, sorted(bad)), start, count, sorted(bad), " and ".join(reasons))

@@ -22,6 +22,7 @@ from .layout import CONFIG_FILE, FAISS_DIR
 from .manifest import MANIFEST_FILE, Manifest
 from .segments import is_remote
 from .token_store import LAYOUT as TOKEN_LAYOUT
+from .zarr_io import kvstore_spec
 
 
 def create_index_dir(directory: Path, config: IndexConfig,
@@ -36,6 +37,8 @@ def create_index_dir(directory: Path, config: IndexConfig,
         vector_index.new_index(config.factory, config.dim)  # validate the factory string early
     if config.store_url and not is_remote(config.store_url):
         raise BadInput(f"store URL {config.store_url!r} is not a URL (leave it empty to store inside the index)")
+    if config.store_url:
+        kvstore_spec(config.store_url)  # BadInput for a scheme the token store cannot reach
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.creating-", dir=directory.parent))
     umask = os.umask(0)

@@ -13,7 +13,8 @@ Layout of an index directory (every path inside is relative to it, so it can mov
     skipped.jsonl       files the last build could not use, with the reason
 
 A commit costs O(rows in the batch): it writes the batch's vector segment, token shards and
-FAISS segment as new files, then commits one SQLite transaction naming them (the commit point).
+FAISS segment as new files, then commits one SQLite transaction naming them (the commit point);
+only ``repair`` ever replaces a stored file, and then whole.
 A commit's first row is the first row of a token shard, so no commit touches a file an earlier
 one wrote; the row numbers skipped in between are never used. Nothing
 already committed is rewritten, so a crash at any moment leaves the previous generation whole;

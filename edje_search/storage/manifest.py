@@ -66,7 +66,7 @@ class Snapshot:
     """What a reader sees of one committed generation."""
 
     generation: int
-    n_rows: int  # rows ever committed (live or removed): the length of the vector and token stores
+    n_rows: int  # one past the last row ever committed (live or removed; rows between commits are gaps)
     n_live: int
     segments: dict[str, list[tuple[int, int]]]  # store name -> [(first row, count)]
     faiss_segments: list[tuple[str, str, int, int]]  # (file name, recipe, first row, end row)

@@ -8,10 +8,9 @@ readable by this release. The old files are deleted only after that commit. A cr
 leaves the 0.2 index whole (the next run starts again); a crash after it leaves a migrated
 index whose old files the next writer removes.
 
-Rows keep the row checksums the 0.2 commit recorded, so a row that was damaged before the
-migration is still found by ``verify`` and dropped by ``repair``; a 0.2 segment that cannot be
-read at all is written as zeros and its rows are removed in the migration commit (listed, so
-the next build embeds those files again).
+Rows whose bytes no longer match the row checksums 0.2 recorded, and the rows of a 0.2 segment
+that cannot be read at all, are removed in the migration commit and listed (the next build
+embeds those files again), as ``repair`` would; every copied row gets the new layout's checksums.
 """
 from __future__ import annotations
 
@@ -80,6 +79,10 @@ def migrate(directory: str | Path, *, lock_wait: float = 0.0, progress: bool = F
 def _copy_and_commit(directory: Path, config: IndexConfig, manifest: Manifest, snap, progress: bool) -> MigrationReport:
     base = (config.store_url or str(directory)).rstrip("/")
     old = _legacy_arrays(base, config, snap.segments)
+    for kind, arr in old.items():
+        if arr.segments and not _exists(arr.url):
+            raise IndexCorrupt(f"{arr.url} is missing: the 0.2 {kind} are not there to migrate (restore the "
+                               f"folder, or build the index again)")
     remove_group(base)  # what an earlier, interrupted run wrote: no generation names it
     new = TokenStore(base, config.tokens_per_image, config.token_width, config.token_dtype, config.token_shard_rows,
                      snap.segments)
@@ -100,17 +103,21 @@ def _copy_and_commit(directory: Path, config: IndexConfig, manifest: Manifest, s
                 if lo >= hi:
                     continue
                 try:
-                    buf[lo - a:hi - a] = arr.read_segment(start, count)[lo - start:hi - start]
+                    buf[lo - a:hi - a] = arr.get(np.arange(lo, hi))
                 except IndexCorrupt as e:
                     logger.warning("0.2 segment unreadable, its rows are dropped: %s", e)
                     lost.update(range(lo, hi))
-            target._write(a, buf)
+            target.write_rows(a, buf)
             if kind == "tokens":
                 bar.update(b - a)
         for start, count in arr.segments:
             whole, rows = span_checksum(target.read_segment(start, count))
             kept = records.get((kind, start))
-            checks.append((kind, start, whole, kept[1] if kept else rows))
+            if kept is not None:  # rows whose bytes changed since 0.2 committed them are dropped too
+                was, now = np.frombuffer(kept[1], "<u4"), np.frombuffer(rows, "<u4")
+                if was.shape == now.shape:
+                    lost.update((np.nonzero(was != now)[0] + start).tolist())
+            checks.append((kind, start, whole, rows))
     bar.close()
     layout.fault("migrate_after_copy")
     live = {e.row: e.path for e in manifest.iter_live(snap.generation)}
@@ -122,6 +129,15 @@ def _copy_and_commit(directory: Path, config: IndexConfig, manifest: Manifest, s
     remove_legacy_tokens(base)
     logger.info("migrated %d token rows of %s to %s", n_rows, directory, TOKENS_GROUP)
     return MigrationReport(True, n_rows, sorted(live[r] for r in dropped))
+
+
+def _exists(url: str) -> bool:
+    if is_remote(url):
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(url)
+        return fs.exists(path)
+    return Path(url).is_dir()
 
 
 def _remove_tree(url: str) -> bool:

@@ -224,7 +224,8 @@ class SegmentArray:
             done.append((start, count))
         return done
 
-    def path_of(self, start: int) -> str:
+    def path_of(self, start: int, rows: Sequence[int] = ()) -> str:
+        """The segment file starting at ``start`` (``rows``, which it holds, add nothing)."""
         return self._path(start)
 
     def read_file(self, start: int) -> bytes:

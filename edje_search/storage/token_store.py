@@ -19,7 +19,8 @@ import numpy as np
 
 from ..errors import IndexCorrupt
 from .checksums import all_finite, non_finite_rows
-from .zarr_rows import ZarrRows, is_remote, write_document
+from .zarr_io import open_kvstore
+from .zarr_rows import ZarrRows
 
 TOKEN_DTYPES = ("float16", "float32", "int8")
 TOKENS_GROUP = "tokens.zarr"
@@ -126,12 +127,10 @@ class TokenStore:
 
     def published_rows(self) -> int | None:
         """The row count the tokens array's ``zarr.json`` shows (None: missing or unreadable)."""
-        arr = self.arrays["tokens"]
+        meta = self.arrays["tokens"].read_metadata()
         try:
-            raw = arr.fs.cat_file(f"{arr.url}/zarr.json") if is_remote(arr.url) else \
-                open(f"{arr.url}/zarr.json", "rb").read()
-            return int(json.loads(raw)["shape"][0])
-        except (OSError, ValueError, KeyError, TypeError, IndexError):
+            return int(meta["shape"][0])
+        except (KeyError, TypeError, IndexError, ValueError):
             return None
 
     def publish(self, rows: int, fingerprint: str) -> None:
@@ -139,8 +138,7 @@ class TokenStore:
         Zarr readers see every committed row (done after each commit, and by the next writer
         when a crash came in between)."""
         attrs = group_attributes(self.tokens_per_image, self.width, self.token_dtype, fingerprint)
-        fs = self.arrays["tokens"].fs if is_remote(self.url) else None
-        write_document(self.url, "zarr.json", json.dumps(
-            {"zarr_format": 3, "node_type": "group", "attributes": attrs}, indent=1).encode(), fs)
+        group = {"zarr_format": 3, "node_type": "group", "attributes": attrs}
+        open_kvstore(self.url).write("zarr.json", json.dumps(group, indent=1).encode()).result()
         for arr in self.arrays.values():
             arr.write_metadata(rows, attrs)

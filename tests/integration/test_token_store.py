@@ -107,6 +107,8 @@ def test_a_damaged_shard_fails_verify_and_repair_drops_exactly_its_rows(tmp_path
     store, by_row = build_random_index(tmp_path / "i", "float16")
     second = sorted(by_row)[110]  # the second commit: rows 128-237, shards 2 and 3
     hit = shard_file(tmp_path / "i", second + SHARD, SHARD)  # shard 3: rows 192-237
+    intact = shard_file(tmp_path / "i", second, SHARD)  # shard 2, the same commit's first shard
+    before = (intact.stat().st_ino, intact.stat().st_mtime_ns)
     damage(hit)
     problems = IndexStore.open(tmp_path / "i").verify()
     assert problems and any("tokens segment" in p and "rows 128-237" in p for p in problems)
@@ -119,6 +121,32 @@ def test_a_damaged_shard_fails_verify_and_repair_drops_exactly_its_rows(tmp_path
     assert again.verify() == [] and len(again) == 330 - len(lost)
     keep = [r for r in sorted(by_row) if r not in lost]
     np.testing.assert_array_equal(again.tokens.get(keep), np.stack([by_row[r] for r in keep]))
+    assert (intact.stat().st_ino, intact.stat().st_mtime_ns) == before  # only the damaged shard was replaced
+    assert "c/3/0/0" in " ".join(report.damaged) and "c/2/0/0" not in " ".join(report.damaged)
+
+
+def test_a_failure_of_access_is_an_error_never_damage():
+    """Only missing, cut-short or undecodable bytes make rows lost; a refused or failed read
+    stops verify and repair instead of dropping rows."""
+    from edje_search.storage.zarr_io import _why
+    from edje_search.storage.zarr_rows import ZarrRows
+
+    assert _why(ValueError("DATA_LOSS: Error reading shard index in local file: Digest mismatch")) == \
+        "shard truncated or its index damaged"
+    assert _why(ValueError('NOT_FOUND: chunk {4, 0, 0} stored at shard entry is missing')) == "shard file missing"
+    for refused in ("PERMISSION_DENIED: HTTP response code: 403", "UNAVAILABLE: connection reset",
+                    "DEADLINE_EXCEEDED: timed out"):
+        assert _why(ValueError(refused)) is None
+        with pytest.raises(OSError, match="reading"):
+            ZarrRows("/nowhere", (2, 3), "float16", 8)._damage(ValueError(refused))
+
+
+def test_a_store_url_the_token_store_cannot_reach_is_refused_at_creation(tmp_path):
+    from edje_search.errors import BadInput
+
+    with pytest.raises(BadInput, match="only s3:// and gs://"):
+        build_random_index(tmp_path / "i", "float16", store_url="az://container/prefix")
+    assert not (tmp_path / "i").exists()
 
 
 def test_zarr_json_lagging_after_a_crash_is_published_by_the_next_writer(tmp_path):
@@ -179,6 +207,24 @@ def test_an_index_of_the_previous_release_migrates_without_losing_a_row(tmp_path
         "migrated"] is False
     writer = IndexStore.open(index_dir, mode="r+")
     assert writer.next_row() == 256
+
+
+def test_rows_damaged_before_the_migration_are_dropped_by_it(tmp_path):
+    index_dir = _legacy_copy(tmp_path, "float16")
+    seg = sorted((index_dir / "tokens").glob("*.npy"))[0]
+    arr = np.load(seg)
+    arr[3, 0, 0] += 1  # a changed byte in row 3 that 0.2's row checksum recorded before
+    np.save(seg, arr)
+    report = migrate(index_dir)
+    assert [Path(p).name for p in report.dropped] == [n for n, r in json.loads(
+        (LEGACY / "expected.json").read_text())["float16"]["rows"].items() if r == 3]
+    again = IndexStore.open(index_dir)
+    assert again.verify() == [] and len(again) == 10 and 3 in again.tombstones.tolist()
+    # and a 0.2 index whose token folder is gone is not "migrated" to nothing
+    other = _legacy_copy(tmp_path / "b", "int8")
+    shutil.rmtree(other / "tokens")
+    with pytest.raises(Exception, match="is missing"):
+        migrate(other)
 
 
 @pytest.mark.parametrize("point", ["migrate_after_copy", "migrate_after_commit"])

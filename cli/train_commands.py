@@ -133,11 +133,14 @@ def train_first_stage_cmd(annotations, image_root, out_dir, config_file, feature
                    "they match this first stage and data, instead of encoding every image and caption again.")
 @click.option("--language-model", "lm_dir", default=None, type=click.Path(exists=True, file_okay=False),
               help="BERT directory to start the joint encoder from (default: bundled MiniLM-L6).")
+@click.option("--val-data", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="Auto mode: a labelled validation split (evaluation format, paths relative to its folder) "
+                   "instead of images carved from --data.")
 @click.option("--name", default="edje", show_default=True, help="Name recorded in the model directory.")
 @click.option("--device", default=None, help="cpu, cuda, ... (default: cuda if available).")
 @threads_option
 def train_reranker_cmd(annotations, image_root, first_stage_dir, out_dir, config_file, teacher_dir, init_from,
-                       features_path, lm_dir, name, device, threads, **flags):
+                       features_path, lm_dir, val_data, name, device, threads, **flags):
     """Train the adapter + joint encoder with ITM (hard negatives), MLM, recovery and distillation."""
     from edje_search.training.reranker import train_reranker
 
@@ -146,10 +149,13 @@ def train_reranker_cmd(annotations, image_root, first_stage_dir, out_dir, config
         cfg = dataclasses.replace(cfg, w_distill=0.0)
     _use_threads(threads)
     _show_training_messages()
+    if val_data and not cfg.auto:
+        raise click.UsageError("--val-data is read by --auto only")
     data = _read_training_data(annotations, image_root)
+    val = _read_training_data(val_data, None) if val_data else None
     _save_run_config(out_dir, cfg)
     train_reranker(first_stage_dir, data, out_dir, cfg, teacher_dir=teacher_dir, init_from=init_from,
-                   lm_dir=lm_dir, features_path=features_path, name=name, device=device)
+                   lm_dir=lm_dir, features_path=features_path, name=name, device=device, val_data=val)
     click.echo(f"model saved to {Path(out_dir) / 'model'}")
 
 

@@ -62,9 +62,10 @@ def _read_training_data(annotations: str, image_root: str | None):
 @click.option("--test", "n_test", default=1000, show_default=True, help="Test images.")
 @click.option("--image-size", default=48, show_default=True, help="Side of the square images in pixels.")
 @click.option("--seed", default=0, show_default=True, help="Random seed (same seed, same data set).")
-@click.option("--style", type=click.Choice(["shapes", "heldout"]), default="shapes", show_default=True,
+@click.option("--style", type=click.Choice(["shapes", "heldout", "glyphs"]), default="shapes", show_default=True,
               help="shapes: the project's generator; heldout: other shapes, colours, backgrounds, layouts and "
-                   "caption templates, for checking that a training recipe carries over to unseen data.")
+                   "caption templates, for checking that a recipe carries over to unseen data; glyphs: a third "
+                   "one, of order, direction and containment with solid or hollow objects.")
 def make_dataset_cmd(out_dir, n_train, n_val, n_test, image_size, seed, style):
     """Render the generated compositional shapes data set (train/val/test + annotation JSON)."""
     from edje_search.data.synthetic import make_dataset

@@ -8,7 +8,7 @@
   split (:mod:`.validation`); the score is the mean R@1 of both directions, logit alone.
 - Hard negatives: in-batch first; the ``--mining-pool`` pool (256 when not given) from the
   first validation that fails to beat the best score by ``--min-delta`` (the in-batch curve's
-  plateau).
+  plateau), or from half the planned steps when the curve has not flattened by then.
 - Early stopping: ``--patience`` validations without such a gain once the pool is on.
 - The best validated weights are kept (``OUT/best_reranker.pt``) and are what the run saves.
 
@@ -127,6 +127,10 @@ class AutoRun:
         """Bookkeeping after optimizer step ``step``; True when a validation ran (checkpoint now)."""
         if not self.planned and self.probe_start and step - self.probe_start[0] >= min(PROBE_STEPS, self.limit):
             self._plan(step, sched)
+        if self.pool_from is None and step >= self.total // 2:
+            self.pool_from = step
+            logger.info("step %d: half the planned steps without an in-batch plateau: mining among %d pairs from "
+                        "now on", step, self.pool)
         budget = self.budget_s()
         step_s = self._step_s(step)
         out_of_time = budget is not None and step_s is not None and \
@@ -166,7 +170,8 @@ class AutoRun:
         self.val_s = time.monotonic() - began
         self.val_since_probe += self.val_s
         score = (recall["t2i"]["R@1"] + recall["i2t"]["R@1"]) / 2
-        point = {"step": step, "time": round(self.elapsed(), 1), "score": score, "pool": self.pool_size(step),
+        # "pool": the pool of the step that led here
+        point = {"step": step, "time": round(self.elapsed(), 1), "score": score, "pool": self.pool_size(step - 1),
                  "t2i": recall["t2i"], "i2t": recall["i2t"]}
         self.points.append(point)
         gain = {d: recall[d]["R@1"] - self.first_stage[d]["R@1"] for d in ("t2i", "i2t")}

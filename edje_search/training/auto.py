@@ -2,7 +2,7 @@
 
 - Length: at most ``--max-epochs`` passes over the training captions, cut to what fits in
   ``--max-minutes`` once the first steps and the first validation have been timed (validation
-  is given about a fifth of the time). The learning-rate schedule (linear warm-up, cosine decay)
+  is given about 15% of the time). The learning-rate schedule (linear warm-up, cosine decay)
   is sized to that length.
 - Validation every ``val_every`` steps (chosen: 3-12 evaluations per run) on the validation
   split (:mod:`.validation`); the score is the mean R@1 of both directions, logit alone.
@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 
 AUTO_POOL = 256  # the pool of the paper (8 x 32) and of the demo recipe
 PROBE_STEPS = 10  # steps timed before the run's length is chosen
-VAL_SHARE = 0.2  # of the time budget spent validating
+VAL_SHARE = 0.15  # of the time budget spent validating
 MIN_EVALS, MAX_EVALS = 3, 12
 TOKENS_PER_IMAGE_WARNING = 250  # training images per stored token below which the data set is called small
 CURVE_NAME, PLOT_NAME, BEST_NAME = "val_curve.json", "val_curve.png", "best_reranker.pt"

@@ -97,7 +97,7 @@ class RerankerTrainConfig:
     max_epochs: float = flag(2.0, "Auto mode: the most passes over the training captions.")
     val_images: int = flag(1000, "Auto mode: validation images carved from the training images when --val-data "
                                  "is not given (at most a tenth of them). A small gallery overstates the gain.")
-    val_queries: int = flag(500, "Auto mode: validation images whose captions (t2i) and themselves (i2t) are "
+    val_queries: int = flag(300, "Auto mode: validation images whose captions (t2i) and themselves (i2t) are "
                                  "queried, each against the whole validation gallery.")
     val_rerank_k: int = flag(10, "Auto mode: first-stage candidates reranked when validating.")
     val_every: int = flag(0, "Auto mode: steps between validations (0: chosen, 3-12 per run).")

@@ -28,11 +28,24 @@ def _use_threads(threads: int | None) -> None:
     set_threads(threads)
 
 
+class _ProgressSafeHandler(logging.Handler):
+    """Writes each log line through tqdm, so a line printed during training lands on its own line
+    above the progress bar instead of after it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm.auto import tqdm
+
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # noqa: BLE001 - logging must never stop training
+            self.handleError(record)
+
+
 def _show_training_messages() -> None:
     """Print the training modules' log lines (what was loaded, warnings) on stderr, one line each."""
     log = logging.getLogger("edje_search.training")
     if not any(getattr(h, "_edje_cli", False) for h in log.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _ProgressSafeHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         handler._edje_cli = True
         log.addHandler(handler)

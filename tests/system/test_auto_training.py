@@ -4,39 +4,17 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
 
 from edje_search.data.annotations import read_captions
 from edje_search.models.bundle import EdjeModel
-from edje_search.models.registry import build_tiny_model, bundled_minilm_dir
 from edje_search.training import auto, validation
 from edje_search.training.common import SizedCosine
 from edje_search.training.configs import RerankerTrainConfig
 from edje_search.training.reranker import train_reranker
-
-
-@pytest.fixture(scope="module")
-def tiny_lm_dir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("tiny_lm")
-    tok = AutoTokenizer.from_pretrained(str(bundled_minilm_dir()))
-    cfg = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=128)
-    torch.manual_seed(0)
-    BertForMaskedLM(cfg).save_pretrained(str(d))
-    tok.save_pretrained(str(d))
-    return d
-
-
-@pytest.fixture(scope="module")
-def tiny_first_stage_dir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("tiny_fs")
-    build_tiny_model(seed=0).first_stage.save_pretrained(d)
-    return d
 
 
 def _cfg(**kw) -> RerankerTrainConfig:

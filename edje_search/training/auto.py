@@ -91,6 +91,7 @@ class AutoRun:
         self.meta = {"n_val_images": n_val_images, "n_queries": n_queries, "rerank_k": cfg.val_rerank_k}
         self.probe_start: tuple[int, float] | None = None
         self.val_since_probe = 0.0  # seconds validating since probe_start, not counted as step time
+        self.last_eval: tuple[int, float] | None = None  # (step, when it ended) of this process's last validation
 
     # ------------------------------------------------------------------------------- state
     def elapsed(self) -> float:
@@ -138,7 +139,10 @@ class AutoRun:
         due = step % self.every == 0 or step >= self.total or out_of_time
         if not due:
             return False
+        since = self.last_eval
         self.evaluate(step, reranker)
+        if self.planned and budget is not None and since is not None and step > since[0] and self.stopped is None:
+            self._replan(step, sched, (self.last_eval[1] - self.val_s - since[1]) / (step - since[0]))
         if self.stopped is None and (step >= self.total or out_of_time):
             self.stopped = "budget" if out_of_time or (budget is not None and self.total < self.limit) else "max epochs"
         return True
@@ -148,6 +152,21 @@ class AutoRun:
             return None
         spent = time.monotonic() - self.probe_start[1] - self.val_since_probe
         return max(spent, 0.0) / (step - self.probe_start[0])
+
+    def _replan(self, step: int, sched, step_s: float) -> None:
+        """Fit the rest of the run to the budget at the step time since the last validation (the
+        machine may have got slower or faster), and resize the learning-rate schedule with it."""
+        left = self.budget_s() - self.elapsed()
+        n_evals = max(0, math.ceil((self.total - step) / self.every))
+        fits = step + int(max(0.0, left - (n_evals + 1) * (self.val_s or 0.0)) / max(step_s, 1e-6))
+        total = max(step + 1, min(self.limit, fits))
+        if abs(total - self.total) > 0.05 * self.total:
+            logger.info("auto: %.2f s a step since the last validation -> at most %d steps (was %d)", step_s, total,
+                        self.total)
+            self.total = total
+            schedule = sched.lr_lambdas[0]
+            if isinstance(schedule, SizedCosine):
+                schedule.total = total
 
     def _plan(self, step: int, sched) -> None:
         step_s = self._step_s(step) or 1.0
@@ -168,6 +187,7 @@ class AutoRun:
         began = time.monotonic()
         recall = self.validate_fn(reranker)
         self.val_s = time.monotonic() - began
+        self.last_eval = (step, time.monotonic())
         self.val_since_probe += self.val_s
         score = (recall["t2i"]["R@1"] + recall["i2t"]["R@1"]) / 2
         # "pool": the pool of the step that led here
@@ -180,12 +200,14 @@ class AutoRun:
             self.best = {"step": step, "score": score, "t2i": recall["t2i"], "i2t": recall["i2t"]}
             save_checkpoint(self.out_dir / BEST_NAME, model=reranker.state_dict(), step=step)
         note = "best" if self.best["step"] == step else f"best {self.best['score']:.1f} at step {self.best['step']}"
-        if step > 0 and not improved:
+        # a plateau is a curve that rose and stopped rising, not one still at its step-0 level
+        risen = self.best["score"] >= self.points[0]["score"] + self.cfg.min_delta
+        if step > 0 and not improved and self.pool_from is None and risen:
+            self.pool_from, self.bad = step, 0
+            note += f"; in-batch negatives plateaued: mining among {self.pool} pairs from now on"
+        elif step > 0 and not improved and self.pool_from is not None:
             self.bad += 1
-            if self.pool_from is None:
-                self.pool_from, self.bad = step, 0
-                note += f"; in-batch negatives plateaued: mining among {self.pool} pairs from now on"
-            elif self.bad >= self.cfg.patience:
+            if self.bad >= self.cfg.patience:
                 self.stopped = "plateau"
                 note += f"; no gain of {self.cfg.min_delta:g} in {self.bad} validations: stopping"
         elif improved:

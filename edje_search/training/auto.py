@@ -157,8 +157,9 @@ class AutoRun:
         """Fit the rest of the run to the budget at the step time since the last validation (the
         machine may have got slower or faster), and resize the learning-rate schedule with it."""
         left = self.budget_s() - self.elapsed()
-        n_evals = max(0, math.ceil((self.total - step) / self.every))
-        fits = step + int(max(0.0, left - (n_evals + 1) * (self.val_s or 0.0)) / max(step_s, 1e-6))
+        val_s = self.val_s or 0.0
+        # each step also pays 1/every of a validation; one more validation at the end
+        fits = step + int(max(0.0, left - val_s) / max(step_s + val_s / self.every, 1e-6))
         total = max(step + 1, min(self.limit, fits))
         if abs(total - self.total) > 0.05 * self.total:
             logger.info("auto: %.2f s a step since the last validation -> at most %d steps (was %d)", step_s, total,

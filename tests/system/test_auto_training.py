@@ -231,3 +231,20 @@ def test_glyph_images_show_what_their_captions_say(tmp_path):
     words = {w.strip(",;:") for e in entries for c in e["caption"] for w in c.split()}
     others = set(COLORS) | set(SHAPES) | set(HELDOUT_COLORS) | set(HELDOUT_SHAPES)
     assert words & set(GLYPH_COLORS) and not words & others
+
+
+def test_a_slower_machine_shortens_the_rest_of_the_run_and_its_schedule(tmp_path):
+    cfg = _cfg(max_minutes=10.0, val_every=0, max_epochs=2.0)
+    run = auto.AutoRun(cfg, tmp_path, n_captions=20_000, n_images=10_000, validate=None,
+                       first_stage_recall={}, n_queries={}, n_val_images=1000, state=None, start=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0),
+                                              SizedCosine(40, 800))
+    run.total, run.every, run.planned, run.val_s = 800, 200, True, 20.0
+    run.elapsed = lambda: 300.0  # 300 s of the 600 spent at step 200
+    # a validation of 20 s every 200 steps adds 0.1 s a step; the last one is paid first
+    run._replan(200, sched, step_s=2.0)  # (300 - 20) / 2.1 = 133 more steps
+    assert run.total == 333 and sched.lr_lambdas[0].total == 333
+    run._replan(200, sched, step_s=0.5)  # faster again: (300 - 20) / 0.6 = 466 more
+    assert run.total == 666 and sched.lr_lambdas[0].total == 666
+    run._replan(200, sched, step_s=0.51)  # within 5%: left as planned
+    assert run.total == 666

@@ -78,6 +78,7 @@ class ValidationSet:
     data: CaptionSet
     feats: TrainFeatures
     rerank_k: int
+    queries: dict[str, np.ndarray]  # the caption (t2i) or image (i2t) of each query row
     orders: dict[str, np.ndarray]  # first-stage order of each query over the whole gallery
     first: dict[str, np.ndarray]
     targets: dict[str, list[set[int]]]
@@ -103,7 +104,7 @@ def make_validation_set(data: CaptionSet, feats: TrainFeatures, *, rerank_k: int
     first = {d: first[d][rows[d]] for d in rows}
     targets = {d: [targets[d][r] for r in rows[d].tolist()] for d in rows}
     first_stage = {d: recall_at_k(first_correct_rank(orders[d], targets[d])) for d in rows}
-    return ValidationSet(data, feats, rerank_k, orders, first, targets, first_stage)
+    return ValidationSet(data, feats, rerank_k, rows, orders, first, targets, first_stage)
 
 
 @torch.no_grad()
@@ -125,8 +126,10 @@ def validate(first_stage: FirstStage, reranker: Reranker, vs: ValidationSet, *, 
         tokens = stored_tokens(reranker, vs.feats.vision_tokens)
         model = EdjeModel(first_stage, reranker, name="validation")
         n_images = len(vs.data.images)
-        caps_t2i, imgs_t2i, shape_t2i = top_pairs(vs.orders["t2i"], vs.rerank_k)
-        imgs_i2t, caps_i2t, shape_i2t = top_pairs(vs.orders["i2t"], vs.rerank_k)
+        rows_t2i, imgs_t2i, shape_t2i = top_pairs(vs.orders["t2i"], vs.rerank_k)
+        rows_i2t, caps_i2t, shape_i2t = top_pairs(vs.orders["i2t"], vs.rerank_k)
+        # query rows are a subset: row r asks for caption (t2i) or image (i2t) queries[d][r]
+        caps_t2i, imgs_i2t = vs.queries["t2i"][rows_t2i], vs.queries["i2t"][rows_i2t]
         # a pair in both directions' top k is scored once (as evaluation.rerank_set does)
         caps, imgs = np.concatenate([caps_t2i, caps_i2t]), np.concatenate([imgs_t2i, imgs_i2t])
         pairs, where = np.unique(caps * n_images + imgs, return_inverse=True)

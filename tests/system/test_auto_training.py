@@ -155,6 +155,25 @@ def test_plan_length_fits_the_budget_and_the_schedule_follows():
     assert schedule(50) == pytest.approx(0.0)
 
 
+def test_validation_on_a_subset_of_queries_scores_each_query_s_own_pairs(shapes_dir, monkeypatch):
+    """With fewer query images than the gallery, each query row is scored with its own caption or
+    image: a scorer that knows the right pairs puts every query's target first."""
+    data = read_captions(shapes_dir / "test.json")
+    n, c = len(data.images), len(data.captions)
+    feats = validation.TrainFeatures(torch.nn.functional.normalize(torch.randn(n, 8), dim=-1),
+                                     torch.zeros(n, 2, 4, dtype=torch.float16),
+                                     torch.nn.functional.normalize(torch.randn(c, 8), dim=-1))
+    vs = validation.make_validation_set(data, feats, rerank_k=c, n_queries=7, seed=0)  # every candidate
+    assert vs.n_queries == {"t2i": 14, "i2t": 7}
+    truth = np.asarray(data.caption_image)
+    monkeypatch.setattr(validation, "EdjeModel", lambda *a, **kw: None)
+    monkeypatch.setattr(validation, "pair_scorer", lambda *a, **kw: lambda caps, imgs: (truth[caps] == imgs) * 1.0)
+    reranker = torch.nn.Linear(4, 4)
+    reranker.project = lambda x: x
+    got = validation.validate(None, reranker, vs)
+    assert got["t2i"]["R@1"] == 100.0 and got["i2t"]["R@1"] == 100.0
+
+
 def test_carved_validation_keeps_images_whole_and_apart_from_training(shapes_dir):
     data = read_captions(shapes_dir / "train.json")
     train_idx, val_idx = validation.carve(data, 6, seed=0)

@@ -28,11 +28,24 @@ def _use_threads(threads: int | None) -> None:
     set_threads(threads)
 
 
+class _ProgressSafeHandler(logging.Handler):
+    """Writes each log line through tqdm, so a line printed during training lands on its own line
+    above the progress bar instead of after it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm.auto import tqdm
+
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # noqa: BLE001 - logging must never stop training
+            self.handleError(record)
+
+
 def _show_training_messages() -> None:
     """Print the training modules' log lines (what was loaded, warnings) on stderr, one line each."""
     log = logging.getLogger("edje_search.training")
     if not any(getattr(h, "_edje_cli", False) for h in log.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _ProgressSafeHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         handler._edje_cli = True
         log.addHandler(handler)
@@ -62,9 +75,10 @@ def _read_training_data(annotations: str, image_root: str | None):
 @click.option("--test", "n_test", default=1000, show_default=True, help="Test images.")
 @click.option("--image-size", default=48, show_default=True, help="Side of the square images in pixels.")
 @click.option("--seed", default=0, show_default=True, help="Random seed (same seed, same data set).")
-@click.option("--style", type=click.Choice(["shapes", "heldout"]), default="shapes", show_default=True,
+@click.option("--style", type=click.Choice(["shapes", "heldout", "glyphs"]), default="shapes", show_default=True,
               help="shapes: the project's generator; heldout: other shapes, colours, backgrounds, layouts and "
-                   "caption templates, for checking that a training recipe carries over to unseen data.")
+                   "caption templates, for checking that a recipe carries over to unseen data; glyphs: a third "
+                   "one, of order, direction and containment with solid or hollow objects.")
 def make_dataset_cmd(out_dir, n_train, n_val, n_test, image_size, seed, style):
     """Render the generated compositional shapes data set (train/val/test + annotation JSON)."""
     from edje_search.data.synthetic import make_dataset
@@ -133,11 +147,14 @@ def train_first_stage_cmd(annotations, image_root, out_dir, config_file, feature
                    "they match this first stage and data, instead of encoding every image and caption again.")
 @click.option("--language-model", "lm_dir", default=None, type=click.Path(exists=True, file_okay=False),
               help="BERT directory to start the joint encoder from (default: bundled MiniLM-L6).")
+@click.option("--val-data", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="Auto mode: a labelled validation split (evaluation format, paths relative to its folder) "
+                   "instead of images carved from --data.")
 @click.option("--name", default="edje", show_default=True, help="Name recorded in the model directory.")
 @click.option("--device", default=None, help="cpu, cuda, ... (default: cuda if available).")
 @threads_option
 def train_reranker_cmd(annotations, image_root, first_stage_dir, out_dir, config_file, teacher_dir, init_from,
-                       features_path, lm_dir, name, device, threads, **flags):
+                       features_path, lm_dir, val_data, name, device, threads, **flags):
     """Train the adapter + joint encoder with ITM (hard negatives), MLM, recovery and distillation."""
     from edje_search.training.reranker import train_reranker
 
@@ -146,10 +163,13 @@ def train_reranker_cmd(annotations, image_root, first_stage_dir, out_dir, config
         cfg = dataclasses.replace(cfg, w_distill=0.0)
     _use_threads(threads)
     _show_training_messages()
+    if val_data and not cfg.auto:
+        raise click.UsageError("--val-data is read by --auto only")
     data = _read_training_data(annotations, image_root)
+    val = _read_training_data(val_data, None) if val_data else None
     _save_run_config(out_dir, cfg)
     train_reranker(first_stage_dir, data, out_dir, cfg, teacher_dir=teacher_dir, init_from=init_from,
-                   lm_dir=lm_dir, features_path=features_path, name=name, device=device)
+                   lm_dir=lm_dir, features_path=features_path, name=name, device=device, val_data=val)
     click.echo(f"model saved to {Path(out_dir) / 'model'}")
 
 

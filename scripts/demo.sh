@@ -4,20 +4,23 @@
 # Every stage is skipped when its output exists, so a second run reuses the first one's work.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-ES=".venv/bin/edje-search"
+ES="${ES:-.venv/bin/edje-search}"
+PY="${PY:-.venv/bin/python}"
 RUN="${DEMO_DIR:-runs/demo}"
 DATA="$RUN/data"
 : "${EDJE_HOME:=$PWD/runs/home}"; export EDJE_HOME
 # Sizes of the demo recipe (override from the environment for a longer or shorter run).
 TRAIN_IMAGES="${TRAIN_IMAGES:-10000}"
 FS_STEPS="${FS_STEPS:-150}"            # first-stage steps of 256 captions
-RR_STEPS="${RR_STEPS:-700}"            # reranker steps of 24 pairs (+ a hard negative image and caption each)
+AUTO="${AUTO:-1}"                      # 1: the reranker sizes itself (--auto) within MAX_MINUTES; 0: RR_STEPS
+MAX_MINUTES="${MAX_MINUTES:-10}"       # the reranker's time budget in auto mode
+RR_STEPS="${RR_STEPS:-700}"            # AUTO=0: reranker steps of 24 pairs (+ a hard negative image and caption each)
 WARMUP="${WARMUP:-300}"                # caption-word warm-up steps of the adapter (no joint-encoder pass)
 DROPOUT="${DROPOUT:-0}"                # joint-encoder dropout while training (MiniLM's own: 0.1)
 LM_LAYERS="${LM_LAYERS:-3}"            # first layers of MiniLM-L6 kept in the joint encoder
 N_QUERIES="${N_QUERIES:-8}"            # stored tokens per image (the adapter's queries)
 POOL="${POOL:-256}"                    # hard negatives mined among this many pairs (0: the batch of 24)
-POOL_FROM="${POOL_FROM:-$(( RR_STEPS / 2 ))}"  # ... from this step on (in-batch negatives before)
+POOL_FROM="${POOL_FROM:-$(( RR_STEPS / 2 ))}"  # AUTO=0: ... from this step on (in-batch negatives before)
 SEED="${SEED:-0}"
 THREADS="${THREADS:-2}"                # torch threads; 1 on a machine others are using
 EVAL_SPLIT="${EVAL_SPLIT:-test}"
@@ -38,12 +41,18 @@ fi
 if [ ! -f "$RUN/reranker/model/edje.json" ]; then
   FEATURES=()  # the first stage's features of the training set (absent from runs of older versions)
   [ -f "$RUN/first/features.pt" ] && FEATURES=(--features "$RUN/first/features.pt")
-  stamp "training the compressed reranker ($N_QUERIES stored tokens, MiniLM-L6's first $LM_LAYERS layers), $RR_STEPS steps"
+  if [ "$AUTO" = 1 ]; then
+    # length, pool switch and stop chosen on validation images carved from the training set
+    LENGTH=(--auto --max-minutes "$MAX_MINUTES"); what="auto, at most $MAX_MINUTES min"
+  else
+    LENGTH=(--mining-pool-from "$POOL_FROM" --steps "$RR_STEPS"); what="$RR_STEPS steps"
+  fi
+  stamp "training the compressed reranker ($N_QUERIES stored tokens, MiniLM-L6's first $LM_LAYERS layers), $what"
   $ES train reranker --data "$DATA/train.json" --first-stage "$RUN/first/first_stage" --out "$RUN/reranker" \
     --variant compressed --n-queries "$N_QUERIES" --mlp-dim 512 --lm-layers "$LM_LAYERS" --score-head mean \
     --adapter-warmup "$WARMUP" --dropout "$DROPOUT" --w-mlm 0 --w-recovery 0 --batch-size 24 --lr 2e-4 \
-    --mining-pool "$POOL" --mining-pool-from "$POOL_FROM" \
-    --steps "$RR_STEPS" ${FEATURES[@]+"${FEATURES[@]}"} --name edje-demo --seed "$SEED" --threads "$THREADS"
+    --mining-pool "$POOL" "${LENGTH[@]}" ${FEATURES[@]+"${FEATURES[@]}"} --name edje-demo --seed "$SEED" \
+    --threads "$THREADS"
 fi
 mkdir -p "$EDJE_HOME/models"
 rm -rf "$EDJE_HOME/models/edje-demo" && cp -r "$RUN/reranker/model" "$EDJE_HOME/models/edje-demo"
@@ -56,7 +65,7 @@ $ES build-index "$DATA/test" --index "$INDEX" --model edje-demo
 $ES info --index "$INDEX"
 stamp "queries: first stage vs reranked (captions of three test images; where does that image land?)"
 # Captions written for known test images, so each column can be read against the right answer.
-mapfile -t PICKS < <(.venv/bin/python - "$DATA/test.json" <<'PY'
+mapfile -t PICKS < <($PY - "$DATA/test.json" <<'PY'
 import json, sys
 items = json.load(open(sys.argv[1]))
 for i in (7, 123, 512):

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
 
 from edje_search.data.synthetic import make_dataset
-from edje_search.models.registry import build_tiny_model
+from edje_search.models.registry import build_tiny_model, bundled_minilm_dir
 
 
 @pytest.fixture(scope="session")
@@ -58,6 +59,27 @@ def docs_workspace(tmp_path, monkeypatch, tiny_model_dir, shapes_dir):
         monkeypatch.chdir(tmp_path / "work")
         return tmp_path / "work"
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_dir(tmp_path_factory) -> Path:
+    """A tiny BERT with the real uncased vocabulary, saved like a hub model directory."""
+    d = tmp_path_factory.mktemp("tiny_lm")
+    tok = AutoTokenizer.from_pretrained(str(bundled_minilm_dir()))
+    cfg = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=128)
+    torch.manual_seed(0)
+    BertForMaskedLM(cfg).save_pretrained(str(d))
+    tok.save_pretrained(str(d))
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_first_stage_dir(tmp_path_factory) -> Path:
+    """The first stage of the tiny random model, as a first-stage directory."""
+    d = tmp_path_factory.mktemp("tiny_fs")
+    build_tiny_model(seed=0).first_stage.save_pretrained(d)
+    return d
 
 
 @pytest.fixture(autouse=True)

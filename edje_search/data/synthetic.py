@@ -17,6 +17,7 @@ from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
 from ..fsutil import atomic_write_text
+from .glyphs import render_frame_scene, render_glyph_scene
 
 COLORS = {
     "red": (220, 40, 40), "green": (40, 170, 60), "blue": (50, 80, 220), "yellow": (235, 210, 40),
@@ -215,8 +216,10 @@ def render_heldout_count_scene(rng: random.Random, side: int) -> tuple[Image.Ima
     return img, captions
 
 
+# style -> (scene drawn with probability 1 - count_fraction, scene drawn with count_fraction)
 STYLES = {"shapes": (render_relation_scene, render_count_scene),
-          "heldout": (render_heldout_relation_scene, render_heldout_count_scene)}
+          "heldout": (render_heldout_relation_scene, render_heldout_count_scene),
+          "glyphs": (render_glyph_scene, render_frame_scene)}
 
 
 def make_dataset(out_dir: str | Path, *, n_train: int = 20000, n_val: int = 500, n_test: int = 1000,
@@ -224,8 +227,9 @@ def make_dataset(out_dir: str | Path, *, n_train: int = 20000, n_val: int = 500,
                  progress: bool = True, style: str = "shapes") -> dict[str, Path]:
     """Render the splits under ``out_dir``; returns the annotation file of each split.
 
-    ``style`` picks the generator: ``"shapes"`` (the project's) or ``"heldout"`` (other shapes,
-    colours, backgrounds, layouts and caption templates, for checking that a recipe carries over).
+    ``style`` picks the generator: ``"shapes"`` (the project's), ``"heldout"`` (other shapes,
+    colours, backgrounds, layouts and caption templates, for checking that a recipe carries over)
+    or ``"glyphs"`` (:mod:`.glyphs`: order, direction and containment, solid or hollow objects).
 
     Train entries get one caption each (image_id groups captions of the same image); val and
     test entries list every caption of the image.

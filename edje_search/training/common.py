@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import random
 import time
@@ -36,10 +37,11 @@ def seed_everything(seed: int) -> None:
 
 
 def make_optimizer(params, lr: float, weight_decay: float, warmup_steps: int, total_steps: int,
-                   fast_params=(), fast_lr_scale: float = 1.0):
+                   fast_params=(), fast_lr_scale: float = 1.0, sized: bool = False):
     """AdamW with linear warmup then cosine decay; no weight decay on biases and norms.
 
-    ``fast_params`` (freshly initialised modules) train at ``lr * fast_lr_scale``.
+    ``fast_params`` (freshly initialised modules) train at ``lr * fast_lr_scale``. ``sized``: the
+    schedule is a :class:`SizedCosine`, whose length a run can still change (auto mode).
     """
     fast_ids = {id(p) for p in fast_params}
     params = [p for p in params if p.requires_grad]
@@ -54,7 +56,25 @@ def make_optimizer(params, lr: float, weight_decay: float, warmup_steps: int, to
     # A resumed run keeps the setting its checkpoint was saved with (load_state_dict restores it).
     fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
     opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, fused=fused or None)
+    if sized:
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, SizedCosine(warmup_steps, total_steps))
     return opt, get_cosine_schedule_with_warmup(opt, warmup_steps, max(total_steps, 1))
+
+
+class SizedCosine:
+    """Learning-rate factor: linear warm-up, then cosine decay to 0 at ``total`` (resizable).
+
+    A callable object, so ``LambdaLR.state_dict`` saves its fields and a resumed run keeps the
+    length the run chose."""
+
+    def __init__(self, warmup: int, total: int):
+        self.warmup, self.total = int(warmup), max(int(total), 1)
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return step / max(1, self.warmup)
+        progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
 class TrainLog:

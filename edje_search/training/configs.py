@@ -84,3 +84,24 @@ class RerankerTrainConfig:
                           type=("choice", ("fp32", "bf16")))
     checkpoint_every: int = 100
     seed: int = flag(0, "Random seed.")
+    # auto mode (edje_search/training/auto.py)
+    auto: bool = flag(False, "Size the run from the data instead of --steps and --mining-pool-from: at most "
+                             "--max-epochs passes, cut to --max-minutes; validation recall on a split carved "
+                             "from the training images (or --val-data) switches the hard-negative pool on when "
+                             "the in-batch curve plateaus and stops the run after --patience validations "
+                             "without gain; the best validated weights are saved. Writes OUT/val_curve.json "
+                             "and OUT/val_curve.png.", is_flag=True)
+    max_minutes: float | None = flag(None, "Time budget of the run in minutes, from start to saved model (auto "
+                                           "mode plans its length to fit; a fixed run stops when it is spent).",
+                                     type=float)
+    max_epochs: float = flag(2.0, "Auto mode: the most passes over the training captions.")
+    val_images: int = flag(1000, "Auto mode: validation images carved from the training images when --val-data "
+                                 "is not given (at most a tenth of them). A small gallery overstates the gain.")
+    val_queries: int = flag(300, "Auto mode: validation images whose captions (t2i) and themselves (i2t) are "
+                                 "queried, each against the whole validation gallery.")
+    val_rerank_k: int = flag(10, "Auto mode: first-stage candidates reranked when validating.")
+    val_every: int = flag(0, "Auto mode: steps between validations (0: chosen, 3-12 per run).")
+    patience: int = flag(3, "Auto mode: validations without a gain of --min-delta, hard-negative pool on, "
+                            "before the run stops.")
+    min_delta: float = flag(0.5, "Auto mode: the gain in mean R@1 (points, both directions) that counts as "
+                                 "improving.")

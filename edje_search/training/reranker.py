@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ from ..models.bundle import EdjeModel
 from ..models.first_stage import FirstStage
 from ..models.registry import build_reranker, bundled_minilm_dir
 from ..models.reranker import Reranker
+from . import auto as auto_mode
 from .configs import RerankerTrainConfig
 from .common import (TrainLog, all_gather_cat, data_parallel, gradient_sync, init_distributed,
                      is_main_process, load_checkpoint, make_optimizer, save_checkpoint, seed_everything)
@@ -128,17 +130,19 @@ def _special_mask(tokenizer, ids: torch.Tensor) -> torch.Tensor:
 def train_reranker(first_stage_dir: str | Path, data: CaptionSet, out_dir: str | Path, cfg: RerankerTrainConfig,
                    *, teacher_dir: str | Path | None = None, init_from: str | Path | None = None,
                    lm_dir: str | Path | None = None, features_path: str | Path | None = None, name: str = "edje",
-                   device: str | None = None, progress: bool = True) -> EdjeModel:
+                   device: str | None = None, progress: bool = True, val_data: CaptionSet | None = None) -> EdjeModel:
     """Train and save an EDJE model directory at ``out_dir/model``; resumes from ``out_dir/train_state.pt``.
 
     ``features_path``: a feature file of this first stage on ``data`` (``train first-stage`` writes one),
-    used instead of encoding the training set again when it matches.
+    used instead of encoding the training set again when it matches. ``cfg.auto``: the run sizes
+    itself on a validation curve (:mod:`.auto`), on ``val_data`` or images carved from ``data``.
     """
+    start = time.monotonic()
     out_dir = Path(out_dir)
-    if cfg.mining_pool_from and not (cfg.mining_pool and 0 < cfg.mining_pool_from < cfg.steps):
-        raise BadInput(f"--mining-pool-from {cfg.mining_pool_from} needs --mining-pool and a step in "
-                       f"(0, {cfg.steps}): it would never switch the pool on")
+    _check_config(cfg)
     rank, world = init_distributed()
+    if cfg.auto and world > 1:
+        raise BadInput("--auto runs in one process (its validation decides for the run); drop torchrun or --auto")
     seed_everything(cfg.seed)
     dev = pick_device(device)
     first_stage = FirstStage.from_pretrained(first_stage_dir).to(dev).eval()
@@ -152,12 +156,16 @@ def train_reranker(first_stage_dir: str | Path, data: CaptionSet, out_dir: str |
     if not is_main_process():
         feats = compute_features(first_stage, data, cache=cache, reuse=features_path, progress=False)
 
+    state_path = out_dir / "train_state.pt"
+    state = load_checkpoint(state_path)
+    auto = None
+    if cfg.auto:
+        data, feats, auto = auto_mode.prepare(first_stage, data, feats, cfg, out_dir, val_data=val_data,
+                                              state=(state or {}).get("auto"), start=start, progress=progress)
     reranker = (EdjeModel.from_pretrained(init_from).reranker if init_from else new_reranker(first_stage, cfg, lm_dir))
     if cfg.dropout is not None and init_from:
         set_dropout(reranker.language_model, cfg.dropout)
     reranker.to(dev).train()
-    state_path = out_dir / "train_state.pt"
-    state = load_checkpoint(state_path)
     if cfg.adapter_warmup and init_from is None and state is None:
         warm_up_adapter(reranker, feats.vision_tokens, data.captions, np.asarray(data.caption_image),
                         steps=cfg.adapter_warmup, lr=cfg.adapter_warmup_lr, seed=cfg.seed)
@@ -168,9 +176,11 @@ def train_reranker(first_stage_dir: str | Path, data: CaptionSet, out_dir: str |
         for p in teacher.parameters():
             p.requires_grad = False
     fresh = [p for n, p in reranker.named_parameters() if not n.startswith("language_model.")]
+    total = auto.total if auto else cfg.steps
     opt, sched = make_optimizer(reranker.parameters(), cfg.lr, cfg.weight_decay,
-                                int(cfg.warmup_fraction * cfg.steps), cfg.steps,
-                                fast_params=[] if init_from else fresh, fast_lr_scale=cfg.new_module_lr_scale)
+                                int(cfg.warmup_fraction * total), total,
+                                fast_params=[] if init_from else fresh, fast_lr_scale=cfg.new_module_lr_scale,
+                                sized=auto is not None)
     step = 0
     neighbours = (first_stage_neighbours(feats.text_emb, feats.image_emb, 4 * cfg.neighbour_group)
                   if cfg.neighbour_group > 1 else None)
@@ -187,11 +197,13 @@ def train_reranker(first_stage_dir: str | Path, data: CaptionSet, out_dir: str |
     caption_image = torch.tensor(data.caption_image)
     tok = reranker.tokenizer
     log = TrainLog(out_dir / "train_log.jsonl", step) if is_main_process() else None
-    bar = tqdm(total=cfg.steps, initial=step, desc=f"reranker ({cfg.variant})", dynamic_ncols=True,
+    bar = tqdm(total=total, initial=step, desc=f"reranker ({cfg.variant})", dynamic_ncols=True,
                disable=not (progress and is_main_process()))
     # torch DDP under torchrun: replicas start from rank 0's parameters, gradients averaged in backward
     train_step = data_parallel(reranker, step_losses)
-    while step < cfg.steps:
+    if auto is not None:
+        auto.begin(step, reranker, sched)
+    while step < (auto.total if auto else cfg.steps) and not (auto and auto.should_stop()):
         opt.zero_grad(set_to_none=True)
         logs: dict[str, float] = {}
         for micro in range(cfg.grad_accum):
@@ -199,8 +211,8 @@ def train_reranker(first_stage_dir: str | Path, data: CaptionSet, out_dir: str |
             local = global_caps[rank * cfg.batch_size:(rank + 1) * cfg.batch_size]
             # every process contributes its pairs to the gathered global batch used for mining
             global_caps = all_gather_cat(local)
-            pool_size = cfg.mining_pool if step >= cfg.mining_pool_from else 0
-            if micro == 0 and step == cfg.mining_pool_from > 0:  # checked above: a pool is set
+            pool_size = auto.pool_size(step) if auto else cfg.mining_pool if step >= cfg.mining_pool_from else 0
+            if micro == 0 and not auto and step == cfg.mining_pool_from > 0:  # checked above: a pool is set
                 logger.info("step %d: mining negatives among %d pairs from now on", step, pool_size)
             pool_caps = _mining_pool(global_caps, len(data.captions), pool_size, (cfg.seed, step, micro))
             with gradient_sync(train_step, last_micro_batch=micro == cfg.grad_accum - 1):
@@ -218,11 +230,20 @@ def train_reranker(first_stage_dir: str | Path, data: CaptionSet, out_dir: str |
         bar.set_postfix({k: f"{v:.3f}" for k, v in logs.items()})
         if log is not None:
             log.write(step, **logs)
-        if is_main_process() and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
+        validated = auto.after_step(step, reranker, sched) if auto else False
+        bar.total = auto.total if auto else bar.total
+        out_of_time = auto is None and cfg.max_minutes is not None and time.monotonic() - start > 60 * cfg.max_minutes
+        last = step == (auto.total if auto else cfg.steps) or out_of_time or (auto and auto.should_stop())
+        if is_main_process() and (step % cfg.checkpoint_every == 0 or last or validated):
             save_checkpoint(state_path, model=reranker.state_dict(), optimizer=opt.state_dict(),
                             scheduler=sched.state_dict(), step=step, batch_rng=batches.rng.bit_generator.state,
-                            batch_queue=batches.queue)
+                            batch_queue=batches.queue, auto=auto.state_dict() if auto else None)
+        if out_of_time:
+            logger.info("step %d: --max-minutes %g spent, stopping", step, cfg.max_minutes)
+            break
     bar.close()
+    if auto is not None:
+        auto.finish(reranker)
     reranker.eval()
     model = EdjeModel(first_stage.cpu(), reranker.cpu(), name=name)
     if is_main_process():
@@ -230,6 +251,20 @@ def train_reranker(first_stage_dir: str | Path, data: CaptionSet, out_dir: str |
     if world > 1:
         dist.barrier()
     return model
+
+
+def _check_config(cfg: RerankerTrainConfig) -> None:
+    if cfg.auto:
+        if cfg.mining_pool_from:
+            raise BadInput("--auto switches the hard-negative pool on from its validation curve: drop "
+                           "--mining-pool-from")
+        if cfg.val_images < 2 or cfg.val_queries < 1 or cfg.patience < 1 or cfg.max_epochs <= 0:
+            raise BadInput("--auto needs --val-images >= 2, --val-queries >= 1, --patience >= 1 and --max-epochs > 0")
+    elif cfg.mining_pool_from and not (cfg.mining_pool and 0 < cfg.mining_pool_from < cfg.steps):
+        raise BadInput(f"--mining-pool-from {cfg.mining_pool_from} needs --mining-pool and a step in "
+                       f"(0, {cfg.steps}): it would never switch the pool on")
+    if cfg.max_minutes is not None and cfg.max_minutes <= 0:
+        raise BadInput("--max-minutes must be > 0")
 
 
 def _mining_pool(global_caps: torch.Tensor, n_captions: int, size: int, seed: tuple[int, ...]) -> torch.Tensor:

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
+from transformers import AutoTokenizer, BertForMaskedLM
 
 from edje_search.data.annotations import read_captions
 from edje_search.errors import BadInput
@@ -180,26 +180,6 @@ def test_each_loss_decreases_on_a_toy_batch():
 
 
 # --------------------------------------------------------------------------- training runs
-@pytest.fixture(scope="module")
-def tiny_lm_dir(tmp_path_factory) -> Path:
-    """A tiny BERT with the real uncased vocabulary, saved like a hub model directory."""
-    d = tmp_path_factory.mktemp("tiny_lm")
-    tok = AutoTokenizer.from_pretrained(str(bundled_minilm_dir()))
-    cfg = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=128)
-    torch.manual_seed(0)
-    BertForMaskedLM(cfg).save_pretrained(str(d))
-    tok.save_pretrained(str(d))
-    return d
-
-
-@pytest.fixture(scope="module")
-def tiny_first_stage_dir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("tiny_fs")
-    build_tiny_model(seed=0).first_stage.save_pretrained(d)
-    return d
-
-
 def test_train_reranker_saves_a_usable_model_and_resumes(tmp_path, shapes_dir, tiny_lm_dir, tiny_first_stage_dir):
     data = read_captions(shapes_dir / "train.json")
     cfg = RerankerTrainConfig(n_queries=4, mlp_dim=64, steps=4, batch_size=8, checkpoint_every=2, lr=1e-3)

@@ -64,18 +64,11 @@ def repair(index_dir, wait, as_json):
     with store.writing():
         report = store.repair()
     problems = verify_index(index_dir)
-    if as_json:
-        emit_json({**dataclasses.asdict(report), "images": len(store), "problems_left": problems})
-    else:
+    if not as_json:
         for p in report.damaged + report.manifest:
             echo_text(f"damaged: {p}", err=True)
-        for p in report.dropped:
-            echo_text(f"dropped {p}", err=True)
-        click.echo(f"{report.summary()}; index holds {len(store)} images")
-        for p in problems:
-            echo_text(f"problem left: {p}", err=True)
-    if problems:
-        raise SystemExit(1)
+    _finish(as_json, {**dataclasses.asdict(report), "images": len(store), "problems_left": problems},
+            report.dropped, f"{report.summary()}; index holds {len(store)} images", problems, "problem left")
 
 
 @click.command("migrate")
@@ -91,14 +84,22 @@ def migrate(index_dir, wait, as_json):
 
     report = migrate_index(index_dir, lock_wait=wait, progress=not as_json)
     problems = verify_index(index_dir)
+    _finish(as_json, {**dataclasses.asdict(report), "index": str(index_dir), "problems": problems},
+            report.dropped, report.summary(), problems, "problem")
+
+
+def _finish(as_json: bool, payload: dict, dropped: list[str], summary: str, problems: list[str],
+            label: str) -> None:
+    """What repair and migrate print when they are done: the JSON payload, or the dropped files,
+    the summary and the problems left; exit 1 while problems remain."""
     if as_json:
-        emit_json({**dataclasses.asdict(report), "index": str(index_dir), "problems": problems})
+        emit_json(payload)
     else:
-        for p in report.dropped:
+        for p in dropped:
             echo_text(f"dropped {p}", err=True)
-        click.echo(report.summary())
+        click.echo(summary)
         for p in problems:
-            echo_text(f"problem: {p}", err=True)
+            echo_text(f"{label}: {p}", err=True)
     if problems:
         raise SystemExit(1)
 

@@ -34,7 +34,8 @@ import numpy as np
 from ..errors import IndexCorrupt
 from .checksums import row_checksums
 from .segments import is_remote
-from .zarr_io import _short, _why, array_metadata, kvstore_spec, open_kvstore, read_document, shared_context
+from .zarr_io import (READ_CONTEXT, SHARD_INDEX_POOL, _short, _why, array_metadata, kvstore_spec, open_kvstore, read_document,
+                      shared_context)
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +91,8 @@ class ZarrRows:
         return {"driver": "zarr3", "kvstore": kvstore_spec(self.url),
                 "metadata": {k: v for k, v in array_metadata(self.row_shape, self.dtype, self.shard_rows, rows).items()
                              if k not in ("zarr_format", "node_type", "attributes")},
-                "fill_missing_data_reads": False, "store_data_equal_to_fill_value": True}
+                "fill_missing_data_reads": False, "store_data_equal_to_fill_value": True,
+                "metadata_cache_pool": SHARD_INDEX_POOL}  # shard indexes: see zarr_io.READ_CONTEXT
 
     @property
     def handle(self):
@@ -170,7 +172,8 @@ class ZarrRows:
         import tensorstore as ts
 
         spec = dict(self._spec(DOMAIN_ROWS), kvstore={"driver": "memory"})
-        scratch = ts.open(spec, create=True).result()
+        # a context of its own: the memory store of a shared one would outlive this call
+        scratch = ts.open(spec, create=True, context=ts.Context(READ_CONTEXT)).result()
         for first, rows in parts.items():
             scratch[first:first + len(rows)].write(rows).result()
         key = self.shard_key(shard)

@@ -1,4 +1,5 @@
-"""EDJE training objectives (docs/architecture.md): ITM, MLM, text-embedding recovery, distillation."""
+"""EDJE training objectives (docs/architecture.md): ITM, MLM, text-embedding recovery, distillation,
+and the swapped-caption negatives of caption_swaps.py."""
 from __future__ import annotations
 
 import torch
@@ -14,6 +15,13 @@ def itm_loss(pos: torch.Tensor, neg_image: torch.Tensor, neg_caption: torch.Tens
     t2i = F.cross_entropy(torch.stack([pos, neg_image], dim=1), target)
     i2t = F.cross_entropy(torch.stack([pos, neg_caption], dim=1), target)
     return (t2i + i2t) / 2
+
+
+def swap_loss(pos: torch.Tensor, swapped: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of each caption against its word-swapped copy, both on the caption's own
+    image ((S,) logits each): the matching pair must win."""
+    target = torch.zeros(pos.shape[0], dtype=torch.long, device=pos.device)
+    return F.cross_entropy(torch.stack([pos, swapped], dim=1), target)
 
 
 def mask_caption_tokens(input_ids: torch.Tensor, token_type_ids: torch.Tensor, special_mask: torch.Tensor,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import random
 import time
 from pathlib import Path
 
@@ -31,7 +32,8 @@ from .common import (TrainLog, all_gather_cat, data_parallel, gradient_sync, ini
                      is_main_process, load_checkpoint, make_optimizer, save_checkpoint, seed_everything)
 from .batches import PairBatches, first_stage_neighbours
 from .features import FEATURES_NAME, TrainFeatures, compute_features
-from .losses import distillation_loss, itm_loss, mask_caption_tokens, mlm_loss, recovery_loss
+from .caption_swaps import WordClasses
+from .losses import distillation_loss, itm_loss, mask_caption_tokens, mlm_loss, recovery_loss, swap_loss
 from .mining import match_groups, mine_hard_negatives
 from .warmup import warm_up_adapter
 
@@ -195,6 +197,13 @@ def train_reranker(first_stage_dir: str | Path, data: CaptionSet, out_dir: str |
         batches.queue = state["batch_queue"]
     groups = torch.from_numpy(match_groups(data.image_ids, data.caption_image, data.captions))
     caption_image = torch.tensor(data.caption_image)
+    swaps = None
+    if cfg.w_swap:
+        classes = WordClasses.fit(data.captions)
+        rng = random.Random(cfg.seed)
+        swaps = [classes.swap(c, rng) for c in data.captions]
+        logger.info("swapped-caption negatives for %d of %d captions; word classes: %s",
+                    sum(s is not None for s in swaps), len(swaps), "; ".join(" ".join(c) for c in classes.classes[:8]))
     tok = reranker.tokenizer
     log = TrainLog(out_dir / "train_log.jsonl", step) if is_main_process() else None
     bar = tqdm(total=total, initial=step, desc=f"reranker ({cfg.variant})", dynamic_ncols=True,
@@ -217,7 +226,7 @@ def train_reranker(first_stage_dir: str | Path, data: CaptionSet, out_dir: str |
             pool_caps = _mining_pool(global_caps, len(data.captions), pool_size, (cfg.seed, step, micro))
             with gradient_sync(train_step, last_micro_batch=micro == cfg.grad_accum - 1):
                 losses = train_step(teacher, feats, data.captions, global_caps, pool_caps,
-                                    rank * cfg.batch_size, cfg.batch_size, caption_image, groups, tok, cfg, dev)
+                                    rank * cfg.batch_size, cfg.batch_size, caption_image, groups, tok, cfg, dev, swaps)
                 total = sum(losses.values())
                 (total / cfg.grad_accum).backward()
             for k, v in losses.items():
@@ -283,13 +292,15 @@ def _mining_pool(global_caps: torch.Tensor, n_captions: int, size: int, seed: tu
 def step_losses(reranker: Reranker, teacher: Reranker | None, feats: TrainFeatures, captions: list[str],
                 global_caps: torch.Tensor, pool_caps: torch.Tensor, offset: int, size: int,
                 caption_image: torch.Tensor, groups: torch.Tensor, tok: PreTrainedTokenizerBase,
-                cfg: RerankerTrainConfig, dev: torch.device) -> dict[str, torch.Tensor]:
-    """The weighted losses of one micro-batch, keyed ``itm``/``mlm``/``recovery``/``distill`` (those
-    with a non-zero weight; ``distill`` only with a teacher).
+                cfg: RerankerTrainConfig, dev: torch.device,
+                swaps: list[str | None] | None = None) -> dict[str, torch.Tensor]:
+    """The weighted losses of one micro-batch, keyed ``itm``/``swap``/``mlm``/``recovery``/``distill``
+    (those with a non-zero weight; ``distill`` only with a teacher, ``swap`` only with ``swaps``).
 
     The micro-batch is captions ``global_caps[offset:offset + size]`` (caption indices; ``global_caps``
     (G,) is the gathered global batch) with their images, and one hard negative image and caption
-    each mined among the pairs of ``pool_caps`` (P,) by first-stage similarity.
+    each mined among the pairs of ``pool_caps`` (P,) by first-stage similarity. ``swaps[i]``, when
+    given, is caption i with two of its words swapped (caption_swaps.py): a negative for image i.
     """
     caps = global_caps[offset:offset + size]
     imgs = caption_image[caps]
@@ -302,15 +313,21 @@ def step_losses(reranker: Reranker, teacher: Reranker | None, feats: TrainFeatur
     b = len(caps)
     pair_caps = [captions[i] for i in torch.cat([caps, caps, neg_caps]).tolist()]
     pair_imgs = torch.cat([imgs, neg_imgs, imgs])
-    vision = feats.vision_tokens[pair_imgs].to(dev).float()  # (3B, n, D_v)
+    swapped = [i for i, c in enumerate(caps.tolist()) if swaps is not None and swaps[c] is not None]
+    if swapped:  # a fourth group of pairs: (swapped caption i, image i)
+        pair_caps += [swaps[caps[i]] for i in swapped]
+        pair_imgs = torch.cat([pair_imgs, imgs[swapped]])
+    vision = feats.vision_tokens[pair_imgs].to(dev).float()  # (3B + S, n, D_v)
     losses: dict[str, torch.Tensor] = {}
     with precision_autocast(dev, cfg.precision):
         projected = reranker.project(vision)  # (3B, m, H)
         hidden, pair_batch = reranker.pair_hidden(pair_caps, projected)
         logits = reranker.joint.score_hidden(hidden, pair_batch["attention_mask"]).float()  # (3B,)
-        pos, n_img, n_cap = logits[:b], logits[b:2 * b], logits[2 * b:]
+        pos, n_img, n_cap = logits[:b], logits[b:2 * b], logits[2 * b:3 * b]
         if cfg.w_itm:
             losses["itm"] = cfg.w_itm * itm_loss(pos, n_img, n_cap)
+        if swapped:
+            losses["swap"] = cfg.w_swap * swap_loss(pos[swapped], logits[3 * b:])
         if cfg.w_mlm:
             batch = reranker.encode_text(pair_caps[:b], projected.shape[1]).to(dev)
             ids, labels = mask_caption_tokens(batch["input_ids"], batch["token_type_ids"],

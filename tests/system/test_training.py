@@ -1,8 +1,10 @@
 """Losses, negative mining, reranker training end to end (one and two processes)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -17,8 +19,9 @@ from edje_search.errors import BadInput
 from edje_search.models.bundle import EdjeModel
 from edje_search.models.registry import build_tiny_model, bundled_minilm_dir
 from edje_search.training.batches import PairBatches, first_stage_neighbours
+from edje_search.training.caption_swaps import WordClasses
 from edje_search.training.losses import (distillation_loss, itm_loss, mask_caption_tokens, mlm_loss,
-                                         recovery_loss)
+                                         recovery_loss, swap_loss)
 from edje_search.training.mining import match_groups, mine_hard_negatives
 from edje_search.training.common import TrainLog, set_threads
 from edje_search.training.first_stage import FirstStageTrainConfig, planned_steps, warn_if_at_chance
@@ -162,21 +165,48 @@ def test_each_loss_decreases_on_a_toy_batch():
     feats = TrainFeatures(torch.nn.functional.normalize(torch.randn(4, 32), dim=-1), torch.randn(4, 16, 32).half(),
                           torch.nn.functional.normalize(torch.randn(4, 32), dim=-1))
     cfg = RerankerTrainConfig(n_queries=4, mlp_dim=64, mlm_probability=0.5)
-    for name in ("itm", "mlm", "recovery", "distill"):
+    swaps = ["a small blue circle left of a large red square", None,
+             "a large cyan diamond above a small white circle", "three small yellow dogs and a squares"]
+    for name in ("itm", "swap", "mlm", "recovery", "distill"):
         r = build_tiny_model(seed=1).reranker.train()
         opt = torch.optim.AdamW(r.parameters(), lr=3e-3)
         args = (feats, caps, torch.arange(4), torch.arange(4), 0, 4, torch.arange(4), torch.arange(4), r.tokenizer,
-                cfg, torch.device("cpu"))
+                dataclasses.replace(cfg, w_swap=1.0), torch.device("cpu"), swaps if name == "swap" else None)
         history = []
         for _ in range(10):
             torch.manual_seed(0)  # same MLM mask every step
             losses = step_losses(r, teacher, *args)
-            assert set(losses) == {"itm", "mlm", "recovery", "distill"}
+            assert set(losses) == {"itm", "mlm", "recovery", "distill"} | ({"swap"} if name == "swap" else set())
             history.append(losses[name].item())
             opt.zero_grad()
             losses[name].backward()
             opt.step()
         assert all(np.isfinite(history)) and history[-1] < history[0], (name, history)
+
+
+def test_word_classes_join_words_seen_between_the_same_neighbours():
+    caps = [f"a {size} {colour} {shape} {rel} a {size2} {colour2} {shape2}"
+            for size, size2 in (("small", "large"), ("large", "small"))
+            for colour, colour2 in (("red", "blue"), ("green", "red"), ("blue", "green"))
+            for shape, shape2 in (("circle", "square"), ("square", "triangle"), ("triangle", "circle"))
+            for rel in ("left of", "right of", "above", "below")]
+    classes = WordClasses.fit(caps, min_count=3)
+    assert sorted(map(tuple, classes.classes)) == [("above", "below"), ("blue", "green", "red"),
+                                                   ("circle", "square", "triangle"), ("large", "small"),
+                                                   ("left", "right")]
+    rng = random.Random(0)
+    seen = {classes.swap("A small red circle left of a large blue square", rng) for _ in range(50)}
+    # two different words of one class trade places; nothing else changes
+    assert seen == {"A large red circle left of a small blue square", "A small blue circle left of a large red square",
+                    "A small red square left of a large blue circle"}
+    # no pair to swap: one word becomes another of its class
+    assert classes.swap("Red circle", rng) in {"Blue circle", "Green circle", "Red square", "Red triangle"}
+    assert classes.swap("a dog on a sofa", rng) is None
+
+
+def test_swap_loss_prefers_the_matching_caption():
+    assert swap_loss(torch.zeros(3), torch.zeros(3)).item() == pytest.approx(np.log(2))
+    assert swap_loss(torch.full((3,), 10.0), torch.zeros(3)).item() < 1e-3
 
 
 # --------------------------------------------------------------------------- training runs
@@ -339,6 +369,15 @@ def test_train_reranker_with_mean_head_and_warm_up(tmp_path, shapes_dir, tiny_lm
     assert loaded.reranker.config.score_head == "mean"
     log = [json.loads(x) for x in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
     assert [x["step"] for x in log] == [1, 2] and set(log[0]) == {"step", "time", "itm"}
+
+
+def test_train_reranker_with_swapped_caption_negatives(tmp_path, shapes_dir, tiny_lm_dir, tiny_first_stage_dir):
+    data = read_captions(shapes_dir / "train.json")
+    cfg = RerankerTrainConfig(n_queries=4, mlp_dim=64, steps=2, batch_size=8, lr=1e-3, w_swap=0.5, w_mlm=0,
+                              w_recovery=0)
+    train_reranker(tiny_first_stage_dir, data, tmp_path / "run", cfg, lm_dir=tiny_lm_dir, progress=False)
+    log = [json.loads(x) for x in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert set(log[0]) == {"step", "time", "itm", "swap"} and all(np.isfinite(x["swap"]) for x in log)
 
 
 # ------------------------------------------------------------------------- usability plumbing

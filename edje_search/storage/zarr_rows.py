@@ -34,8 +34,8 @@ import numpy as np
 from ..errors import IndexCorrupt
 from .checksums import row_checksums
 from .segments import is_remote
-from .zarr_io import (READ_CONTEXT, SHARD_INDEX_POOL, _short, _why, array_metadata, kvstore_spec, open_kvstore, read_document,
-                      shared_context)
+from .zarr_io import (READ_CONTEXT, SHARD_INDEX_POOL, _short, _why, array_metadata, kvstore_spec, open_kvstore,
+                      read_document, shared_context)
 
 logger = logging.getLogger(__name__)
 

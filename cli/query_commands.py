@@ -7,6 +7,7 @@ import os
 import click
 
 from edje_search.config import DEFAULT_RERANK_K
+from edje_search.storage.duplicates import DEFAULT_THRESHOLD as DUPLICATE_THRESHOLD
 
 from .common import BACKENDS, Failure, echo_text, emit_json, index_option, json_option
 from .index_commands import device_option
@@ -42,8 +43,9 @@ NO_MATCH = "no image matches"
 @click.option("--dedupe", is_flag=True,
               help="Collapse near-duplicates in the results: a hit whose first-stage similarity to a better hit "
                    "is at or above --dedupe-threshold is listed under it instead of taking a place of the k.")
-@click.option("--dedupe-threshold", default=0.95, show_default=True, type=click.FloatRange(-1.0, 1.0),
-              help="Cosine similarity at or above which --dedupe treats two hits as the same image.")
+@click.option("--dedupe-threshold", default=DUPLICATE_THRESHOLD, show_default=True, type=click.FloatRange(-1.0, 1.0),
+              help="Cosine similarity at or above which --dedupe treats two hits as the same image (the default "
+                   "is `duplicates`' own, chosen where planted copies reached 0.95 recall).")
 @device_option
 @json_option
 def query(text, index_dir, k, rerank_k, model, backend, compare, where, under, min_prob, sort, dedupe,

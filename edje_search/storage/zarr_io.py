@@ -19,11 +19,9 @@ from .segments import is_remote
 # independent reads; on this project's test disk 100 cold reads took 12 ms one at a time and 4.4 ms
 # with 32 in flight: benchmarks/disk_floor.py), and two cache pools. Shard indexes (4 KiB per 256
 # rows) live in their own 64 MiB pool, which holds those of about 4M rows; the rows themselves are
-# not cached at all (the page cache keeps hot rows). With one pool for both, every gather pushed
-# 100 rows (4.9 MB) through it and evicted the indexes, so at 1M rows most rows cost two cold reads,
-# index then row (10.9 ms for 100 rows against 5.2 ms with separate pools,
-# benchmarks/results/token_gather.json). Cached indexes are revalidated on each read (the default),
-# so a shard that repair replaced is never read through a stale index.
+# not cached here (the page cache keeps hot rows, and a gather's 100 rows would otherwise push the
+# indexes out of a shared pool). Cached indexes are revalidated on each read (the default), so a
+# shard that repair replaced is never read through a stale index.
 SHARD_INDEX_POOL = "cache_pool#shard_index"
 READ_CONTEXT = {"cache_pool": {"total_bytes_limit": 0}, SHARD_INDEX_POOL: {"total_bytes_limit": 64 << 20},
                 "file_io_concurrency": {"limit": 32}}

@@ -436,9 +436,12 @@ def test_quality_benchmark_runs_end_to_end(shapes_dir, tiny_model_dir, tmp_path)
         assert sum(counts.values()) == f["all"]["pairs"] == 40
         assert f["matches_and_hard"]["pairs"] == counts["match"] + counts["hard"]
         assert 0 <= f["hard_mismatches_kept"] <= counts["hard"] and 0 <= f["all"]["precision"] <= 1
-    z = res["zero_shot"]
-    assert z["images"] == 40 and z["labels"] == 32
-    assert 0 <= z["joint_top1_accuracy"] <= 1 and 0 <= z["first_stage_top1_accuracy"] <= 1
+        assert 0 <= f["auroc_match_vs_hard"] <= 1 and 0 <= f["auroc_match_vs_random"] <= 1
+    one, two = res["zero_shot"]["one_object"], res["zero_shot"]["two_objects"]
+    assert one["images"] == 40 and one["labels"] == 32 and two["labels"] == 32 * 31 // 2
+    assert 0 < two["images"] <= 40  # scenes of two distinct objects only
+    for z in (one, two):
+        assert 0 <= z["joint_top1_accuracy"] <= 1 and 0 <= z["first_stage_top1_accuracy"] <= 1
 
 
 def test_docs_python_block_runs(docs_workspace, capsys):

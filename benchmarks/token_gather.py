@@ -150,7 +150,8 @@ def measure(dtype: str, args, rows: Rows) -> dict:
     tokens_bytes = disk_bytes(zdir / "tokens.zarr")
     after_open = p50_ms(store.tokens.get, lambda i: choices[i + 1], args.repeats)
     # a serving process soon holds every shard index (16 bytes a row); touch each shard once to get
-    # there, then time fresh random rows (the page cache still holds next to none of them)
+    # there, then time fresh random rows (the page cache holds only what fits of the store: at 1M
+    # float16 rows, less than half of it on a 23 GiB machine)
     shards = np.unique(live // store.tokens.shard_rows, return_index=True)[1]
     for s in range(0, len(shards), 1000):
         store.tokens.get(live[shards[s:s + 1000]])

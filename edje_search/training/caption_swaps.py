@@ -55,13 +55,20 @@ class WordClasses:
             return w
 
         totals = {w: sum(contexts[w].values()) for w in words}
-        for i, a in enumerate(words):
-            ca = contexts[a]
-            for b in words[i + 1:]:
-                cb = contexts[b]
-                shared = sum(min(ca[k] / totals[a], cb[k] / totals[b]) for k in ca.keys() & cb.keys())
-                if shared >= min_overlap:
-                    parent[root(a)] = root(b)
+        # overlap of every pair of words seen in a common context (no other pair has any), found
+        # through the words of each context rather than by comparing all pairs of the vocabulary
+        overlap: Counter = Counter()
+        by_context: dict[tuple[str, str], list[str]] = defaultdict(list)
+        for w in words:
+            for k in contexts[w]:
+                by_context[k].append(w)
+        for k, ws in by_context.items():
+            for i, a in enumerate(ws):
+                for b in ws[i + 1:]:
+                    overlap[a, b] += min(contexts[a][k] / totals[a], contexts[b][k] / totals[b])
+        for (a, b), shared in overlap.items():
+            if shared >= min_overlap:
+                parent[root(a)] = root(b)
         groups: dict[str, list[str]] = defaultdict(list)
         for w in words:
             groups[root(w)].append(w)

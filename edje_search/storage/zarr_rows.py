@@ -75,6 +75,7 @@ class ZarrRows:
         self._bounds = (np.asarray([s for s, _ in spans], dtype=np.int64),
                         np.asarray([s + n for s, n in spans], dtype=np.int64))
         self.segments, self.n_rows = spans, end
+        self.reopen()  # a new generation may follow a repair elsewhere: revalidate cached shard indexes
 
     def __len__(self) -> int:
         return self.n_rows
@@ -92,19 +93,38 @@ class ZarrRows:
                 "metadata": {k: v for k, v in array_metadata(self.row_shape, self.dtype, self.shard_rows, rows).items()
                              if k not in ("zarr_format", "node_type", "attributes")},
                 "fill_missing_data_reads": False, "store_data_equal_to_fill_value": True,
-                "metadata_cache_pool": SHARD_INDEX_POOL}  # shard indexes: see zarr_io.READ_CONTEXT
+                # shard indexes: their own pool (zarr_io.READ_CONTEXT), not checked against their
+                # file before each read (see reopen)
+                "metadata_cache_pool": SHARD_INDEX_POOL, "recheck_cached_data": "open"}
 
     @property
     def handle(self):
-        """The tensorstore array, opened once with the metadata the index's config gives."""
-        if self._handle is None:
+        """The tensorstore array, opened with the metadata the index's config gives."""
+        handle = self._handle
+        if handle is None:
             import tensorstore as ts
 
             with self._lock:
                 if self._handle is None:
                     self._handle = ts.open(self._spec(DOMAIN_ROWS), open=True, create=True, assume_metadata=True,
                                            context=shared_context()).result()
-        return self._handle
+                handle = self._handle
+        return handle
+
+    def reopen(self) -> None:
+        """Open the array afresh on next use.
+
+        A handle does not check a cached shard index against its file before each read (that
+        check costs a file status per row, a sixth of a cold gather). A row is read on condition
+        that the shard is still the one the index came from (its generation: file identity and
+        time, or the ETag on S3), and tensorstore reads the index again when it is not, so a
+        shard replaced after its index was cached is read right. What that cannot catch is a
+        shard cached as missing (a deleted one) that repair wrote since: a handle opened later
+        checks every entry cached before it opened once, so the engine reopens after its own
+        repairs, on adopting a new generation, and before its one retry of a failed read.
+        """
+        with self._lock:
+            self._handle = None
 
     # ------------------------------------------------------------------------------ writing
     def write_metadata(self, rows: int, attributes: dict) -> None:
@@ -179,6 +199,7 @@ class ZarrRows:
         key = self.shard_key(shard)
         data = scratch.kvstore.read(key).result().value
         self.kvstore.write(key, data).result()
+        self.reopen()
 
     @property
     def kvstore(self):
@@ -257,13 +278,20 @@ class ZarrRows:
         """Begin reading committed rows (checked now); :meth:`read_started` waits for them. Two
         arrays read together (int8 tokens and their scales) overlap their I/O this way."""
         idx = self.check_rows(rows)
-        return self.handle[idx].read() if idx.size else None
+        return idx, (self.handle[idx].read() if idx.size else None)
 
     def read_started(self, pending) -> np.ndarray:
-        if pending is None:
+        idx, future = pending
+        if future is None:
             return np.zeros((0, *self.row_shape), dtype=self.dtype)
         try:
-            return pending.result()
+            return future.result()
+        except ValueError as e:
+            if _why(e) is None:  # not about the stored bytes: no index to refresh
+                raise self._corrupt(e) from e
+        self.reopen()  # the shard may have been replaced since its index was cached: read once more
+        try:
+            return self.handle[idx].read().result()
         except ValueError as e:
             raise self._corrupt(e) from e
 

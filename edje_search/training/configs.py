@@ -76,6 +76,11 @@ class RerankerTrainConfig:
                                     "distinctions first, then the finer ones the pool offers.",
                                  type=("int_range", 0, None))
     w_itm: float = flag(1.0, "Weight of the matching loss.")
+    w_match: float = flag(0.0, "Weight of a pointwise match loss: each positive pair and each hard negative "
+                               "scored on its own (binary cross-entropy), so the logit's level means the same "
+                               "for every caption. The matching loss only ranks a pair against its negative; "
+                               "this one is what a relevance cutoff (--min-prob) needs. 0 = off (the paper's "
+                               "recipe).", type=("float_range", 0.0, None))
     w_swap: float = flag(0.0, "Weight of swapped-caption negatives: each caption against a copy with two of "
                               "its words of one class swapped (\"red\" <-> \"blue\", classes learned from the "
                               "training captions), on the caption's own image. Teaches attribute binding and "

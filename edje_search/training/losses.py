@@ -1,5 +1,6 @@
 """EDJE training objectives (docs/architecture.md): ITM, MLM, text-embedding recovery, distillation,
-and the swapped-caption negatives of caption_swaps.py."""
+and two additions of this project: a pointwise match loss and the swapped-caption negatives of
+caption_swaps.py."""
 from __future__ import annotations
 
 import torch
@@ -15,6 +16,21 @@ def itm_loss(pos: torch.Tensor, neg_image: torch.Tensor, neg_caption: torch.Tens
     t2i = F.cross_entropy(torch.stack([pos, neg_image], dim=1), target)
     i2t = F.cross_entropy(torch.stack([pos, neg_caption], dim=1), target)
     return (t2i + i2t) / 2
+
+
+def match_loss(pos: torch.Tensor, neg_image: torch.Tensor, neg_caption: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy of each pair on its own: positives towards 1, both hard negatives
+    towards 0 (all (B,) logits, the same pairs :func:`itm_loss` compares).
+
+    :func:`itm_loss` sees only the difference between a positive and its negative, so it leaves
+    the level of the logits free to drift from caption to caption; this term pins it, so a logit
+    (and a calibrated probability) means the same for every query and a cutoff can be shared.
+    """
+    logits = torch.cat([pos, neg_image, neg_caption]).float()
+    target = torch.cat([torch.ones_like(pos), torch.zeros_like(neg_image), torch.zeros_like(neg_caption)]).float()
+    # each positive weighs as much as its two negatives together
+    weight = torch.cat([torch.full_like(pos, 2.0), torch.ones_like(neg_image), torch.ones_like(neg_caption)]).float()
+    return F.binary_cross_entropy_with_logits(logits, target, weight=weight) * 3 / 4
 
 
 def swap_loss(pos: torch.Tensor, swapped: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,7 @@ from .common import (TrainLog, all_gather_cat, data_parallel, gradient_sync, ini
 from .batches import PairBatches, first_stage_neighbours
 from .features import FEATURES_NAME, TrainFeatures, compute_features
 from .caption_swaps import WordClasses
-from .losses import distillation_loss, itm_loss, mask_caption_tokens, mlm_loss, recovery_loss, swap_loss
+from .losses import distillation_loss, itm_loss, mask_caption_tokens, match_loss, mlm_loss, recovery_loss, swap_loss
 from .mining import match_groups, mine_hard_negatives
 from .warmup import warm_up_adapter
 
@@ -326,6 +326,8 @@ def step_losses(reranker: Reranker, teacher: Reranker | None, feats: TrainFeatur
         pos, n_img, n_cap = logits[:b], logits[b:2 * b], logits[2 * b:3 * b]
         if cfg.w_itm:
             losses["itm"] = cfg.w_itm * itm_loss(pos, n_img, n_cap)
+        if cfg.w_match:
+            losses["match"] = cfg.w_match * match_loss(pos, n_img, n_cap)
         if swapped:
             losses["swap"] = cfg.w_swap * swap_loss(pos[swapped], logits[3 * b:])
         if cfg.w_mlm:

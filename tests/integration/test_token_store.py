@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from edje_search.config import IndexConfig
-from edje_search.errors import IndexOutdated
+from edje_search.errors import IndexCorrupt, IndexOutdated
 from edje_search.storage import layout
 from edje_search.storage.index_store import IndexStore
 from edje_search.storage.migrate import migrate
@@ -123,6 +123,46 @@ def test_a_damaged_shard_fails_verify_and_repair_drops_exactly_its_rows(tmp_path
     np.testing.assert_array_equal(again.tokens.get(keep), np.stack([by_row[r] for r in keep]))
     assert (intact.stat().st_ino, intact.stat().st_mtime_ns) == before  # only the damaged shard was replaced
     assert "c/3/0/0" in " ".join(report.damaged) and "c/2/0/0" not in " ".join(report.damaged)
+
+
+def shifted_shard(data: bytes, pad: int = 4096) -> bytes:
+    """The same rows as a valid shard of another layout: ``pad`` bytes first, every offset moved."""
+    from numcodecs import CRC32C
+
+    index = np.frombuffer(data[-(SHARD * 16 + 4):-4], dtype="<u8").reshape(SHARD, 2).copy()
+    index[index[:, 0] != np.iinfo(np.uint64).max, 0] += pad
+    return bytes(pad) + data[:-(SHARD * 16 + 4)] + np.asarray(CRC32C().encode(index.tobytes())).tobytes()
+
+
+def test_a_reader_holding_shard_indexes_reads_shards_replaced_after_it_cached_them(tmp_path):
+    """Readers keep the shard indexes they read; a shard replaced behind them (by repair, or
+    here by the same rows in another layout) is read through its new index, never the old one."""
+    store, by_row = build_random_index(tmp_path / "i", "float16")
+    reader = IndexStore.open(tmp_path / "i")
+    rows = [r for r in sorted(by_row) if 192 <= r < 238]  # shard 3
+    np.testing.assert_array_equal(reader.tokens.get(rows), np.stack([by_row[r] for r in rows]))
+    path = shard_file(tmp_path / "i", 192, SHARD)
+    path.write_bytes(shifted_shard(path.read_bytes()))
+    # the reader's cached index points at the old offsets: the wrong bytes would fail their CRC
+    np.testing.assert_array_equal(reader.tokens.get(rows), np.stack([by_row[r] for r in rows]))
+    # a shard found missing by a new reader, then put back (a restore from backup): the cached
+    # "missing" would stand, but the retry of a failed read reopens the array, which checks it
+    saved = path.read_bytes()
+    path.unlink()
+    late = IndexStore.open(tmp_path / "i")
+    with pytest.raises(IndexCorrupt):
+        late.tokens.get(rows)
+    path.write_bytes(saved)
+    np.testing.assert_array_equal(late.tokens.get(rows), np.stack([by_row[r] for r in rows]))
+    # damaged, then repaired by another writer: the reader reads the kept rows of the new shard
+    _truncate(path)
+    with pytest.raises(IndexCorrupt):
+        reader.tokens.get(rows)
+    writer = IndexStore.open(tmp_path / "i", mode="r+")
+    with writer.writing():
+        assert len(writer.repair().dropped) == len(rows)
+    keep = [r for r in sorted(by_row) if r < 192 or r >= 238]
+    np.testing.assert_array_equal(reader.tokens.get(keep), np.stack([by_row[r] for r in keep]))
 
 
 def test_a_failure_of_access_is_an_error_never_damage():

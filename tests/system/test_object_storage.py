@@ -122,3 +122,21 @@ def test_plain_zarr_readers_on_the_bucket_get_the_tokens_the_engine_gathers(s3_e
     kv = {"driver": "s3", "bucket": "edje-test", "path": f"random-{token_dtype}/tokens.zarr/",
           "endpoint": s3_endpoint, "aws_region": "us-east-1"}
     np.testing.assert_array_equal(tensorstore_tokens(kv, rows), engine_view)
+
+
+def test_a_reader_holding_shard_indexes_reads_a_shard_replaced_on_the_bucket(s3_endpoint, tmp_path):
+    """A shard's rows are read on condition that the object is still the one whose index was
+    cached (its ETag): the same rows in another layout are read right, not through the old index."""
+    import fsspec
+
+    from tests.integration.test_token_store import SHARD, build_random_index, shifted_shard
+
+    url = "s3://edje-test/replaced"
+    store, by_row = build_random_index(tmp_path / "i", "float16", store_url=url)
+    reader = IndexStore.open(tmp_path / "i")
+    rows = [r for r in sorted(by_row) if 192 <= r < 238]  # shard 3
+    np.testing.assert_array_equal(reader.tokens.get(rows), np.stack([by_row[r] for r in rows]))
+    fs = fsspec.filesystem("s3", skip_instance_cache=True)
+    key = f"{url}/tokens.zarr/tokens/c/{192 // SHARD}/0/0"
+    fs.pipe(key, shifted_shard(fs.cat(key)))
+    np.testing.assert_array_equal(reader.tokens.get(rows), np.stack([by_row[r] for r in rows]))

@@ -20,7 +20,7 @@ from edje_search.models.bundle import EdjeModel
 from edje_search.models.registry import build_tiny_model, bundled_minilm_dir
 from edje_search.training.batches import PairBatches, first_stage_neighbours
 from edje_search.training.caption_swaps import WordClasses
-from edje_search.training.losses import (distillation_loss, itm_loss, mask_caption_tokens, mlm_loss,
+from edje_search.training.losses import (distillation_loss, itm_loss, mask_caption_tokens, match_loss, mlm_loss,
                                          recovery_loss, swap_loss)
 from edje_search.training.mining import match_groups, mine_hard_negatives
 from edje_search.training.common import TrainLog, set_threads
@@ -167,16 +167,18 @@ def test_each_loss_decreases_on_a_toy_batch():
     cfg = RerankerTrainConfig(n_queries=4, mlp_dim=64, mlm_probability=0.5)
     swaps = ["a small blue circle left of a large red square", None,
              "a large cyan diamond above a small white circle", "three small yellow dogs and a squares"]
-    for name in ("itm", "swap", "mlm", "recovery", "distill"):
+    for name in ("itm", "match", "swap", "mlm", "recovery", "distill"):
         r = build_tiny_model(seed=1).reranker.train()
         opt = torch.optim.AdamW(r.parameters(), lr=3e-3)
         args = (feats, caps, torch.arange(4), torch.arange(4), 0, 4, torch.arange(4), torch.arange(4), r.tokenizer,
-                dataclasses.replace(cfg, w_swap=1.0), torch.device("cpu"), swaps if name == "swap" else None)
+                dataclasses.replace(cfg, w_swap=1.0, w_match=float(name == "match")), torch.device("cpu"),
+                swaps if name == "swap" else None)
         history = []
         for _ in range(10):
             torch.manual_seed(0)  # same MLM mask every step
             losses = step_losses(r, teacher, *args)
-            assert set(losses) == {"itm", "mlm", "recovery", "distill"} | ({"swap"} if name == "swap" else set())
+            assert set(losses) == ({"itm", "mlm", "recovery", "distill"} | ({"swap"} if name == "swap" else set())
+                                   | ({"match"} if name == "match" else set()))
             history.append(losses[name].item())
             opt.zero_grad()
             losses[name].backward()
@@ -202,6 +204,16 @@ def test_word_classes_join_words_seen_between_the_same_neighbours():
     # no pair to swap: one word becomes another of its class
     assert classes.swap("Red circle", rng) in {"Blue circle", "Green circle", "Red square", "Red triangle"}
     assert classes.swap("a dog on a sofa", rng) is None
+
+
+def test_match_loss_pins_the_level_of_the_logits():
+    """The matching loss cannot tell logits shifted together; the match loss can."""
+    pos, neg = torch.tensor([3.0, 1.0]), torch.tensor([-3.0, -1.0])
+    assert itm_loss(pos + 5, neg + 5, neg + 5).item() == pytest.approx(itm_loss(pos, neg, neg).item())
+    assert match_loss(pos + 5, neg + 5, neg + 5).item() > match_loss(pos, neg, neg).item() + 1.0
+    # perfect separation costs nothing; chance (all zeros) costs log 2 whatever the weighting
+    assert match_loss(torch.full((2,), 20.0), torch.full((2,), -20.0), torch.full((2,), -20.0)).item() < 1e-6
+    assert match_loss(torch.zeros(2), torch.zeros(2), torch.zeros(2)).item() == pytest.approx(np.log(2))
 
 
 def test_swap_loss_prefers_the_matching_caption():

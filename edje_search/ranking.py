@@ -42,6 +42,12 @@ def rerank_order(order: np.ndarray, logits: np.ndarray, first_stage: np.ndarray 
     return np.concatenate([head, order[:, k:]], axis=1)
 
 
+def float_tensor(tokens: np.ndarray) -> torch.Tensor:
+    """Stored tokens as a float32 tensor. torch casts float16 about ten times faster than numpy
+    (0.4 against 4 ms for 100 rows of 64 x 384), a cost every rerank pays after its gather."""
+    return torch.from_numpy(np.ascontiguousarray(tokens)).float()
+
+
 def score_rows(reranker, tokens_of: Callable[[np.ndarray], np.ndarray], queries: Sequence[str], rows: np.ndarray,
                batch_size: int, clock=None) -> np.ndarray:
     """Joint-encoder logits (Q, p) of each query against its candidate ``rows`` (Q, p), -inf where a
@@ -50,7 +56,7 @@ def score_rows(reranker, tokens_of: Callable[[np.ndarray], np.ndarray], queries:
     flat = rows.reshape(-1)
     valid = flat >= 0
     uniq, inverse = np.unique(flat[valid], return_inverse=True)
-    tokens = torch.from_numpy(np.asarray(tokens_of(uniq), dtype=np.float32))
+    tokens = float_tensor(tokens_of(uniq))
     if clock:
         clock.lap("gather")
     captions = np.repeat(np.arange(len(queries)), rows.shape[1])[valid]

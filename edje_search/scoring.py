@@ -27,6 +27,7 @@ from .devices import precision_autocast
 from .errors import BadInput
 from .models.bundle import EdjeModel
 from .pipeline import ImageEmbedder
+from .ranking import float_tensor
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,7 +212,7 @@ class RowScorer:
         gone = [r for r in rows if r not in live]
         if gone:
             raise BadInput(f"rows not in the index: {gone[:10]}")
-        tokens = torch.from_numpy(np.asarray(self._store.tokens.get(np.asarray(rows, np.int64)), dtype=np.float32))
+        tokens = float_tensor(self._store.tokens.get(np.asarray(rows, np.int64)))
         return np.asarray(self._store.vectors(rows), dtype=np.float32), tokens
 
     def caption_pairs(self, texts: Sequence[str] = ()) -> Iterator[Pair | BadEntry]:

@@ -125,7 +125,7 @@ def main() -> None:
                              context=ts.Context({**READ_CONTEXT, **context})).result()
             for s in range(0, len(firsts), 1000):
                 handle[firsts[s:s + 1000]].read().result()
-            cold, warm = time_gathers(lambda r: handle[r].read().result(), gathers())
+            cold, warm = time_gathers(lambda r, h=handle: h[r].read().result(), gathers())
             times.setdefault(name, {"cold": [], "warm": [], "rounds": []})
             times[name]["cold"] += cold
             times[name]["warm"] += warm

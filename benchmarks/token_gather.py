@@ -3,13 +3,15 @@
 For each token dtype (float16, int8 with a scale per token), an index of ``--rows`` rows of
 64 x 384 tokens is built through ``Engine.add_embeddings`` in commits of ``--batch`` rows (each
 commit timed), then 100 random live rows are gathered ``--repeats`` times through
-``IndexStore.tokens.get`` (what a rerank reads) and the median is reported: first right after the
-store is opened (``gather_100_p50_ms_first_after_open``: shard indexes are read as the gathers
-meet them), then, after one row of every shard was read, with other random rows
-(``gather_100_p50_ms``: the steady state of a serving process, which keeps every shard index in
-memory; the rows themselves still come from disk). In the same run the
-same rows are written as 0.2 wrote them (one .npy file per commit; for int8 a second file of
-scales) and gathered as 0.2 did (a numpy memory map per file, fancy indexing, dequantised), so
+``IndexStore.tokens.read`` (what a rerank reads: the stored values, for int8 with their scales)
+and the median is reported: first right after the store is opened
+(``gather_100_p50_ms_first_after_open``: shard indexes are read as the gathers meet them), then,
+after one row of every shard was read, with other random rows (``gather_100_p50_ms``: the steady
+state of a serving process, which keeps every shard index in memory; the rows themselves still
+come from disk), and the same with the cast to the float32 tensor the reranker takes
+(``gather_100_to_float32_tensor_p50_ms``, ranking.float_tensor). In the same run the same rows
+are written as 0.2 wrote them (one .npy file per commit; for int8 a second file of scales) and
+gathered as 0.2 read them (a numpy memory map per file, fancy indexing), so
 the ratio is honest. The two copies are built one after the other and deleted as soon as they
 are measured, so the disk needs room for one copy only (49 GB for float16 at 1M rows).
 
@@ -35,7 +37,8 @@ import numpy as np
 from edje_search.config import IndexConfig
 from edje_search.engine import Engine
 from edje_search.storage.index_store import IndexStore
-from edje_search.storage.token_store import bytes_per_image, dequantize, quantize_per_token
+from edje_search.ranking import float_tensor
+from edje_search.storage.token_store import StoredTokens, bytes_per_image, dequantize, quantize_per_token
 
 RESULTS = Path(__file__).parent / "results" / "token_gather.json"
 M, D, DIM = 64, 384, 32
@@ -124,12 +127,12 @@ class NpySegments:
             out[sel] = self._map(kind, start)[idx[sel] - start]
         return out
 
-    def get(self, rows) -> np.ndarray:
+    def read(self, rows) -> StoredTokens:
         idx = np.asarray(rows, dtype=np.int64)
         if self.dtype == "int8":
-            return dequantize(self._gather("tokens", idx, (M, D), np.int8),
-                              self._gather("token_scales", idx, (M, 1), np.float16))
-        return self._gather("tokens", idx, (M, D), np.float16)
+            return StoredTokens(self._gather("tokens", idx, (M, D), np.int8),
+                                self._gather("token_scales", idx, (M, 1), np.float16))
+        return StoredTokens(self._gather("tokens", idx, (M, D), np.float16))
 
 
 def measure(dtype: str, args, rows: Rows) -> dict:
@@ -142,23 +145,25 @@ def measure(dtype: str, args, rows: Rows) -> dict:
     order = {int(r): i for i, r in enumerate(live)}  # row -> its position among the rows added
     pick = np.random.default_rng(1)
     choices = [pick.choice(live, 100, replace=False) for _ in range(args.repeats + 1)]
-    got = store.tokens.get(choices[0])
+    got = store.tokens.read(choices[0]).dequantized()
     want = np.concatenate([rows.batch(order[int(r)], 1) for r in choices[0]])
     if dtype == "int8":
         want = dequantize(*quantize_per_token(want))
     assert np.array_equal(got, want), "the gather returned other rows"
     tokens_bytes = disk_bytes(zdir / "tokens.zarr")
-    after_open = p50_ms(store.tokens.get, lambda i: choices[i + 1], args.repeats)
+    after_open = p50_ms(store.tokens.read, lambda i: choices[i + 1], args.repeats)
     # a serving process soon holds every shard index (16 bytes a row); touch each shard once to get
     # there, then time fresh random rows (the page cache holds only what fits of the store: at 1M
     # float16 rows, less than half of it on a 23 GiB machine)
     shards = np.unique(live // store.tokens.shard_rows, return_index=True)[1]
     for s in range(0, len(shards), 1000):
-        store.tokens.get(live[shards[s:s + 1000]])
-    steady = [pick.choice(live, 100, replace=False) for _ in range(args.repeats + 1)]
+        store.tokens.read(live[shards[s:s + 1000]])
+    steady = [pick.choice(live, 100, replace=False) for _ in range(2 * args.repeats + 2)]
     out["zarr"] = {
-        "gather_100_p50_ms": p50_ms(store.tokens.get, lambda i: steady[i + 1], args.repeats),
+        "gather_100_p50_ms": p50_ms(store.tokens.read, lambda i: steady[i + 1], args.repeats),
         "gather_100_p50_ms_first_after_open": after_open,
+        "gather_100_to_float32_tensor_p50_ms": p50_ms(lambda r: float_tensor(store.tokens.read(r)),
+                                                      lambda i: steady[args.repeats + i + 2], args.repeats),
         "bytes_per_image": tokens_bytes / args.rows,
         "commit_s": {"first": commit_s[0], "last": commit_s[-1], "median": statistics.median(commit_s),
                      "last_over_first": commit_s[-1] / commit_s[0]},
@@ -170,7 +175,7 @@ def measure(dtype: str, args, rows: Rows) -> dict:
     positions = [np.array([order[int(r)] for r in c]) for c in choices]  # 0.2 numbered rows densely
     for s in range(0, args.rows, args.batch):
         npy.write(s, rows.batch(s, min(args.batch, args.rows - s)))
-    out["npy_0.2"] = {"gather_100_p50_ms": p50_ms(npy.get, lambda i: positions[i + 1], args.repeats),
+    out["npy_0.2"] = {"gather_100_p50_ms": p50_ms(npy.read, lambda i: positions[i + 1], args.repeats),
                       "bytes_per_image": disk_bytes(ndir) / args.rows}
     print(f"  npy {dtype}: {out['npy_0.2']}", flush=True)
     shutil.rmtree(ndir)

@@ -270,7 +270,7 @@ class Engine:
             first_scores, rows = self.store.search(q, pool) if selected is None else \
                 filtered_search.search_rows(self.store, q, pool, selected)  # (Q, pool)
             clock.lap("faiss")
-            rerank = score_rows(self.model.reranker, self.store.tokens.get, queries, rows[:, :n_rerank],
+            rerank = score_rows(self.model.reranker, self.store.tokens.read, queries, rows[:, :n_rerank],
                                 batch_size, clock) if n_rerank else None
         by_row = self.store.paths(rows[rows >= 0].tolist())
         results = [_ranked_hits(self.model, by_row, rows[qi], first_scores[qi], n_rerank,

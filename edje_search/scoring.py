@@ -212,7 +212,7 @@ class RowScorer:
         gone = [r for r in rows if r not in live]
         if gone:
             raise BadInput(f"rows not in the index: {gone[:10]}")
-        tokens = float_tensor(self._store.tokens.get(np.asarray(rows, np.int64)))
+        tokens = float_tensor(self._store.tokens.read(np.asarray(rows, np.int64)))
         return np.asarray(self._store.vectors(rows), dtype=np.float32), tokens
 
     def caption_pairs(self, texts: Sequence[str] = ()) -> Iterator[Pair | BadEntry]:

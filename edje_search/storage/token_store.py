@@ -13,7 +13,7 @@ an error, by design). Each array is a :class:`~.zarr_rows.ZarrRows`.
 from __future__ import annotations
 
 import json
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 
@@ -49,15 +49,17 @@ def quantize_per_token(tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def dequantize(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """int8 tokens (..., d) times their float16 scales (..., 1) -> float32 (..., d).
+    return q.astype(np.float32) * scale.astype(np.float32)
 
-    Through torch: numpy casts int8 to float32 with a generic loop, and for 100 rows of 64 x 384
-    torch's vectorised cast and multiply take 1.7 ms against numpy's 2.8 (the same float32
-    products, bit for bit)."""
-    import torch
 
-    return torch.mul(torch.from_numpy(np.ascontiguousarray(q)),
-                     torch.from_numpy(np.asarray(scale, dtype=np.float32))).numpy()
+class StoredTokens(NamedTuple):
+    """Tokens as stored: ``values`` (k, m, d) in the store's dtype and, for int8, ``scales``
+    (k, m, 1) float16 (None otherwise). What a rerank reads; it casts them itself (ranking.py)."""
+    values: np.ndarray
+    scales: np.ndarray | None = None
+
+    def dequantized(self) -> np.ndarray:
+        return self.values if self.scales is None else dequantize(self.values, self.scales)
 
 
 def group_attributes(tokens_per_image: int, width: int, dtype: str, fingerprint: str) -> dict:
@@ -110,17 +112,23 @@ class TokenStore:
 
     def get(self, rows: Sequence[int] | np.ndarray) -> np.ndarray:
         """Rows in the order asked -> (k, m, d) tokens (float32 for int8 stores)."""
+        return self.read(rows).dequantized()
+
+    def read(self, rows: Sequence[int] | np.ndarray) -> StoredTokens:
+        """Rows in the order asked, as stored (int8 with their scales): the gather of a rerank,
+        which leaves the cast to float32 to the reranker's own tensors."""
         idx = np.asarray(rows, dtype=np.int64).reshape(-1)
         if self.token_dtype == "int8":
             q, scales = self.arrays["tokens"], self.arrays["token_scales"]
             pending = q.start_read(idx), scales.start_read(idx)
-            out = dequantize(q.read_started(pending[0]), scales.read_started(pending[1]))
+            out = StoredTokens(q.read_started(pending[0]), scales.read_started(pending[1]))
         else:
-            out = self.arrays["tokens"].get(idx)
-        # a pass over the k rows a rerank reads anyway: damaged tokens fail the query instead of
-        # silently reordering its hits
-        if not all_finite(out):
-            bad = idx[non_finite_rows(out)]
+            out = StoredTokens(self.arrays["tokens"].get(idx))
+        # a pass over the k rows a rerank reads anyway (for int8 only the scales can hold NaN or
+        # inf): damaged tokens fail the query instead of silently reordering its hits
+        floats = out.values if out.scales is None else out.scales
+        if not all_finite(floats):
+            bad = idx[non_finite_rows(floats)]
             raise IndexCorrupt(f"stored tokens of rows {sorted(set(bad.tolist()))[:8]} under {self.url} "
                                f"hold NaN or infinite values (run `edje-search verify`, then `repair`)")
         return out

@@ -24,7 +24,7 @@ def test_rerank_everything_equals_brute_force(built_index):
         hits = engine.search(q, k=n, rerank_k=n)
         rows = [e.row for e in engine.store.entries]
         with torch.inference_mode():  # every live row scored through the engine's pool scorer
-            brute = score_rows(engine.model.reranker, engine.store.tokens.get, [q], np.array([rows]), 64)[0]
+            brute = score_rows(engine.model.reranker, engine.store.tokens.read, [q], np.array([rows]), 64)[0]
         # reference: score every image independently, one pair at a time
         with torch.no_grad():
             tok = torch.from_numpy(engine.store.tokens.get(rows).astype(np.float32))

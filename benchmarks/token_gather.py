@@ -78,7 +78,7 @@ def p50_ms(fn, rows_of, repeats: int) -> float:
 
 
 def build_zarr(path: Path, dtype: str, rows: Rows, n: int, batch: int) -> tuple[IndexStore, list[float]]:
-    cfg = IndexConfig(dim=DIM, tokens_per_image=M, token_width=D, token_dtype=dtype, factory="Flat",
+    cfg = IndexConfig.new(dim=DIM, tokens_per_image=M, token_width=D, token_dtype=dtype, factory="Flat",
                       model_path="(synthetic: vectors given)", model_fingerprint="synthetic")
     engine = Engine(IndexStore.create(path, cfg), model=None)  # add_embeddings needs no model
     commit_s = []

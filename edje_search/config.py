@@ -100,9 +100,19 @@ class IndexConfig:
     token_width: int
     token_dtype: str = "float16"  # "float16", "float32" or "int8"
     token_shard_rows: int = 256  # rows per shard object of the token store (storage/zarr_rows.py)
+    # rows per inner chunk of int8's scales (storage/token_store.py): a whole shard in new indexes
+    # (IndexConfig.new); 1, one per row, in int8 indexes whose index.json lacks this key
+    token_scale_chunk_rows: int = 1
     factory: str = "auto"  # FAISS factory string, or "auto": chosen by size (storage/vector_index.py)
     model_path: str = "model"  # the model directory: relative to the index, or absolute when outside it
     model_fingerprint: str = ""
     store_url: str = ""  # where vectors and tokens live: "" = inside the index; or an fsspec URL (s3://...)
     index_id: str = ""  # a random id given at creation: readers notice an index replaced at the same path
     format_version: int = 2
+
+    @classmethod
+    def new(cls, **fields) -> IndexConfig:
+        """The config of an index about to be created: today's layout, where the defaults keep
+        describing indexes made before (whose index.json lacks the newer keys)."""
+        fields.setdefault("token_scale_chunk_rows", fields.get("token_shard_rows", cls.token_shard_rows))
+        return cls(**fields)

@@ -63,7 +63,7 @@ class IndexStore:
         base = config.store_url or str(directory)
         self.vector_array = SegmentArray(f"{base.rstrip('/')}/vectors", (config.dim,), "float32")
         self.tokens = TokenStore(base, config.tokens_per_image, config.token_width, config.token_dtype,
-                                 config.token_shard_rows)
+                                 config.token_shard_rows, scale_chunk_rows=config.token_scale_chunk_rows)
         self.arrays = {"vectors": self.vector_array, **self.tokens.arrays}  # named as the manifest names them
         self.lock = WriterLock(directory, wait=lock_wait) if mode != "r" else None
         self._writer_thread = threading.RLock()

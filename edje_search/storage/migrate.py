@@ -85,7 +85,7 @@ def _copy_and_commit(directory: Path, config: IndexConfig, manifest: Manifest, s
                                f"folder, or build the index again)")
     remove_group(base)  # what an earlier, interrupted run wrote: no generation names it
     new = TokenStore(base, config.tokens_per_image, config.token_width, config.token_dtype, config.token_shard_rows,
-                     snap.segments)
+                     snap.segments, scale_chunk_rows=config.token_scale_chunk_rows)
     records = manifest.segment_checksums()
     checks, lost = [], set()
     block = BLOCK_SHARDS * config.token_shard_rows

@@ -5,6 +5,7 @@ On disk (or object storage) a Zarr v3 group ``tokens.zarr`` that any Zarr reader
     tokens.zarr/zarr.json          group; attributes["edje_search"] says what the arrays hold
     tokens.zarr/tokens/            (rows, m, d) float16, float32 or int8
     tokens.zarr/token_scales/      int8 indexes only: (rows, m, 1) float16, one scale per token
+                                   (inner chunks of a shard; of one row in older int8 indexes)
 
 An int8 token is dequantised as ``tokens[r].astype(float32) * token_scales[r]``. Only the rows
 the manifest lists as live are images; rows between commits were never written (reading one is
@@ -19,7 +20,7 @@ import numpy as np
 
 from ..errors import IndexCorrupt
 from .checksums import all_finite, non_finite_rows
-from .zarr_io import open_kvstore
+from .zarr_io import SCALES_POOL, open_kvstore
 from .zarr_rows import ZarrRows
 
 TOKEN_DTYPES = ("float16", "float32", "int8")
@@ -83,7 +84,7 @@ class TokenStore:
     """
 
     def __init__(self, base_url: str, tokens_per_image: int, width: int, dtype: str, shard_rows: int,
-                 segments: dict[str, list[tuple[int, int]]] | None = None):
+                 segments: dict[str, list[tuple[int, int]]] | None = None, scale_chunk_rows: int = 1):
         if dtype not in TOKEN_DTYPES:
             raise ValueError(f"token dtype must be one of {', '.join(TOKEN_DTYPES)}, not {dtype!r}")
         self.tokens_per_image, self.width, self.token_dtype = tokens_per_image, width, dtype
@@ -92,8 +93,12 @@ class TokenStore:
         self.arrays = {"tokens": ZarrRows(f"{self.url}/tokens", (tokens_per_image, width), dtype, shard_rows,
                                           segments.get("tokens", ()))}
         if dtype == "int8":
+            # a row's scales are 128 bytes: chunked a shard at a time and cached (zarr_io.SCALES_POOL),
+            # they are read once per shard instead of once per row, so a gather costs one byte range
+            # per row like float16's (an index that chunks them per row reads them uncached)
             self.arrays["token_scales"] = ZarrRows(f"{self.url}/token_scales", (tokens_per_image, 1), "float16",
-                                                   shard_rows, segments.get("token_scales", ()))
+                                                   shard_rows, segments.get("token_scales", ()), scale_chunk_rows,
+                                                   SCALES_POOL if scale_chunk_rows > 1 else None)
 
     @property
     def dtype(self) -> np.dtype:

@@ -22,9 +22,14 @@ from .segments import is_remote
 # not cached here (the page cache keeps hot rows, and a gather's 100 rows would otherwise push the
 # indexes out of a shared pool). Cached indexes are revalidated on each read (the default), so a
 # shard that repair replaced is never read through a stale index.
+#
+# int8 indexes read a scale per token beside each row: their scales are chunked a shard at a time
+# (33 KiB) and cached in a pool of their own, 256 MiB, which holds those of about 2M rows, so a
+# gather reads each row's tokens and no second byte range (token_store.py).
 SHARD_INDEX_POOL = "cache_pool#shard_index"
+SCALES_POOL = "cache_pool#scales"
 READ_CONTEXT = {"cache_pool": {"total_bytes_limit": 0}, SHARD_INDEX_POOL: {"total_bytes_limit": 64 << 20},
-                "file_io_concurrency": {"limit": 32}}
+                SCALES_POOL: {"total_bytes_limit": 256 << 20}, "file_io_concurrency": {"limit": 32}}
 _context = None
 _context_lock = threading.Lock()
 
@@ -81,11 +86,11 @@ def kvstore_spec(url: str) -> dict:
 
 
 def array_metadata(row_shape: Sequence[int], dtype: str, shard_rows: int, rows: int,
-                   attributes: dict | None = None, compressor: dict | None = None) -> dict:
-    """Zarr v3 array metadata: rows of ``row_shape``, one row per CRC-32C-checked inner chunk,
-    ``shard_rows`` rows per shard. No compression: measured on trained tokens, no codec pays
-    (docs/storage.md); ``compressor`` (a Zarr v3 codec such as zstd or blosc) is there for that
-    measurement (benchmarks/token_codecs.py)."""
+                   attributes: dict | None = None, compressor: dict | None = None, chunk_rows: int = 1) -> dict:
+    """Zarr v3 array metadata: rows of ``row_shape``, ``chunk_rows`` rows per CRC-32C-checked
+    inner chunk (one for tokens), ``shard_rows`` rows per shard. No compression: measured on
+    trained tokens, no codec pays (docs/storage.md); ``compressor`` (a Zarr v3 codec such as zstd
+    or blosc) is there for that measurement (benchmarks/token_codecs.py)."""
     row_shape = [int(x) for x in row_shape]
     little = {"name": "bytes", "configuration": {"endian": "little"}}
     one_byte = np.dtype(dtype).itemsize == 1
@@ -95,7 +100,7 @@ def array_metadata(row_shape: Sequence[int], dtype: str, shard_rows: int, rows: 
         "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [int(shard_rows), *row_shape]}},
         "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
         "codecs": [{"name": "sharding_indexed", "configuration": {
-            "chunk_shape": [1, *row_shape],
+            "chunk_shape": [int(chunk_rows), *row_shape],
             "codecs": [{"name": "bytes"} if one_byte else little, *([compressor] if compressor else []),
                        {"name": "crc32c"}],
             "index_codecs": [little, {"name": "crc32c"}],

@@ -49,11 +49,15 @@ class ZarrRows:
     """
 
     def __init__(self, url: str, row_shape: Sequence[int], dtype: str, shard_rows: int,
-                 segments: Sequence[tuple[int, int]] = ()):
+                 segments: Sequence[tuple[int, int]] = (), chunk_rows: int = 1, cache_pool: str | None = None):
         self.url = str(url).rstrip("/")
         self.row_shape = tuple(int(x) for x in row_shape)
         self.dtype = np.dtype(dtype)
         self.shard_rows = int(shard_rows)
+        if chunk_rows < 1 or self.shard_rows % chunk_rows:
+            raise ValueError(f"chunks of {chunk_rows} rows do not divide shards of {self.shard_rows}")
+        self.chunk_rows = int(chunk_rows)
+        self.cache_pool = cache_pool  # the context's pool that caches read rows (None: not cached)
         self.remote = is_remote(self.url)
         self._lock = threading.Lock()
         self._handle = None
@@ -88,10 +92,14 @@ class ZarrRows:
         shards = sorted({int(r) // self.shard_rows for r in rows}) or [start // self.shard_rows]
         return ", ".join(f"{self.url}/{self.shard_key(x)}" for x in shards)
 
+    def _metadata(self, rows: int, attributes: dict | None = None) -> dict:
+        return array_metadata(self.row_shape, self.dtype, self.shard_rows, rows, attributes, chunk_rows=self.chunk_rows)
+
     def _spec(self, rows: int) -> dict:
         return {"driver": "zarr3", "kvstore": kvstore_spec(self.url),
-                "metadata": {k: v for k, v in array_metadata(self.row_shape, self.dtype, self.shard_rows, rows).items()
+                "metadata": {k: v for k, v in self._metadata(rows).items()
                              if k not in ("zarr_format", "node_type", "attributes")},
+                **({"cache_pool": self.cache_pool} if self.cache_pool else {}),
                 "fill_missing_data_reads": False, "store_data_equal_to_fill_value": True,
                 # shard indexes: their own pool (zarr_io.READ_CONTEXT), not checked against their
                 # file before each read (see reopen)
@@ -129,8 +137,7 @@ class ZarrRows:
     # ------------------------------------------------------------------------------ writing
     def write_metadata(self, rows: int, attributes: dict) -> None:
         """Replace ``zarr.json`` (shape ``rows``): one rename on a local disk, one PUT remotely."""
-        doc = json.dumps(array_metadata(self.row_shape, self.dtype, self.shard_rows, rows, attributes),
-                         indent=1).encode()
+        doc = json.dumps(self._metadata(rows, attributes), indent=1).encode()
         self.kvstore.write("zarr.json", doc).result()
 
     def read_metadata(self) -> dict | None:
@@ -243,18 +250,20 @@ class ZarrRows:
         return stray
 
     def config_mismatch(self) -> str | None:
-        """How ``zarr.json`` disagrees with the row shape, dtype and shard size this store was
-        opened with (the index config), or None (also when there is no readable zarr.json)."""
+        """How ``zarr.json`` disagrees with the row shape, dtype, shard and chunk size this store
+        was opened with (the index config), or None (also when there is no readable zarr.json)."""
         meta = self.read_metadata()
         try:
+            inner = meta["codecs"][0]["configuration"]["chunk_shape"][0] if meta["codecs"][0]["name"] == \
+                "sharding_indexed" else None
             stored = (tuple(meta["shape"][1:]), np.dtype(meta["data_type"]),
-                      int(meta["chunk_grid"]["configuration"]["chunk_shape"][0]))
+                      int(meta["chunk_grid"]["configuration"]["chunk_shape"][0]), inner)
         except (ValueError, KeyError, TypeError, IndexError):
             return None
-        want = (self.row_shape, self.dtype, self.shard_rows)
+        want = (self.row_shape, self.dtype, self.shard_rows, self.chunk_rows)
         if stored != want:
-            return (f"zarr.json holds rows of shape {stored[0]} {stored[1]} in shards of {stored[2]}, the "
-                    f"config says {want[0]} {want[1]} in shards of {want[2]}")
+            return (f"zarr.json holds rows of shape {stored[0]} {stored[1]} in shards of {stored[2]} (chunks of "
+                    f"{stored[3]}), the config says {want[0]} {want[1]} in shards of {want[2]} (chunks of {want[3]})")
         return None
 
     # ------------------------------------------------------------------------------ reading

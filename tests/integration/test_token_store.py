@@ -14,18 +14,20 @@ from edje_search.errors import IndexCorrupt, IndexOutdated
 from edje_search.storage import layout
 from edje_search.storage.index_store import IndexStore
 from edje_search.storage.migrate import migrate
+from edje_search.storage.token_store import dequantize, quantize_per_token
 from tests.damage import shard_file
 
 LEGACY = Path(__file__).parents[1] / "data" / "index-0.2"
 SHARD = 64
 
 
-def build_random_index(root, token_dtype, commits=(110, 110, 110), seed=0, store_url=""):
-    """An index of random rows in a few commits (gaps between them); returns (store, tokens by row)."""
+def build_random_index(root, token_dtype, commits=(110, 110, 110), seed=0, store_url="", scale_chunk_rows=SHARD):
+    """An index of random rows in a few commits (gaps between them); returns (store, tokens by row).
+    ``scale_chunk_rows=1``: int8 scales one row per chunk, as indexes made before store them."""
     rng = np.random.default_rng(seed)
     store = IndexStore.create(root, IndexConfig(dim=8, tokens_per_image=4, token_width=16, token_dtype=token_dtype,
                                                 token_shard_rows=SHARD, factory="Flat", model_fingerprint="fp",
-                                                store_url=store_url))
+                                                store_url=store_url, token_scale_chunk_rows=scale_chunk_rows))
     by_row, n = {}, 0
     for b in commits:
         v = rng.standard_normal((b, 8)).astype(np.float32)
@@ -65,9 +67,9 @@ def tensorstore_tokens(kvstore: dict, rows):
     return tokens
 
 
-@pytest.mark.parametrize("token_dtype", ["float16", "int8"])
-def test_zarr_python_and_tensorstore_read_the_tokens_the_engine_gathers(tmp_path, token_dtype):
-    store, by_row = build_random_index(tmp_path / "i", token_dtype)
+@pytest.mark.parametrize("token_dtype,scale_chunk_rows", [("float16", SHARD), ("int8", SHARD), ("int8", 1)])
+def test_zarr_python_and_tensorstore_read_the_tokens_the_engine_gathers(tmp_path, token_dtype, scale_chunk_rows):
+    store, by_row = build_random_index(tmp_path / "i", token_dtype, scale_chunk_rows=scale_chunk_rows)
     rows = np.random.default_rng(1).choice(sorted(by_row), 100, replace=False)
     engine_view = IndexStore.open(tmp_path / "i").tokens.get(rows)
     group = tmp_path / "i" / "tokens.zarr"
@@ -103,15 +105,18 @@ def _overwrite_index(path):
 
 @pytest.mark.parametrize("damage", [Path.unlink, _truncate, _overwrite_index],
                          ids=["deleted", "truncated", "index-overwritten"])
-def test_a_damaged_shard_fails_verify_and_repair_drops_exactly_its_rows(tmp_path, damage):
-    store, by_row = build_random_index(tmp_path / "i", "float16")
+@pytest.mark.parametrize("array", ["tokens", "token_scales"])
+def test_a_damaged_shard_fails_verify_and_repair_drops_exactly_its_rows(tmp_path, damage, array):
+    store, by_row = build_random_index(tmp_path / "i", "float16" if array == "tokens" else "int8")
+    if array == "token_scales":
+        by_row = {r: dequantize(*quantize_per_token(t)) for r, t in by_row.items()}
     second = sorted(by_row)[110]  # the second commit: rows 128-237, shards 2 and 3
-    hit = shard_file(tmp_path / "i", second + SHARD, SHARD)  # shard 3: rows 192-237
-    intact = shard_file(tmp_path / "i", second, SHARD)  # shard 2, the same commit's first shard
+    hit = shard_file(tmp_path / "i", second + SHARD, SHARD, array)  # shard 3: rows 192-237
+    intact = shard_file(tmp_path / "i", second, SHARD, array)  # shard 2, the same commit's first shard
     before = (intact.stat().st_ino, intact.stat().st_mtime_ns)
     damage(hit)
     problems = IndexStore.open(tmp_path / "i").verify()
-    assert problems and any("tokens segment" in p and "rows 128-237" in p for p in problems)
+    assert problems and any(f"{array} segment" in p and "rows 128-237" in p for p in problems)
     writer = IndexStore.open(tmp_path / "i", mode="r+")
     with writer.writing():
         report = writer.repair()

@@ -14,9 +14,10 @@ Reported: precision and recall of ``--min-prob P`` (a returned hit is right when
 caption's own image; recall = present captions whose image is returned), the share of absent
 captions answered with no hit, and the AUROC of the top hit's match probability against the
 top first-stage cosine for the question "is the right image in the top 10?" (absent captions
-are all "no"), and their difference with a 95% interval from a paired bootstrap; for all captions, and again for the captions whose text describes no other test
-image (a generated caption such as "a large red circle" can describe several images, which then
-still match when one is removed).
+are all "no"), and their difference with a 95% interval from a paired bootstrap; for all
+captions, and again for the captions whose text describes no other test image (a generated
+caption such as "a large red circle" can describe several images, which then still match when
+one is removed).
 
     python -m benchmarks.cutoff --model runs/model-cal --data DATA/test.json --out benchmarks/results/cutoff_demo.json
 """

@@ -110,6 +110,24 @@ def array_metadata(row_shape: Sequence[int], dtype: str, shard_rows: int, rows: 
     }
 
 
+def metadata_mismatch(meta: dict | None, row_shape: Sequence[int], dtype, shard_rows: int,
+                      chunk_rows: int) -> str | None:
+    """How an array's ``zarr.json`` (``meta``) disagrees with the layout the index config gives,
+    or None (also when ``meta`` is missing or unreadable)."""
+    try:
+        codec = meta["codecs"][0]
+        inner = codec["configuration"]["chunk_shape"][0] if codec["name"] == "sharding_indexed" else None
+        stored = (tuple(meta["shape"][1:]), np.dtype(meta["data_type"]),
+                  int(meta["chunk_grid"]["configuration"]["chunk_shape"][0]), inner)
+    except (ValueError, KeyError, TypeError, IndexError):
+        return None
+    want = (tuple(row_shape), np.dtype(dtype), int(shard_rows), int(chunk_rows))
+    if stored != want:
+        return (f"zarr.json holds rows of shape {stored[0]} {stored[1]} in shards of {stored[2]} (chunks of "
+                f"{stored[3]}), the config says {want[0]} {want[1]} in shards of {want[2]} (chunks of {want[3]})")
+    return None
+
+
 def _short(e: Exception) -> str:
     """tensorstore's error, without its source location trailer."""
     return str(e).split(" [source locations=")[0].split(" [tensorstore_spec=")[0]

@@ -1,7 +1,8 @@
 """One sharded Zarr v3 array of rows, written and read through tensorstore.
 
 The array has shape (rows, *row_shape). Each row is its own inner chunk (a gather of k rows
-reads k small byte ranges), protected by a CRC-32C; the inner chunks are grouped into shards
+reads k small byte ranges; int8's small scale rows take a shard per chunk instead, token_store.py),
+protected by a CRC-32C; the inner chunks are grouped into shards
 of ``shard_rows`` rows, one storage object each (``c/<shard>/0/0``), whose index (offset and
 length of each row) sits at the end of the object under its own CRC-32C. So every damaged byte
 is caught on read: a changed row fails its checksum, a truncated shard or an overwritten index
@@ -15,6 +16,15 @@ commit only ever creates new shard objects; inner chunks that were never written
 never depend on it: the engine opens the array with the metadata it knows from the index's
 config (``assume_metadata``), over a domain of 2**40 rows, and reads only committed rows
 (writers look at it only to publish a lagging shape and to check the config before a repair).
+
+Cached shard indexes: a handle does not check a cached shard index against its file before
+each read (``recheck_cached_data: "open"``; the check costs a file status per row, a sixth of a
+cold gather). A row is read on condition that the shard is still the one the index came from (its
+generation: file identity and time, or the ETag on S3), and tensorstore reads the index again when
+it is not, so a shard replaced after its index was cached is read right. What that cannot catch
+is a shard cached as missing (a deleted one) written since: a handle opened later checks once
+every entry cached before it opened, so the engine reopens after its own repairs, on adopting a
+new generation, and before its one retry of a failed read.
 
 Why tensorstore rather than zarr-python for reads and writes: a random gather of 100 rows takes
 a few milliseconds through tensorstore and over 100 ms through zarr-python's codec pipeline
@@ -34,8 +44,8 @@ import numpy as np
 from ..errors import IndexCorrupt
 from .checksums import row_checksums
 from .segments import is_remote
-from .zarr_io import (READ_CONTEXT, SHARD_INDEX_POOL, _short, _why, array_metadata, kvstore_spec, open_kvstore,
-                      read_document, shared_context)
+from .zarr_io import (READ_CONTEXT, SHARD_INDEX_POOL, _short, _why, array_metadata, kvstore_spec, metadata_mismatch,
+                      open_kvstore, read_document, shared_context)
 
 logger = logging.getLogger(__name__)
 
@@ -120,17 +130,8 @@ class ZarrRows:
         return handle
 
     def reopen(self) -> None:
-        """Open the array afresh on next use.
-
-        A handle does not check a cached shard index against its file before each read (that
-        check costs a file status per row, a sixth of a cold gather). A row is read on condition
-        that the shard is still the one the index came from (its generation: file identity and
-        time, or the ETag on S3), and tensorstore reads the index again when it is not, so a
-        shard replaced after its index was cached is read right. What that cannot catch is a
-        shard cached as missing (a deleted one) that repair wrote since: a handle opened later
-        checks every entry cached before it opened once, so the engine reopens after its own
-        repairs, on adopting a new generation, and before its one retry of a failed read.
-        """
+        """Open the array afresh on next use, so that shard indexes cached before are checked
+        once (see "Cached shard indexes" above)."""
         with self._lock:
             self._handle = None
 
@@ -250,21 +251,9 @@ class ZarrRows:
         return stray
 
     def config_mismatch(self) -> str | None:
-        """How ``zarr.json`` disagrees with the row shape, dtype, shard and chunk size this store
-        was opened with (the index config), or None (also when there is no readable zarr.json)."""
-        meta = self.read_metadata()
-        try:
-            inner = meta["codecs"][0]["configuration"]["chunk_shape"][0] if meta["codecs"][0]["name"] == \
-                "sharding_indexed" else None
-            stored = (tuple(meta["shape"][1:]), np.dtype(meta["data_type"]),
-                      int(meta["chunk_grid"]["configuration"]["chunk_shape"][0]), inner)
-        except (ValueError, KeyError, TypeError, IndexError):
-            return None
-        want = (self.row_shape, self.dtype, self.shard_rows, self.chunk_rows)
-        if stored != want:
-            return (f"zarr.json holds rows of shape {stored[0]} {stored[1]} in shards of {stored[2]} (chunks of "
-                    f"{stored[3]}), the config says {want[0]} {want[1]} in shards of {want[2]} (chunks of {want[3]})")
-        return None
+        """How ``zarr.json`` disagrees with the layout this store was opened with (the index
+        config), or None (also when there is no readable zarr.json)."""
+        return metadata_mismatch(self.read_metadata(), self.row_shape, self.dtype, self.shard_rows, self.chunk_rows)
 
     # ------------------------------------------------------------------------------ reading
     def check_rows(self, rows) -> np.ndarray:
@@ -297,25 +286,12 @@ class ZarrRows:
             return future.result()
         except ValueError as e:
             if _why(e) is None:  # not about the stored bytes: no index to refresh
-                raise self._corrupt(e) from e
+                raise read_failure(self, e) from e
         self.reopen()  # the shard may have been replaced since its index was cached: read once more
         try:
             return self.handle[idx].read().result()
         except ValueError as e:
-            raise self._corrupt(e) from e
-
-    def _corrupt(self, e: Exception) -> IndexCorrupt:
-        from pathlib import Path
-
-        from .layout import CONFIG_FILE
-
-        index_dir = Path(self.url).parent.parent
-        if not self.remote and not (index_dir / CONFIG_FILE).exists():
-            from ..errors import IndexGone
-
-            return IndexGone(f"index {index_dir} was removed (restore it or build it again)")
-        return IndexCorrupt(f"stored rows unreadable under {self.url}: {_short(e)} (run `edje-search verify`, "
-                            f"then `repair`)")
+            raise read_failure(self, e) from e
 
     def read_segment(self, start: int, count: int) -> np.ndarray:
         return self.get(np.arange(start, start + count))
@@ -376,3 +352,17 @@ def span_checksum(rows: np.ndarray) -> tuple[str, bytes]:
     return f"crc32:{zlib.crc32(data.reshape(-1).view(np.uint8)):08x}", row_checksums(data)
 
 
+def read_failure(rows: ZarrRows, e: Exception) -> IndexCorrupt:
+    """The error a failed read of committed rows raises: IndexGone when the whole index folder
+    went away under the reader, IndexCorrupt otherwise."""
+    from pathlib import Path
+
+    from .layout import CONFIG_FILE
+
+    index_dir = Path(rows.url).parent.parent
+    if not rows.remote and not (index_dir / CONFIG_FILE).exists():
+        from ..errors import IndexGone
+
+        return IndexGone(f"index {index_dir} was removed (restore it or build it again)")
+    return IndexCorrupt(f"stored rows unreadable under {rows.url}: {_short(e)} (run `edje-search verify`, "
+                        f"then `repair`)")

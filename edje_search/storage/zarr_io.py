@@ -17,11 +17,10 @@ from .segments import is_remote
 
 # Reads shared by every array of a process: up to 32 file reads in flight (a gather is k small
 # independent reads; on this project's test disk 100 cold reads took 12 ms one at a time and 4.4 ms
-# with 32 in flight: benchmarks/disk_floor.py), and two cache pools. Shard indexes (4 KiB per 256
-# rows) live in their own 64 MiB pool, which holds those of about 4M rows; the rows themselves are
-# not cached here (the page cache keeps hot rows, and a gather's 100 rows would otherwise push the
-# indexes out of a shared pool). Cached indexes are revalidated on each read (the default), so a
-# shard that repair replaced is never read through a stale index.
+# with 32 in flight: benchmarks/disk_floor.py), and cache pools. Shard indexes (4 KiB per 256 rows)
+# live in their own 64 MiB pool, which holds those of about 4M rows; token rows are not cached here
+# (the page cache keeps hot rows, and a gather's 100 rows would otherwise push the indexes out of a
+# shared pool). When a cached index is checked against its shard: zarr_rows.py.
 #
 # int8 indexes read a scale per token beside each row: their scales are chunked a shard at a time
 # (33 KiB) and cached in a pool of their own, 256 MiB, which holds those of about 2M rows, so a

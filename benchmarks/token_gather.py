@@ -29,6 +29,7 @@ import json
 import os
 import shutil
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -198,7 +199,7 @@ def main() -> None:
     rows = Rows()
     with open("/proc/meminfo") as f:
         mem_gb = int(f.readline().split()[1]) / 2**20
-    results = {"command": f"python -m benchmarks.token_gather --rows {args.rows} --batch {args.batch}",
+    results = {"command": "python -m benchmarks.token_gather " + " ".join(sys.argv[1:]),
                "rows": args.rows, "batch": args.batch, "token_shape": [M, D], "cpu_count": os.cpu_count(),
                "ram_gb": round(mem_gb, 1), "by_dtype": [measure(dtype, args, rows) for dtype in args.dtypes]}
     args.out.write_text(json.dumps(results, indent=1) + "\n")

@@ -80,6 +80,7 @@ def verify(store: IndexStore) -> list[str]:
 def segment_damage(store: IndexStore) -> list[checksums.SegmentDamage]:
     """Every damaged vector or token segment of the store's generation (checksums.py)."""
     records = store.manifest.segment_checksums()
+    store.tokens.reopen()  # read the stored bytes, not what this process cached of them
     found = []
     for kind, arr in store.arrays.items():
         for start, count in arr.segments:

@@ -111,6 +111,11 @@ class TokenStore:
     def __len__(self) -> int:
         return min(len(a) for a in self.arrays.values())
 
+    def reopen(self) -> None:
+        """Check once, on the next reads, everything cached before (see zarr_rows.py)."""
+        for arr in self.arrays.values():
+            arr.reopen()
+
     def set_segments(self, segments: dict[str, list[tuple[int, int]]]) -> None:
         for name, arr in self.arrays.items():
             arr.set_segments(segments.get(name, ()))

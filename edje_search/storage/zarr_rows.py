@@ -22,9 +22,10 @@ each read (``recheck_cached_data: "open"``; the check costs a file status per ro
 cold gather). A row is read on condition that the shard is still the one the index came from (its
 generation: file identity and time, or the ETag on S3), and tensorstore reads the index again when
 it is not, so a shard replaced after its index was cached is read right. What that cannot catch
-is a shard cached as missing (a deleted one) written since: a handle opened later checks once
-every entry cached before it opened, so the engine reopens after its own repairs, on adopting a
-new generation, and before its one retry of a failed read.
+is a shard cached as missing (a deleted one) written since, and rows cached whole (int8's scales,
+token_store.py), which are served from memory: a handle opened later checks once every entry
+cached before it opened, so the engine reopens after its own repairs, on adopting a new
+generation, before verify reads a segment, and before its one retry of a failed read.
 
 Why tensorstore rather than zarr-python for reads and writes: a random gather of 100 rows takes
 a few milliseconds through tensorstore and over 100 ms through zarr-python's codec pipeline
@@ -85,11 +86,13 @@ class ZarrRows:
             if s < end:
                 raise IndexCorrupt(f"{self.url}: committed spans overlap at row {s}")
             end = s + n
+        # a new generation may follow a repair elsewhere: reopen first, so that no read of the new
+        # generation's rows goes through a handle that trusts what was cached before it
+        self.reopen()
         # one assignment: a gather on another thread sees the old spans or the new, never a mix
         self._bounds = (np.asarray([s for s, _ in spans], dtype=np.int64),
                         np.asarray([s + n for s, n in spans], dtype=np.int64))
         self.segments, self.n_rows = spans, end
-        self.reopen()  # a new generation may follow a repair elsewhere: revalidate cached shard indexes
 
     def __len__(self) -> int:
         return self.n_rows
@@ -285,7 +288,7 @@ class ZarrRows:
         try:
             return future.result()
         except ValueError as e:
-            if _why(e) is None:  # not about the stored bytes: no index to refresh
+            if _why(e) is None:  # a failure of access, not of the stored bytes: nothing to refresh
                 raise read_failure(self, e) from e
         self.reopen()  # the shard may have been replaced since its index was cached: read once more
         try:

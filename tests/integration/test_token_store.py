@@ -296,3 +296,12 @@ def test_a_migration_killed_part_way_leaves_a_whole_index(tmp_path, monkeypatch,
     again = IndexStore.open(index_dir)
     assert again.verify() == []
     np.testing.assert_array_equal(again.tokens.get(np.arange(12)), old_tokens)
+
+
+def test_verify_reads_the_stored_scales_not_those_a_process_cached(tmp_path):
+    """int8 scales are cached whole; verify in a process that read them still finds their damage."""
+    store, by_row = build_random_index(tmp_path / "i", "int8")
+    reader = IndexStore.open(tmp_path / "i")
+    reader.tokens.get([r for r in sorted(by_row) if 192 <= r < 238])  # shard 3's scales now cached
+    _truncate(shard_file(tmp_path / "i", 192, SHARD, "token_scales"))
+    assert any("token_scales segment" in p and "rows 128-237" in p for p in reader.verify())

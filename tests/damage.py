@@ -37,3 +37,13 @@ def write_rows_behind_the_index(store, rows, values, array: str = "tokens") -> N
     the checksums the manifest recorded can see, as a stray tool writing the array would."""
     arr = store.tokens.arrays[array]
     arr.handle[np.asarray(rows)].write(np.asarray(values, dtype=arr.dtype)).result()
+
+
+def shifted_shard(data: bytes, shard_rows: int = 256, pad: int = 4096) -> bytes:
+    """The same rows as a valid shard of another layout: ``pad`` bytes first, every offset moved."""
+    from numcodecs import CRC32C
+
+    tail = shard_rows * 16 + 4
+    index = np.frombuffer(data[-tail:-4], dtype="<u8").reshape(shard_rows, 2).copy()
+    index[index[:, 0] != np.iinfo(np.uint64).max, 0] += pad
+    return bytes(pad) + data[:-tail] + np.asarray(CRC32C().encode(index.tobytes())).tobytes()

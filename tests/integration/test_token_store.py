@@ -15,7 +15,7 @@ from edje_search.storage import layout
 from edje_search.storage.index_store import IndexStore
 from edje_search.storage.migrate import migrate
 from edje_search.storage.token_store import dequantize, quantize_per_token
-from tests.damage import shard_file
+from tests.damage import shard_file, shifted_shard
 
 LEGACY = Path(__file__).parents[1] / "data" / "index-0.2"
 SHARD = 64
@@ -130,15 +130,6 @@ def test_a_damaged_shard_fails_verify_and_repair_drops_exactly_its_rows(tmp_path
     assert "c/3/0/0" in " ".join(report.damaged) and "c/2/0/0" not in " ".join(report.damaged)
 
 
-def shifted_shard(data: bytes, pad: int = 4096) -> bytes:
-    """The same rows as a valid shard of another layout: ``pad`` bytes first, every offset moved."""
-    from numcodecs import CRC32C
-
-    index = np.frombuffer(data[-(SHARD * 16 + 4):-4], dtype="<u8").reshape(SHARD, 2).copy()
-    index[index[:, 0] != np.iinfo(np.uint64).max, 0] += pad
-    return bytes(pad) + data[:-(SHARD * 16 + 4)] + np.asarray(CRC32C().encode(index.tobytes())).tobytes()
-
-
 def test_a_reader_holding_shard_indexes_reads_shards_replaced_after_it_cached_them(tmp_path):
     """Readers keep the shard indexes they read; a shard replaced behind them (by repair, or
     here by the same rows in another layout) is read through its new index, never the old one."""
@@ -147,7 +138,7 @@ def test_a_reader_holding_shard_indexes_reads_shards_replaced_after_it_cached_th
     rows = [r for r in sorted(by_row) if 192 <= r < 238]  # shard 3
     np.testing.assert_array_equal(reader.tokens.get(rows), np.stack([by_row[r] for r in rows]))
     path = shard_file(tmp_path / "i", 192, SHARD)
-    path.write_bytes(shifted_shard(path.read_bytes()))
+    path.write_bytes(shifted_shard(path.read_bytes(), SHARD))
     # the reader's cached index points at the old offsets: the wrong bytes would fail their CRC
     np.testing.assert_array_equal(reader.tokens.get(rows), np.stack([by_row[r] for r in rows]))
     # a shard found missing by a new reader, then put back (a restore from backup): the cached

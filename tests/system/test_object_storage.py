@@ -129,7 +129,8 @@ def test_a_reader_holding_shard_indexes_reads_a_shard_replaced_on_the_bucket(s3_
     cached (its ETag): the same rows in another layout are read right, not through the old index."""
     import fsspec
 
-    from tests.integration.test_token_store import SHARD, build_random_index, shifted_shard
+    from tests.damage import shifted_shard
+    from tests.integration.test_token_store import SHARD, build_random_index
 
     url = "s3://edje-test/replaced"
     store, by_row = build_random_index(tmp_path / "i", "float16", store_url=url)
@@ -138,5 +139,5 @@ def test_a_reader_holding_shard_indexes_reads_a_shard_replaced_on_the_bucket(s3_
     np.testing.assert_array_equal(reader.tokens.get(rows), np.stack([by_row[r] for r in rows]))
     fs = fsspec.filesystem("s3", skip_instance_cache=True)
     key = f"{url}/tokens.zarr/tokens/c/{192 // SHARD}/0/0"
-    fs.pipe(key, shifted_shard(fs.cat(key)))
+    fs.pipe(key, shifted_shard(fs.cat(key), SHARD))
     np.testing.assert_array_equal(reader.tokens.get(rows), np.stack([by_row[r] for r in rows]))

@@ -68,6 +68,17 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
+def _embed_actor_restarts() -> int:
+    """Restarts Ray recorded for this driver's embedding actors. ``ray._private.state.actors`` reads the GCS
+    actor table directly; the public state API needs the dashboard, which the test cluster does not run."""
+    import ray
+    from ray._private.state import actors
+
+    job = ray.get_runtime_context().get_job_id()
+    return sum(a["NumRestarts"] for a in actors().values()
+               if "EmbedWorker" in a["ActorClassName"] and a["JobID"] == job)
+
+
 class LocalCluster:
     """A head and a worker node (`ray start --block`), each with 2 logical CPUs."""
 
@@ -229,7 +240,9 @@ def test_ray_build_equals_single_process_and_survives_a_killed_actor(cluster, im
     assert state["victim"] is not None
     assert state["received_at_kill"] < N_IMAGES <= state["received"]  # the kill came with work left to do
     assert seen - {state["victim"]}, "no other actor process ran"
-    assert len(seen) >= 3, f"Ray did not start a replacement actor after the kill (actor pids seen: {seen})"
+    # Whether the replacement's process shows up before the surviving actor drains the queue is a race,
+    # so the restart is read from the cluster's actor table (GCS), where Ray counts it when it begins.
+    assert _embed_actor_restarts() >= 1, f"Ray did not restart the killed actor (actor pids seen: {seen})"
     assert report.added == N_IMAGES and not report.skipped
     assert engine.verify() == []
     _assert_same_rows(reference, _rows_by_path(engine))

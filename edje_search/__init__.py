@@ -13,7 +13,7 @@ import importlib
 from typing import TYPE_CHECKING
 
 from .errors import (BadInput, BadQuery, CheckpointError, EdjeError, IndexCorrupt, IndexExists, IndexLocked,
-                     ModelMismatch, ModelMissing)
+                     ModelMismatch, ModelMissing, StorageUnavailable)
 from .models.names import BACKENDS, ModelNotAvailable
 
 __version__ = "0.1.0"
@@ -29,7 +29,8 @@ _LAZY = {
 __all__ = [
     "BACKENDS", "BadInput", "BadQuery", "BuildReport", "CheckpointError", "EdjeError", "EdjeModel", "Engine",
     "FirstStage", "FirstStageConfig", "Hit", "IndexConfig", "IndexCorrupt", "IndexExists", "IndexLocked",
-    "ModelMismatch", "ModelMissing", "ModelNotAvailable", "Reranker", "RerankerConfig", "list_recipes", "load_model",
+    "ModelMismatch", "ModelMissing", "ModelNotAvailable", "Reranker", "RerankerConfig", "StorageUnavailable",
+    "list_recipes", "load_model",
 ]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ below does the import

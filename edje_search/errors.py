@@ -21,7 +21,12 @@ class BadInput(EdjeError, ValueError):
 
 
 class IndexCorrupt(EdjeError, RuntimeError):
-    """The index directory is missing, incomplete or inconsistent."""
+    """The index cannot be used as it is: missing, incomplete, inconsistent or out of reach."""
+
+
+class StorageUnavailable(IndexCorrupt):
+    """The index's storage refused or failed a read (permission, network, time-out): nothing stored
+    is known to be damaged, so the remedy is access to the storage, not ``repair``."""
 
 
 class IndexGone(IndexCorrupt):

@@ -94,10 +94,9 @@ def check_segment(kind: str, arr, start: int, count: int,
     the rows whose own checksums fail are lost too (none, if only a file header changed: the
     segment is then rewritten by repair with its rows intact).
     """
-    lost, why = arr.unreadable_rows(start, count)
-    if len(lost) == count:
+    rows, lost, why = arr.read_checked(start, count)
+    if rows is None:
         return SegmentDamage(kind, arr.path_of(start, lost), start, count, lost, why, readable=False)
-    rows = arr.read_span(start, count, lost)
     bad: set[int] = set(lost)
     reasons = [why] if lost else []
     if record is not None and not arr.span_matches(start, rows, record[0]):

@@ -199,7 +199,7 @@ def check_config_against_segments(store: IndexStore, arrays: dict, snap: Snapsho
             wrong = arr.config_mismatch()
             if wrong is None and arr.read_metadata() is None and arr.segments:
                 start, count = arr.segments[0]  # no zarr.json to compare: one row must read as the config says
-                if len(arr.unreadable_rows(start, min(count, 1))[0]):
+                if arr.read_checked(start, min(count, 1))[1]:
                     wrong = "its zarr.json is missing and its first row does not read with the config's shape"
             if wrong:
                 raise IndexCorrupt(f"{CONFIG_FILE} disagrees with the stored {kind} ({wrong}); restore "

@@ -199,9 +199,11 @@ class SegmentArray:
             path = self._path(start)
             return list(range(start, start + count)), str(e).split(" (run")[0].split(": ", 1)[0].replace(f" {path}", "")
 
-    def read_span(self, start: int, count: int, lost: Sequence[int] = ()) -> np.ndarray:
-        """The segment's rows (a segment is read whole or not at all: ``lost`` is all or none)."""
-        return np.asarray(self.read_segment(start, count))
+    def read_checked(self, start: int, count: int) -> tuple[np.ndarray | None, list[int], str]:
+        """(the segment's rows, [], "") or (None, all its rows, why): a segment file is read whole
+        or not at all."""
+        lost, why = self.unreadable_rows(start, count)
+        return (None, lost, why) if lost else (np.asarray(self.read_segment(start, count)), [], "")
 
     def span_matches(self, start: int, rows: np.ndarray, checksum: str) -> bool:
         """Whether the segment file still has the checksum its commit recorded."""

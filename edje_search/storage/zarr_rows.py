@@ -307,22 +307,25 @@ class ZarrRows:
             for s in range(lo, hi, batch):
                 yield s, self.get(np.arange(s, min(s + batch, hi)))
 
-    def read_span(self, start: int, count: int, lost: Sequence[int] = ()) -> np.ndarray:
-        """The span's rows, zeros in place of the rows in ``lost`` (unreadable ones)."""
-        return self._read_rows_skipping(np.arange(start, start + count), {int(r) for r in lost})
+    def read_checked(self, start: int, count: int) -> tuple[np.ndarray | None, list[int], str]:
+        """(the span's rows with zeros in place of unreadable ones, the unreadable rows, the first
+        reason); rows None when none can be read. A whole span is read once when all of it reads."""
+        try:
+            return self.read_segment(start, count), [], ""
+        except IndexCorrupt:
+            pass
+        lost, why = self._lost_rows(start, count)
+        if len(lost) == count:
+            return None, lost, why
+        return self._read_rows_skipping(np.arange(start, start + count), set(lost)), lost, why
 
     def span_matches(self, start: int, rows: np.ndarray, checksum: str) -> bool:
         """Whether the span's rows still have the checksum their commit recorded."""
         return span_checksum(rows)[0] == checksum
 
-    def unreadable_rows(self, start: int, count: int) -> tuple[list[int], str]:
-        """Rows of the span [start, start + count) that cannot be read (missing or damaged shard,
-        a row failing its CRC-32C), and the first reason; ([], "") when all read."""
-        try:
-            self.read_segment(start, count)
-            return [], ""
-        except IndexCorrupt:
-            pass
+    def _lost_rows(self, start: int, count: int) -> tuple[list[int], str]:
+        """Rows of the span that cannot be read (missing or damaged shard, a row failing its
+        CRC-32C) and the first reason."""
         lost: list[int] = []
         reason = ""
         for lo in range(start - start % self.shard_rows, start + count, self.shard_rows):
@@ -357,15 +360,18 @@ def span_checksum(rows: np.ndarray) -> tuple[str, bytes]:
 
 def read_failure(rows: ZarrRows, e: Exception) -> IndexCorrupt:
     """The error a failed read of committed rows raises: IndexGone when the whole index folder
-    went away under the reader, IndexCorrupt otherwise."""
+    went away under the reader, StorageUnavailable when the storage refused or failed the read
+    (nothing is known to be damaged), IndexCorrupt when the stored bytes are damaged."""
     from pathlib import Path
 
+    from ..errors import IndexGone, StorageUnavailable
     from .layout import CONFIG_FILE
 
     index_dir = Path(rows.url).parent.parent
     if not rows.remote and not (index_dir / CONFIG_FILE).exists():
-        from ..errors import IndexGone
-
         return IndexGone(f"index {index_dir} was removed (restore it or build it again)")
+    if _why(e) is None:
+        return StorageUnavailable(f"cannot read stored rows under {rows.url}: {_short(e)} (check access to the "
+                                  f"storage; nothing stored is known to be damaged)")
     return IndexCorrupt(f"stored rows unreadable under {rows.url}: {_short(e)} (run `edje-search verify`, "
                         f"then `repair`)")

@@ -177,6 +177,20 @@ def test_a_failure_of_access_is_an_error_never_damage():
             ZarrRows("/nowhere", (2, 3), "float16", 8)._damage(ValueError(refused))
 
 
+def test_a_query_whose_read_the_storage_refuses_is_not_sent_to_repair(tmp_path):
+    """At query time a refused read is StorageUnavailable (no repair advice); damage is IndexCorrupt."""
+    from edje_search.errors import StorageUnavailable
+    from edje_search.storage.zarr_rows import read_failure
+
+    store, _ = build_random_index(tmp_path / "i", "float16", commits=(10,))
+    refused = read_failure(store.tokens.arrays["tokens"], ValueError("PERMISSION_DENIED: HTTP response code: 403"))
+    assert isinstance(refused, StorageUnavailable) and "repair" not in str(refused)
+    assert "PERMISSION_DENIED" in str(refused) and "nothing stored is known to be damaged" in str(refused)
+    rows = store.tokens.arrays["tokens"]
+    damaged = read_failure(rows, ValueError("DATA_LOSS: Error reading shard index: Digest mismatch"))
+    assert type(damaged) is IndexCorrupt and "repair" in str(damaged)
+
+
 def test_a_store_url_the_token_store_cannot_reach_is_refused_at_creation(tmp_path):
     from edje_search.errors import BadInput
 
@@ -196,8 +210,13 @@ def test_zarr_json_lagging_after_a_crash_is_published_by_the_next_writer(tmp_pat
     assert json.loads(meta.read_text())["shape"][0] == 10
 
 
-def _legacy_copy(tmp_path, dtype):
+def _legacy_copy(tmp_path, dtype, model_dir=None):
+    """A copy of an index 0.2 built; ``model_dir``: where its model lives here (the fixture names
+    the folder it was built with, which only existed on that machine)."""
     shutil.copytree(LEGACY / dtype, tmp_path / dtype)
+    if model_dir is not None:
+        config = tmp_path / dtype / "index.json"
+        config.write_text(json.dumps(dict(json.loads(config.read_text()), model_path=str(model_dir)), indent=2))
     return tmp_path / dtype
 
 
@@ -218,7 +237,7 @@ def test_an_index_of_the_previous_release_migrates_without_losing_a_row(tmp_path
     from edje_search import Engine, load_model
     from edje_search_cli.main import cli
 
-    index_dir = _legacy_copy(tmp_path, dtype)
+    index_dir = _legacy_copy(tmp_path, dtype, model_dir=tiny_model_dir)
     expected = json.loads((LEGACY / "expected.json").read_text())[dtype]
     old_tokens = _legacy_tokens(index_dir, dtype)
     with pytest.raises(IndexOutdated, match="edje-search migrate --index"):

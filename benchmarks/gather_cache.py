@@ -8,7 +8,7 @@ random live rows ("cold") and 60 gathers of rows read just before ("warm": what 
 work per row, not the disk):
 
 * revalidating: a cached shard index is checked against its file before each read (tensorstore's
-  default ``recheck_cached_data``, which the engine used before);
+  default ``recheck_cached_data``: a file status per row read);
 * engine: cached shard indexes trusted until the array is reopened (``recheck_cached_data:
   "open"``; storage/zarr_rows.py says why that is safe), 32 reads in flight;
 * engine with 16 and 64 reads in flight;

@@ -59,7 +59,7 @@ def paper_text_first_stage() -> FirstStage:
 
 def synthetic_index(directory: Path, n_rows: int, dim: int, token_dtype: str, chunk: int = 20_000) -> IndexStore:
     """An IndexStore of ``n_rows`` random unit vectors and random 64 x 384 tokens."""
-    cfg = IndexConfig.new(factory="Flat", dim=dim, tokens_per_image=64, token_width=384, token_dtype=token_dtype,
+    cfg = IndexConfig(factory="Flat", dim=dim, tokens_per_image=64, token_width=384, token_dtype=token_dtype,
                       model_path="synthetic", model_fingerprint="synthetic")
     store = IndexStore.create(directory, cfg)
     for s in range(0, n_rows, chunk):

@@ -125,7 +125,7 @@ def main() -> None:
 
     shutil.rmtree(index, ignore_errors=True)
     m, d = args.tokens
-    cfg = IndexConfig.new(dim=args.dim, tokens_per_image=m, token_width=d, token_dtype="int8", factory="auto",
+    cfg = IndexConfig(dim=args.dim, tokens_per_image=m, token_width=d, token_dtype="int8", factory="auto",
                       model_path="(synthetic: vectors given)", model_fingerprint="synthetic")
     engine = Engine(IndexStore.create(index, cfg), model=None)  # add_embeddings needs no model
     rng = np.random.default_rng(0)

@@ -78,9 +78,11 @@ def p50_ms(fn, rows_of, repeats: int) -> float:
     return float(statistics.median(times))
 
 
-def build_zarr(path: Path, dtype: str, rows: Rows, n: int, batch: int) -> tuple[IndexStore, list[float]]:
-    cfg = IndexConfig.new(dim=DIM, tokens_per_image=M, token_width=D, token_dtype=dtype, factory="Flat",
-                      model_path="(synthetic: vectors given)", model_fingerprint="synthetic")
+def build_zarr(path: Path, dtype: str, rows: Rows, n: int, batch: int,
+               scale_chunk_rows: int = 0) -> tuple[IndexStore, list[float]]:
+    cfg = IndexConfig(dim=DIM, tokens_per_image=M, token_width=D, token_dtype=dtype, factory="Flat",
+                      token_scale_chunk_rows=scale_chunk_rows, model_path="(synthetic: vectors given)",
+                      model_fingerprint="synthetic")
     engine = Engine(IndexStore.create(path, cfg), model=None)  # add_embeddings needs no model
     commit_s = []
     for s in range(0, n, batch):
@@ -141,7 +143,8 @@ def measure(dtype: str, args, rows: Rows) -> dict:
     zdir, ndir = args.dir / f"zarr-{dtype}", args.dir / f"npy-{dtype}"
     for d in (zdir, ndir):
         shutil.rmtree(d, ignore_errors=True)
-    store, commit_s = build_zarr(zdir, dtype, rows, args.rows, args.batch)
+    store, commit_s = build_zarr(zdir, dtype, rows, args.rows, args.batch, args.scale_chunk_rows)
+    out["scale_chunk_rows"] = store.config.scale_chunk_rows if dtype == "int8" else None
     live = np.array([e.row for e in store.iter_entries()], dtype=np.int64)
     order = {int(r): i for i, r in enumerate(live)}  # row -> its position among the rows added
     pick = np.random.default_rng(1)
@@ -193,6 +196,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=300)
     ap.add_argument("--dtypes", nargs="+", default=["float16", "int8"])
     ap.add_argument("--dir", type=Path, required=True, help="scratch folder (needs 50 GB free at 1M float16 rows)")
+    ap.add_argument("--scale-chunk-rows", type=int, default=0,
+                    help="int8 scales per inner chunk: 0 = a whole shard, as new indexes store them; 1 = one "
+                         "row per chunk, as int8 indexes made before did")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     args.dir.mkdir(parents=True, exist_ok=True)

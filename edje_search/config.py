@@ -100,9 +100,9 @@ class IndexConfig:
     token_width: int
     token_dtype: str = "float16"  # "float16", "float32" or "int8"
     token_shard_rows: int = 256  # rows per shard object of the token store (storage/zarr_rows.py)
-    # rows per inner chunk of int8's scales (storage/token_store.py): a whole shard in new indexes
-    # (IndexConfig.new); 1, one per row, in int8 indexes whose index.json lacks this key
-    token_scale_chunk_rows: int = 1
+    # rows per inner chunk of int8's scales (storage/token_store.py): 0 = a whole shard; int8
+    # indexes whose index.json lacks this key have 1, one per row (read_config says so)
+    token_scale_chunk_rows: int = 0
     factory: str = "auto"  # FAISS factory string, or "auto": chosen by size (storage/vector_index.py)
     model_path: str = "model"  # the model directory: relative to the index, or absolute when outside it
     model_fingerprint: str = ""
@@ -110,9 +110,16 @@ class IndexConfig:
     index_id: str = ""  # a random id given at creation: readers notice an index replaced at the same path
     format_version: int = 2
 
+    @property
+    def scale_chunk_rows(self) -> int:
+        """Rows per inner chunk of int8's scales."""
+        return self.token_scale_chunk_rows or self.token_shard_rows
+
     @classmethod
-    def new(cls, **fields) -> IndexConfig:
-        """The config of an index about to be created: today's layout, where the defaults keep
-        describing indexes made before (whose index.json lacks the newer keys)."""
-        fields.setdefault("token_scale_chunk_rows", fields.get("token_shard_rows", cls.token_shard_rows))
-        return cls(**fields)
+    def load(cls, path: str | Path) -> IndexConfig:
+        """An index's config from its index.json, keys the file predates filled in as they were
+        when it was written."""
+        config = load_config(cls, path)
+        if "token_scale_chunk_rows" not in json.loads(Path(path).read_text()):
+            config = dataclasses.replace(config, token_scale_chunk_rows=1)  # int8 scales one row per chunk
+        return config

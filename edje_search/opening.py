@@ -24,7 +24,7 @@ def create_index(index_dir: str | Path, model: EdjeModel, *, factory: str = "aut
     """A new, empty index for ``model``, created atomically (see :meth:`Engine.create`)."""
     index_dir = Path(index_dir)
     inside = model.path is None  # a model built in memory is kept inside the index
-    config = IndexConfig.new(
+    config = IndexConfig(
         factory=factory, dim=model.first_stage.embed_dim,
         tokens_per_image=model.reranker.config.tokens_per_image,
         token_width=model.reranker.token_width, token_dtype=token_dtype,

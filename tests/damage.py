@@ -6,6 +6,7 @@ uint64 pairs) and the index's CRC-32C at the end of the file.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -16,11 +17,17 @@ def shard_file(index_dir: Path, row: int, shard_rows: int = 256, array: str = "t
 
 
 def row_span(index_dir: Path, row: int, shard_rows: int = 256, array: str = "tokens") -> tuple[Path, int, int]:
-    """(shard file, byte offset, length without its CRC) of one stored row."""
+    """(shard file, byte offset, length) of one stored row's bytes. A row shares its inner chunk,
+    and the chunk's CRC-32C, with the other rows of the chunk when chunks hold several rows (the
+    array's zarr.json says how many)."""
     path = shard_file(index_dir, row, shard_rows, array)
-    tail = path.read_bytes()[-(16 * shard_rows + 4):-4]
-    offset, nbytes = np.frombuffer(tail, dtype="<u8").reshape(shard_rows, 2)[row % shard_rows]
-    return path, int(offset), int(nbytes) - 4
+    meta = json.loads((Path(index_dir) / "tokens.zarr" / array / "zarr.json").read_text())
+    chunk_rows = meta["codecs"][0]["configuration"]["chunk_shape"][0]
+    entries = shard_rows // chunk_rows
+    tail = path.read_bytes()[-(16 * entries + 4):-4]
+    offset, nbytes = np.frombuffer(tail, dtype="<u8").reshape(entries, 2)[(row % shard_rows) // chunk_rows]
+    row_bytes = (int(nbytes) - 4) // chunk_rows
+    return path, int(offset) + (row % chunk_rows) * row_bytes, row_bytes
 
 
 def flip_row_bytes(index_dir: Path, rows, shard_rows: int = 256, array: str = "tokens", at: int = 5) -> None:

@@ -33,7 +33,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from ..config import IndexConfig, load_config, save_config
+from ..config import IndexConfig, save_config
 from ..errors import BadInput, IndexCorrupt, IndexOutdated
 from ..fsutil import atomic_write
 from . import compaction, identity, integrity, layout, vector_index
@@ -63,7 +63,7 @@ class IndexStore:
         base = config.store_url or str(directory)
         self.vector_array = SegmentArray(f"{base.rstrip('/')}/vectors", (config.dim,), "float32")
         self.tokens = TokenStore(base, config.tokens_per_image, config.token_width, config.token_dtype,
-                                 config.token_shard_rows, scale_chunk_rows=config.token_scale_chunk_rows)
+                                 config.token_shard_rows, scale_chunk_rows=config.scale_chunk_rows)
         self.arrays = {"vectors": self.vector_array, **self.tokens.arrays}  # named as the manifest names them
         self.lock = WriterLock(directory, wait=lock_wait) if mode != "r" else None
         self._writer_thread = threading.RLock()
@@ -415,7 +415,7 @@ def read_config(directory: Path) -> IndexConfig:
         raise IndexCorrupt(f"index at {directory} was written by edje-search 0.1 (format 1); build it again "
                            f"into a new folder with `edje-search build-index`")
     try:
-        return load_config(IndexConfig, directory / CONFIG_FILE)
+        return IndexConfig.load(directory / CONFIG_FILE)
     except (ValueError, TypeError) as e:
         raise IndexCorrupt(f"index at {directory} is corrupt: {e}") from e
 

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import IndexConfig, load_config
-from ..errors import IndexCorrupt
+from ..config import IndexConfig
+from ..errors import IndexCorrupt, StorageUnavailable
 from . import layout
 from .layout import CONFIG_FILE
 from .lock import WriterLock
@@ -64,7 +64,7 @@ def migrate(directory: str | Path, *, lock_wait: float = 0.0, progress: bool = F
     directory = Path(directory)
     if not (directory / CONFIG_FILE).is_file():
         raise IndexCorrupt(f"{directory} is not an edje-search index (no {CONFIG_FILE})")
-    config = load_config(IndexConfig, directory / CONFIG_FILE)
+    config = IndexConfig.load(directory / CONFIG_FILE)
     manifest = Manifest(directory / MANIFEST_FILE, readonly=False)
     try:
         with WriterLock(directory, wait=lock_wait):
@@ -85,7 +85,7 @@ def _copy_and_commit(directory: Path, config: IndexConfig, manifest: Manifest, s
                                f"folder, or build the index again)")
     remove_group(base)  # what an earlier, interrupted run wrote: no generation names it
     new = TokenStore(base, config.tokens_per_image, config.token_width, config.token_dtype, config.token_shard_rows,
-                     snap.segments, scale_chunk_rows=config.token_scale_chunk_rows)
+                     snap.segments, scale_chunk_rows=config.scale_chunk_rows)
     records = manifest.segment_checksums()
     checks, lost = [], set()
     block = BLOCK_SHARDS * config.token_shard_rows
@@ -104,6 +104,8 @@ def _copy_and_commit(directory: Path, config: IndexConfig, manifest: Manifest, s
                     continue
                 try:
                     buf[lo - a:hi - a] = arr.get(np.arange(lo, hi))
+                except StorageUnavailable:
+                    raise  # not damage: the migration stops, nothing is dropped
                 except IndexCorrupt as e:
                     logger.warning("0.2 segment unreadable, its rows are dropped: %s", e)
                     lost.update(range(lo, hi))

@@ -24,7 +24,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..errors import IndexCorrupt, IndexGone
+from ..errors import IndexCorrupt, IndexGone, StorageUnavailable
 from ..fsutil import atomic_write_bytes
 from .checksums import file_checksum, row_checksums
 from .layout import CONFIG_FILE
@@ -34,6 +34,12 @@ logger = logging.getLogger(__name__)
 
 def is_remote(url: str) -> bool:
     return "://" in str(url) and not str(url).startswith("file://")
+
+
+# Failures of access, not of the stored bytes: they must never make verify or repair drop rows.
+# (fsspec's S3 and HTTP clients raise these, or OSError subclasses of them, for refused and
+# failed requests; a missing object is FileNotFoundError, which is damage.)
+ACCESS_FAILURES = (PermissionError, ConnectionError, TimeoutError)
 
 
 def segment_name(start: int) -> str:
@@ -174,6 +180,9 @@ class SegmentArray:
                 if not self.remote and not (index_dir / CONFIG_FILE).exists():  # the whole index went, not a file
                     raise IndexGone(f"index {index_dir} was removed (restore it or build it again)") from e
                 raise IndexCorrupt(f"segment file missing: {path} (run `edje-search repair`)") from e
+            except ACCESS_FAILURES as e:
+                raise StorageUnavailable(f"cannot read segment file {path}: {e} (check access to the storage; "
+                                         f"nothing stored is known to be damaged)") from e
             except (ValueError, OSError) as e:
                 raise IndexCorrupt(f"segment file unreadable: {path}: {e} (run `edje-search repair`)") from e
             if tuple(shape[1:]) != self.row_shape or dtype != self.dtype:
@@ -195,6 +204,8 @@ class SegmentArray:
         try:
             self.check_segment(start, count)
             return [], ""
+        except StorageUnavailable:
+            raise  # not damage: verify and repair stop here instead of dropping the segment's rows
         except IndexCorrupt as e:
             path = self._path(start)
             return list(range(start, start + count)), str(e).split(" (run")[0].split(": ", 1)[0].replace(f" {path}", "")
@@ -284,6 +295,9 @@ class SegmentArray:
         blobs = self.fs.cat_ranges(paths, starts, ends)
         flat = out.reshape(idx.size, -1).view(np.uint8)
         for i, b in enumerate(blobs):
+            if isinstance(b, ACCESS_FAILURES):
+                raise StorageUnavailable(f"cannot read row {int(idx[i])} from {paths[i]}: {b} (check access to "
+                                         f"the storage; nothing stored is known to be damaged)") from b
             if isinstance(b, Exception) or len(b) != self.row_bytes:
                 raise IndexCorrupt(f"short read of row {int(idx[i])} from {paths[i]}")
             flat[i] = np.frombuffer(b, dtype=np.uint8)

@@ -84,7 +84,7 @@ class TokenStore:
     """
 
     def __init__(self, base_url: str, tokens_per_image: int, width: int, dtype: str, shard_rows: int,
-                 segments: dict[str, list[tuple[int, int]]] | None = None, scale_chunk_rows: int = 1):
+                 segments: dict[str, list[tuple[int, int]]] | None = None, scale_chunk_rows: int | None = None):
         if dtype not in TOKEN_DTYPES:
             raise ValueError(f"token dtype must be one of {', '.join(TOKEN_DTYPES)}, not {dtype!r}")
         self.tokens_per_image, self.width, self.token_dtype = tokens_per_image, width, dtype
@@ -93,6 +93,7 @@ class TokenStore:
         self.arrays = {"tokens": ZarrRows(f"{self.url}/tokens", (tokens_per_image, width), dtype, shard_rows,
                                           segments.get("tokens", ()))}
         if dtype == "int8":
+            scale_chunk_rows = scale_chunk_rows or shard_rows
             # a row's scales are 128 bytes: chunked a shard at a time and cached (zarr_io.SCALES_POOL),
             # they are read once per shard instead of once per row, so a gather costs one byte range
             # per row like float16's (an index that chunks them per row reads them uncached)

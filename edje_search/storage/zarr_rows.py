@@ -25,7 +25,8 @@ it is not, so a shard replaced after its index was cached is read right. What th
 is a shard cached as missing (a deleted one) written since, and rows cached whole (int8's scales,
 token_store.py), which are served from memory: a handle opened later checks once every entry
 cached before it opened, so the engine reopens after its own repairs, on adopting a new
-generation, before verify reads a segment, and before its one retry of a failed read.
+generation and before verify reads a segment, and a failed read is tried once more through
+a freshly opened handle, which replaces the shared one only when that read succeeds.
 
 Why tensorstore rather than zarr-python for reads and writes: a random gather of 100 rows takes
 a few milliseconds through tensorstore and over 100 ms through zarr-python's codec pipeline
@@ -42,7 +43,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..errors import IndexCorrupt
+from ..errors import IndexCorrupt, StorageUnavailable
 from .checksums import row_checksums
 from .segments import is_remote
 from .zarr_io import (READ_CONTEXT, SHARD_INDEX_POOL, _short, _why, array_metadata, kvstore_spec, metadata_mismatch,
@@ -123,14 +124,17 @@ class ZarrRows:
         """The tensorstore array, opened with the metadata the index's config gives."""
         handle = self._handle
         if handle is None:
-            import tensorstore as ts
-
             with self._lock:
                 if self._handle is None:
-                    self._handle = ts.open(self._spec(DOMAIN_ROWS), open=True, create=True, assume_metadata=True,
-                                           context=shared_context()).result()
+                    self._handle = self._open_handle()
                 handle = self._handle
         return handle
+
+    def _open_handle(self):
+        import tensorstore as ts
+
+        return ts.open(self._spec(DOMAIN_ROWS), open=True, create=True, assume_metadata=True,
+                       context=shared_context()).result()
 
     def reopen(self) -> None:
         """Open the array afresh on next use, so that shard indexes cached before are checked
@@ -279,10 +283,11 @@ class ZarrRows:
         """Begin reading committed rows (checked now); :meth:`read_started` waits for them. Two
         arrays read together (int8 tokens and their scales) overlap their I/O this way."""
         idx = self.check_rows(rows)
-        return idx, (self.handle[idx].read() if idx.size else None)
+        handle = self.handle
+        return idx, handle, (handle[idx].read() if idx.size else None)
 
     def read_started(self, pending) -> np.ndarray:
-        idx, future = pending
+        idx, handle, future = pending
         if future is None:
             return np.zeros((0, *self.row_shape), dtype=self.dtype)
         try:
@@ -290,11 +295,18 @@ class ZarrRows:
         except ValueError as e:
             if _why(e) is None:  # a failure of access, not of the stored bytes: nothing to refresh
                 raise read_failure(self, e) from e
-        self.reopen()  # the shard may have been replaced since its index was cached: read once more
+        # The shard may have been replaced since its index was cached: read once more through a
+        # handle that checks what was cached. Only when that read succeeds does it replace the
+        # shared handle, so rows that stay damaged do not make every reader recheck its cache.
+        fresh = self._open_handle()
         try:
-            return self.handle[idx].read().result()
+            out = fresh[idx].read().result()
         except ValueError as e:
             raise read_failure(self, e) from e
+        with self._lock:
+            if self._handle is handle:  # not already replaced by a newer reopen
+                self._handle = fresh
+        return out
 
     def read_segment(self, start: int, count: int) -> np.ndarray:
         return self.get(np.arange(start, start + count))
@@ -312,9 +324,11 @@ class ZarrRows:
         reason); rows None when none can be read. A whole span is read once when all of it reads."""
         try:
             return self.read_segment(start, count), [], ""
+        except StorageUnavailable:
+            raise  # not damage: verify and repair stop here instead of dropping rows
         except IndexCorrupt:
             pass
-        lost, why = self._lost_rows(start, count)
+        lost, why = lost_rows(self, start, count)
         if len(lost) == count:
             return None, lost, why
         return self._read_rows_skipping(np.arange(start, start + count), set(lost)), lost, why
@@ -322,34 +336,6 @@ class ZarrRows:
     def span_matches(self, start: int, rows: np.ndarray, checksum: str) -> bool:
         """Whether the span's rows still have the checksum their commit recorded."""
         return span_checksum(rows)[0] == checksum
-
-    def _lost_rows(self, start: int, count: int) -> tuple[list[int], str]:
-        """Rows of the span that cannot be read (missing or damaged shard, a row failing its
-        CRC-32C) and the first reason."""
-        lost: list[int] = []
-        reason = ""
-        for lo in range(start - start % self.shard_rows, start + count, self.shard_rows):
-            part = np.arange(max(lo, start), min(lo + self.shard_rows, start + count))
-            try:
-                self.handle[part].read().result()
-                continue
-            except ValueError as e:
-                reason = reason or self._damage(e)
-            for r in part.tolist():  # which rows of this shard: all when its index is lost
-                try:
-                    self.handle[r].read().result()
-                except ValueError as e:
-                    self._damage(e)
-                    lost.append(r)
-        return lost, reason
-
-    def _damage(self, e: Exception) -> str:
-        """The reason a read failed when it means damaged bytes; OSError otherwise (a failure of
-        access is not a reason to drop rows)."""
-        why = _why(e)
-        if why is None:
-            raise OSError(f"reading {self.url}: {_short(e)}") from e
-        return why
 
 
 def span_checksum(rows: np.ndarray) -> tuple[str, bytes]:
@@ -375,3 +361,34 @@ def read_failure(rows: ZarrRows, e: Exception) -> IndexCorrupt:
                                   f"storage; nothing stored is known to be damaged)")
     return IndexCorrupt(f"stored rows unreadable under {rows.url}: {_short(e)} (run `edje-search verify`, "
                         f"then `repair`)")
+
+
+def lost_rows(arr: ZarrRows, start: int, count: int) -> tuple[list[int], str]:
+    """Rows of the span that cannot be read (missing or damaged shard, a row failing its
+    CRC-32C) and the first reason. A failure of access raises StorageUnavailable instead: it is
+    no reason to drop rows."""
+    lost: list[int] = []
+    reason = ""
+    for lo in range(start - start % arr.shard_rows, start + count, arr.shard_rows):
+        part = np.arange(max(lo, start), min(lo + arr.shard_rows, start + count))
+        try:
+            arr.handle[part].read().result()
+            continue
+        except ValueError as e:
+            reason = reason or damage_reason(arr, e)
+        for r in part.tolist():  # which rows of this shard: all when its index is lost
+            try:
+                arr.handle[r].read().result()
+            except ValueError as e:
+                damage_reason(arr, e)
+                lost.append(r)
+    return lost, reason
+
+
+def damage_reason(arr: ZarrRows, e: Exception) -> str:
+    """What a failed read says of the stored bytes; StorageUnavailable when it says nothing
+    (the storage refused or failed the read)."""
+    why = _why(e)
+    if why is None:
+        raise read_failure(arr, e) from e
+    return why

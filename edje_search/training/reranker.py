@@ -294,8 +294,9 @@ def step_losses(reranker: Reranker, teacher: Reranker | None, feats: TrainFeatur
                 caption_image: torch.Tensor, groups: torch.Tensor, tok: PreTrainedTokenizerBase,
                 cfg: RerankerTrainConfig, dev: torch.device,
                 swaps: list[str | None] | None = None) -> dict[str, torch.Tensor]:
-    """The weighted losses of one micro-batch, keyed ``itm``/``swap``/``mlm``/``recovery``/``distill``
-    (those with a non-zero weight; ``distill`` only with a teacher, ``swap`` only with ``swaps``).
+    """The weighted losses of one micro-batch, keyed ``itm``/``match``/``swap``/``mlm``/``recovery``/
+    ``distill`` (those with a non-zero weight; ``distill`` only with a teacher, ``swap`` only with
+    ``swaps``).
 
     The micro-batch is captions ``global_caps[offset:offset + size]`` (caption indices; ``global_caps``
     (G,) is the gathered global batch) with their images, and one hard negative image and caption

@@ -27,10 +27,10 @@ def _config(**kw):
     return IndexConfig(**{**base, **kw})
 
 
-def _build(root, token_dtype="float16"):
+def _build(root, token_dtype="float16", **config):
     """40 rows in four commits of 10; returns (vectors, tokens)."""
     rng = np.random.default_rng(8)
-    store = IndexStore.create(root, _config(token_dtype=token_dtype))
+    store = IndexStore.create(root, _config(token_dtype=token_dtype, **config))
     v = rng.standard_normal((40, 8)).astype(np.float32)
     v /= np.linalg.norm(v, axis=1, keepdims=True)
     t = rng.standard_normal((40, 2, 4)).astype(np.float16)
@@ -135,13 +135,20 @@ def test_segments_without_checksums_are_unchecked_not_broken(tmp_path):
     assert len(unchecked_segments(again)) == 7  # the repaired segment was written again, with checksums
 
 
-def test_int8_token_scales_are_checksummed_too(tmp_path):
+@pytest.mark.parametrize("chunk_rows", [0, 1], ids=["a-chunk-per-shard", "a-chunk-per-row"])
+def test_int8_token_scales_are_checksummed_too(tmp_path, chunk_rows):
+    """Scales chunked a shard at a time (new indexes) lose every row of the shard's chunk to one
+    changed byte; chunked a row at a time (indexes from before) only the row."""
     root = tmp_path / "i"
-    _build(root, token_dtype="int8")
+    _build(root, token_dtype="int8", token_scale_chunk_rows=chunk_rows)
     flip_row_bytes(root, [1, 6], SHARD, array="token_scales", at=1)
     problems = IndexStore.open(root).verify()
-    assert any("token_scales segment" in p and "rows damaged (1, 6)" in p for p in problems)
-    assert _repair(root).dropped == ["/p1", "/p6"]
+    if chunk_rows == 1:
+        assert any("token_scales segment" in p and "rows damaged (1, 6)" in p for p in problems)
+        assert _repair(root).dropped == ["/p1", "/p6"]
+    else:
+        assert any("token_scales segment" in p and "rows 0-9" in p for p in problems), problems
+        assert _repair(root).dropped == sorted(f"/p{i}" for i in range(10))
     assert IndexStore.open(root).verify() == []
 
 

@@ -15,7 +15,7 @@ from edje_search.storage import layout
 from edje_search.storage.index_store import IndexStore
 from edje_search.storage.migrate import migrate
 from edje_search.storage.token_store import dequantize, quantize_per_token
-from tests.damage import shard_file, shifted_shard
+from tests.damage import flip_row_bytes, shard_file, shifted_shard
 
 LEGACY = Path(__file__).parents[1] / "data" / "index-0.2"
 SHARD = 64
@@ -77,6 +77,11 @@ def test_zarr_python_and_tensorstore_read_the_tokens_the_engine_gathers(tmp_path
     np.testing.assert_array_equal(tensorstore_tokens({"driver": "file", "path": str(group)}, rows), engine_view)
     if token_dtype == "float16":
         np.testing.assert_array_equal(engine_view, np.stack([by_row[r] for r in rows]))
+    # what a rerank scores (stored tokens cast by torch) is exactly the dequantised gather
+    from edje_search.ranking import float_tensor
+
+    np.testing.assert_array_equal(float_tensor(IndexStore.open(tmp_path / "i").tokens.read(rows)).numpy(),
+                                  engine_view.astype(np.float32))
     import zarr
 
     group_meta = zarr.open_group(str(group), mode="r")
@@ -130,6 +135,20 @@ def test_a_damaged_shard_fails_verify_and_repair_drops_exactly_its_rows(tmp_path
     assert "c/3/0/0" in " ".join(report.damaged) and "c/2/0/0" not in " ".join(report.damaged)
 
 
+def test_a_changed_byte_in_int8_scales_loses_the_rows_their_chunk_covers(tmp_path):
+    """int8 scales are one chunk per shard: a changed byte fails the chunk's CRC-32C and loses
+    every live row of that shard (tokens, a chunk per row, lose only the row)."""
+    build_random_index(tmp_path / "i", "int8")
+    flip_row_bytes(tmp_path / "i", [200], SHARD, "token_scales", at=1)  # shard 3: rows 192-237 live
+    problems = IndexStore.open(tmp_path / "i").verify()
+    assert any("token_scales segment" in p and "rows 128-237" in p for p in problems), problems
+    writer = IndexStore.open(tmp_path / "i", mode="r+")
+    with writer.writing():
+        assert len(writer.repair().dropped) == 238 - 192
+    again = IndexStore.open(tmp_path / "i")
+    assert again.verify() == [] and len(again) == 330 - (238 - 192)
+
+
 def test_a_reader_holding_shard_indexes_reads_shards_replaced_after_it_cached_them(tmp_path):
     """Readers keep the shard indexes they read; a shard replaced behind them (by repair, or
     here by the same rows in another layout) is read through its new index, never the old one."""
@@ -149,32 +168,84 @@ def test_a_reader_holding_shard_indexes_reads_shards_replaced_after_it_cached_th
     with pytest.raises(IndexCorrupt):
         late.tokens.get(rows)
     path.write_bytes(saved)
+    stale = late.tokens.arrays["tokens"].handle
     np.testing.assert_array_equal(late.tokens.get(rows), np.stack([by_row[r] for r in rows]))
-    # damaged, then repaired by another writer: the reader reads the kept rows of the new shard
-    _truncate(path)
-    with pytest.raises(IndexCorrupt):
+    assert late.tokens.arrays["tokens"].handle is not stale  # the retry's handle read: it is kept
+    # one row damaged: reads of it fail without replacing the shared handle (its cache stays)
+    flip_row_bytes(tmp_path / "i", [200], SHARD)
+    held = reader.tokens.arrays["tokens"].handle
+    with pytest.raises(IndexCorrupt, match="repair"):
         reader.tokens.get(rows)
+    assert reader.tokens.arrays["tokens"].handle is held
+    # then repaired by another writer: the reader reads the kept rows of the replaced shard
     writer = IndexStore.open(tmp_path / "i", mode="r+")
     with writer.writing():
-        assert len(writer.repair().dropped) == len(rows)
-    keep = [r for r in sorted(by_row) if r < 192 or r >= 238]
+        assert len(writer.repair().dropped) == 1
+    keep = [r for r in rows if r != 200]
     np.testing.assert_array_equal(reader.tokens.get(keep), np.stack([by_row[r] for r in keep]))
 
 
-def test_a_failure_of_access_is_an_error_never_damage():
+def test_a_failure_of_access_is_an_error_never_damage(tmp_path):
     """Only missing, cut-short or undecodable bytes make rows lost; a refused or failed read
     stops verify and repair instead of dropping rows."""
+    from edje_search.errors import StorageUnavailable
     from edje_search.storage.zarr_io import _why
-    from edje_search.storage.zarr_rows import ZarrRows
+    from edje_search.storage.zarr_rows import ZarrRows, damage_reason
 
     assert _why(ValueError("DATA_LOSS: Error reading shard index in local file: Digest mismatch")) == \
         "shard truncated or its index damaged"
     assert _why(ValueError('NOT_FOUND: chunk {4, 0, 0} stored at shard entry is missing')) == "shard file missing"
+    (tmp_path / "index.json").write_text("{}")  # the index is there: its storage refuses the read
     for refused in ("PERMISSION_DENIED: HTTP response code: 403", "UNAVAILABLE: connection reset",
                     "DEADLINE_EXCEEDED: timed out"):
         assert _why(ValueError(refused)) is None
-        with pytest.raises(OSError, match="reading"):
-            ZarrRows("/nowhere", (2, 3), "float16", 8)._damage(ValueError(refused))
+        with pytest.raises(StorageUnavailable, match="check access to the storage"):
+            damage_reason(ZarrRows(f"{tmp_path}/tokens.zarr/tokens", (2, 3), "float16", 8), ValueError(refused))
+
+
+class _Refused:
+    """A tensorstore array whose every read the storage refuses (as S3 answers 403)."""
+
+    def __getitem__(self, rows):
+        return self
+
+    def read(self):
+        return self
+
+    def result(self):
+        raise ValueError("PERMISSION_DENIED: Error reading: HTTP response code: 403")
+
+
+@pytest.mark.parametrize("refuse", ["tokens", "vectors"])
+def test_a_read_the_storage_refuses_stops_queries_verify_and_repair_without_dropping_a_row(tmp_path, monkeypatch,
+                                                                                             refuse):
+    from edje_search.errors import StorageUnavailable
+    from edje_search.storage import segments
+
+    build_random_index(tmp_path / "i", "int8")
+    if refuse == "tokens":
+        from edje_search.storage.zarr_rows import ZarrRows
+
+        monkeypatch.setattr(ZarrRows, "_open_handle", lambda self: _Refused())
+    else:
+        def refused(*args, **kwargs):
+            raise PermissionError(13, "Permission denied")
+
+        monkeypatch.setattr(segments.np, "load", refused)
+    store = IndexStore.open(tmp_path / "i", mode="r+")
+    if refuse == "tokens":
+        with pytest.raises(StorageUnavailable, match="nothing stored is known to be damaged"):
+            store.tokens.get([0, 1])
+    else:
+        with pytest.raises(StorageUnavailable, match="nothing stored is known to be damaged"):
+            store.vectors([0, 1])
+    with pytest.raises(StorageUnavailable):
+        store.verify()
+    with store.writing(), pytest.raises(StorageUnavailable):
+        store.repair()
+    monkeypatch.undo()
+    again = IndexStore.open(tmp_path / "i")
+    assert len(again) == 330 and again.verify() == []
 
 
 def test_a_query_whose_read_the_storage_refuses_is_not_sent_to_repair(tmp_path):

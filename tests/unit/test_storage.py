@@ -60,8 +60,9 @@ def test_int8_store_round_trip_and_size(tmp_path):
     assert bytes_per_image(64, 384, "int8") == 24_704 <= 25_000
     assert bytes_per_image(64, 384, "float16") == 49_152
     shards = [p for p in (tmp_path / "tokens.zarr").rglob("*") if p.is_file() and p.name != "zarr.json"]
-    # each row: its bytes and a 4-byte CRC-32C; each shard: a 16-byte index entry per row slot + 4-byte CRC
-    want = 23 * (64 * 384 + 4) + 23 * (64 * 2 + 4) + 4 * (16 * 16 + 4)
+    # tokens: each row its bytes and a 4-byte CRC-32C, each shard a 16-byte index entry per row slot
+    # + a 4-byte CRC; scales: each shard one chunk of all 16 rows' scales + CRC, a one-entry index + CRC
+    want = 23 * (64 * 384 + 4) + 2 * (16 * 16 + 4) + 2 * (16 * 64 * 2 + 4 + 16 + 4)
     assert len(shards) == 4 and sum(p.stat().st_size for p in shards) == want
     with pytest.raises(ValueError, match="token dtype"):
         TokenStore(str(tmp_path), 2, 2, "int4", shard_rows=16)

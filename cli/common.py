@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 
@@ -59,6 +60,12 @@ class FriendlyGroup(click.Group):
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
+        except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as a tool killed by SIGPIPE
+            try:
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
+            except (OSError, ValueError):  # stdout is not a file descriptor (captured in a test)
+                pass
+            sys.exit(141)
         except Exception as e:  # noqa: BLE001 - the CLI boundary: every failure becomes one line
             if ctx.obj and ctx.obj.get("debug"):
                 raise

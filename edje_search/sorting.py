@@ -49,7 +49,11 @@ def parse_sort(spec: str, has_user_field: Callable[[str], bool], describe_fields
 
 
 def _utc_iso(ns: int) -> str:
-    return dt.datetime.fromtimestamp(ns / 1e9, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+    """A modification time as ISO text down to the microsecond: files copied within one second
+    still sort by time (EXIF dates, to the second, sort before a file time in the same second)."""
+    seconds, rest = divmod(int(ns), 10**9)
+    when = dt.datetime.fromtimestamp(seconds, dt.timezone.utc).replace(microsecond=rest // 1000)
+    return when.strftime("%Y-%m-%dT%H:%M:%S.%f")
 
 
 def field_value(entry: ManifestEntry | None, field: str):

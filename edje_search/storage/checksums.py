@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import dataclasses
 import zlib
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+if TYPE_CHECKING:
+    from .rows import RowArray
 
 ALGORITHM = "crc32"
 
@@ -84,7 +87,7 @@ class SegmentDamage:
         return f"{self.kind} segment {self.path} ({span}): {self.reason}: {len(self.rows)} rows damaged ({first})"
 
 
-def check_segment(kind: str, arr, start: int, count: int,
+def check_segment(kind: str, arr: RowArray, start: int, count: int,
                   record: tuple[str, bytes] | None) -> SegmentDamage | None:
     """Damage in one committed segment (a vector ``.npy`` file or a span of token rows), or None
     when it is whole.

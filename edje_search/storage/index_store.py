@@ -34,7 +34,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from ..config import IndexConfig, save_config
-from ..errors import BadInput, IndexCorrupt, IndexOutdated
+from ..errors import BadInput, IndexCorrupt, IndexOutdated, StorageUnavailable
 from ..fsutil import atomic_write
 from . import compaction, identity, integrity, layout, vector_index
 from .layout import CONFIG_FILE, FAISS_DIR, REFINE_FACTOR, SKIPPED_FILE
@@ -42,6 +42,7 @@ from .checksums import non_finite_rows, written_checksums
 from .creation import create_index_dir
 from .lock import WriterLock
 from .manifest import MANIFEST_FILE, HashLookup, Manifest, ManifestEntry, Snapshot
+from .rows import RowArray
 from .segments import SegmentArray
 from .token_store import LAYOUT as TOKEN_LAYOUT
 from .token_store import TokenStore
@@ -64,7 +65,7 @@ class IndexStore:
         self.vector_array = SegmentArray(f"{base.rstrip('/')}/vectors", (config.dim,), "float32")
         self.tokens = TokenStore(base, config.tokens_per_image, config.token_width, config.token_dtype,
                                  config.token_shard_rows, scale_chunk_rows=config.scale_chunk_rows)
-        self.arrays = {"vectors": self.vector_array, **self.tokens.arrays}  # named as the manifest names them
+        self.arrays: dict[str, RowArray] = {"vectors": self.vector_array, **self.tokens.arrays}  # manifest's names
         self.lock = WriterLock(directory, wait=lock_wait) if mode != "r" else None
         self._writer_thread = threading.RLock()
         self.identity = identity.identity(directory, config)
@@ -261,9 +262,9 @@ class IndexStore:
         """Let plain Zarr readers see every committed token row (TokenStore.publish). The engine
         never reads what this writes: a failure is logged, and the next writer publishes again."""
         try:
-            if not only_if_stale or self.tokens.published_rows() != self.n_rows:
+            if not only_if_stale or self.tokens.publishable_lag(self.n_rows, self.snapshot.segments):
                 self.tokens.publish(self.n_rows, self.config.model_fingerprint)
-        except OSError as e:
+        except (OSError, StorageUnavailable) as e:
             logger.warning("could not update the token store's zarr.json (the index is fine): %s", e)
 
     def remove_rows(self, rows: Sequence[int]) -> None:

@@ -24,6 +24,7 @@ from .manifest import Snapshot
 
 if TYPE_CHECKING:
     from .index_store import IndexStore
+    from .rows import RowArray
 
 logger = logging.getLogger(__name__)
 
@@ -55,8 +56,13 @@ def verify(store: IndexStore) -> list[str]:
         problems.append(f"manifest has {live} live rows, its state says {len(store)}")
     dead = set(store.tombstones.tolist())
     seen = np.zeros(store.n_rows, dtype=bool)
+    unknown = np.zeros(store.n_rows, dtype=bool)  # rows of FAISS files a writer could not load
+    problems += [m.split(" (run")[0] for m in store.damaged_faiss]
     for name, _recipe, first, end in store.snapshot.faiss_segments:
-        index = store.faiss_files[name]
+        index = store.faiss_files.get(name)
+        if index is None:
+            unknown[first:end] = True
+            continue
         ids = vector_index.segment_ids(index)
         if ids.size and (ids.min() < first or ids.max() >= end):
             problems.append(f"FAISS segment {name} holds rows outside [{first}, {end})")
@@ -66,7 +72,7 @@ def verify(store: IndexStore) -> list[str]:
         seen[ids] = True
         problems += compare_codes(store, name, index)
     live_rows = np.array([e.row for e in store.iter_entries()], dtype=np.int64)
-    missing = live_rows[~seen[live_rows]] if live_rows.size else live_rows
+    missing = live_rows[~(seen | unknown)[live_rows]] if live_rows.size else live_rows
     if missing.size:
         problems.append(f"{missing.size} live rows are missing from FAISS (first: {missing[:5].tolist()})")
     extra = np.nonzero(seen)[0]
@@ -190,33 +196,15 @@ def repair(store: IndexStore) -> RepairReport:
     return report
 
 
-def check_config_against_segments(store: IndexStore, arrays: dict, snap: Snapshot) -> None:
+def check_config_against_segments(store: IndexStore, arrays: dict[str, RowArray], snap: Snapshot) -> None:
     """Refuse to repair when index.json, not the data, is what changed: if every segment of a
     store is readable but of another row shape than the config implies, dropping its rows
     would destroy an intact index."""
     for kind, arr in arrays.items():
-        if hasattr(arr, "config_mismatch"):  # a Zarr array: its zarr.json says what it holds
-            wrong = arr.config_mismatch()
-            if wrong is None and arr.read_metadata() is None and arr.segments:
-                start, count = arr.segments[0]  # no zarr.json to compare: one row must read as the config says
-                if arr.read_checked(start, min(count, 1))[1]:
-                    wrong = "its zarr.json is missing and its first row does not read with the config's shape"
-            if wrong:
-                raise IndexCorrupt(f"{CONFIG_FILE} disagrees with the stored {kind} ({wrong}); restore "
-                                   f"{CONFIG_FILE} instead of repairing")
-            continue
-        problems = []
-        for start, count in snap.segments.get(kind, []):
-            try:
-                arr.check_segment(start, count)
-            except IndexCorrupt as e:
-                problems.append(str(e))
-            else:
-                break  # one segment agrees with the config: for this store the config is right
-        else:
-            if problems and all(" holds rows of shape " in m for m in problems):
-                raise IndexCorrupt(f"{CONFIG_FILE} disagrees with every stored {kind} segment "
-                                   f"({problems[0].split(' (run')[0]}); restore {CONFIG_FILE} instead of repairing")
+        wrong = arr.layout_mismatch(snap.segments.get(kind, []))
+        if wrong:
+            raise IndexCorrupt(f"{CONFIG_FILE} disagrees with the stored {kind} ({wrong}); restore "
+                               f"{CONFIG_FILE} instead of repairing")
 
 
 def remove_stray_files(store: IndexStore) -> list[str]:
@@ -226,7 +214,10 @@ def remove_stray_files(store: IndexStore) -> list[str]:
     for arr in [store.vector_array, *store.tokens.arrays.values()]:
         removed += arr.remove_stray_files()
     removed += migrate.remove_legacy_tokens(store.config.store_url or str(store.directory))  # a migration's leftovers
-    keep = set(store.faiss_files) | {store.settings.get("template", "")}
+    # every FAISS file the generation names, loaded or not: one a writer could not load is
+    # repair's to rebuild (or index.json's to be restored), never a stray
+    keep = {name for name, *_ in store.snapshot.faiss_segments} | set(store.faiss_files) | \
+        {store.settings.get("template", "")}
     for p in (store.directory / FAISS_DIR).iterdir():
         if p.name not in keep:
             p.unlink(missing_ok=True)

@@ -210,6 +210,22 @@ class SegmentArray:
             path = self._path(start)
             return list(range(start, start + count)), str(e).split(" (run")[0].split(": ", 1)[0].replace(f" {path}", "")
 
+    def layout_mismatch(self, segments: Sequence[tuple[int, int]]) -> str | None:
+        """How the stored segments disagree with the row shape and dtype the config implies, when
+        every segment that can be read disagrees; None when one agrees or none can tell."""
+        problems = []
+        for start, count in segments:
+            try:
+                self.check_segment(start, count)
+                return None
+            except StorageUnavailable:
+                raise
+            except IndexCorrupt as e:
+                problems.append(str(e))
+        if problems and all(" holds rows of shape " in m for m in problems):
+            return problems[0].split(" (run")[0]
+        return None
+
     def read_checked(self, start: int, count: int) -> tuple[np.ndarray | None, list[int], str]:
         """(the segment's rows, [], "") or (None, all its rows, why): a segment file is read whole
         or not at all."""

@@ -257,10 +257,17 @@ class ZarrRows:
             logger.info("removed %d uncommitted shard files from %s", len(stray), self.url)
         return stray
 
-    def config_mismatch(self) -> str | None:
-        """How ``zarr.json`` disagrees with the layout this store was opened with (the index
-        config), or None (also when there is no readable zarr.json)."""
-        return metadata_mismatch(self.read_metadata(), self.row_shape, self.dtype, self.shard_rows, self.chunk_rows)
+    def layout_mismatch(self, segments: Sequence[tuple[int, int]]) -> str | None:
+        """How the stored array disagrees with the layout this store was opened with (the index
+        config), or None: its ``zarr.json`` says so, or, without one, the first committed row
+        does not read with the config's layout."""
+        meta = self.read_metadata()
+        if meta is not None:
+            return metadata_mismatch(meta, self.row_shape, self.dtype, self.shard_rows, self.chunk_rows)
+        # a chunk of another size passes its CRC-32C and then fails to decode; damage fails otherwise
+        if segments and self.read_checked(segments[0][0], 1)[2] == "stored bytes do not decode":
+            return "its zarr.json is missing and its first row does not read with the config's layout"
+        return None
 
     # ------------------------------------------------------------------------------ reading
     def check_rows(self, rows) -> np.ndarray:

@@ -53,6 +53,7 @@ def test_build_query_info(tmp_path, tiny_model_dir, shapes_dir):
     (["query", "cat", "--index", "{index}", "-k", "0"], "at least 1"),
     (["query", "cat", "--index", "{index}", "--rerank-k", "-1"], "0 or more"),
     (["query", "cat", "--index", "{index}", "-k", "ten"], "not a valid integer"),
+    (["query", "cat", "--index", "{index}", "--rerank-k", "0", "--min-prob", "0.5"], "give --rerank-k of at least 1"),
     (["query", "--index", "{index}"], "Missing argument"),
     (["frobnicate"], "No such command"),
     (["add", "{tmp}/notes.txt", "--index", "{index}"], "not an image file name"),
@@ -69,6 +70,24 @@ def test_errors_are_one_line_with_nonzero_exit(built_index, tmp_path, args, need
     assert needle in result.output
     assert "Traceback" not in result.output
     assert len(result.output.strip().splitlines()) == 1, result.output
+
+
+def test_a_reader_closing_the_pipe_ends_a_command_quietly():
+    """`edje-search query ... | head -1`: the rest of the output has nowhere to go; no error line."""
+    script = "\n".join([
+        "import click",
+        "from edje_search_cli.common import FriendlyGroup",
+        "@click.group(cls=FriendlyGroup)",
+        "def group(): pass",
+        "@group.command()",
+        "def flood():",
+        "    for _ in range(100000): click.echo('x' * 100)",
+        "group(['flood'])"])
+    p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert p.stdout.read(10) == b"x" * 10
+    p.stdout.close()
+    err = p.stderr.read()
+    assert p.wait(timeout=60) == 141 and err == b"", err
 
 
 def test_build_index_with_int8_tokens(tmp_path, tiny_model_dir, shapes_dir):

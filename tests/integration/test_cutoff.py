@@ -102,7 +102,7 @@ def test_cli_min_prob_can_answer_no_image_matches(index):
     assert len(hits) == 5 and all(h["prob"] is not None for h in hits)
     assert "at most --rerank-k 5" in some.stderr
     bad = CliRunner().invoke(cli, ["query", QUERY, "--index", str(index), "--min-prob", "0.5", "--rerank-k", "0"])
-    assert bad.exit_code == 2 and "rerank_k" in bad.stderr
+    assert bad.exit_code == 2 and "--rerank-k" in bad.stderr and "--min-prob" in bad.stderr
 
 
 def test_calibration_is_used_for_prob_and_stored_with_the_model(tmp_path, tiny_model_dir, index):
@@ -176,6 +176,19 @@ def test_sort_by_date_user_field_size_and_name(engine):
         engine.search(QUERY, sort="nope")
     with pytest.raises(BadQuery, match="give a field name"):
         engine.search(QUERY, sort="taken; drop")
+
+
+def test_date_of_files_written_within_one_second_keeps_their_order():
+    from edje_search.sorting import field_value
+    from edje_search.storage.manifest import ManifestEntry
+
+    second = 1_700_000_000 * 10**9
+    early, late = (ManifestEntry(i, f"/p/{i}.jpg", None, mtime_ns=second + ns)
+                   for i, ns in enumerate((1_000, 900_000_000)))
+    assert field_value(early, "date") < field_value(late, "date")
+    assert field_value(late, "date") == "2023-11-14T22:13:20.900000"
+    exif = ManifestEntry(2, "/p/2.jpg", None, mtime_ns=second, meta={"taken": "2023-11-14T22:13:20"})
+    assert field_value(exif, "date") < field_value(early, "date")  # a date taken, to the second, sorts first
 
 
 def test_cli_sort_and_where(index, photos):

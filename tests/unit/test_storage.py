@@ -250,17 +250,22 @@ def test_damage_is_found_by_verify_and_fixed_by_repair(tmp_path):
     assert rows[0, 0] == 53
 
 
-def test_repair_refuses_when_index_json_is_what_changed(tmp_path):
+@pytest.mark.parametrize("changed,was,now", [("tokens", '"tokens_per_image": 2', '"tokens_per_image": 3'),
+                                             ("tokens, no zarr.json", '"tokens_per_image": 2', '"tokens_per_image": 3'),
+                                             ("vectors", '"dim": 8', '"dim": 9')])
+def test_repair_refuses_when_index_json_is_what_changed(tmp_path, changed, was, now):
     rng = np.random.default_rng(10)
     store = IndexStore.create(tmp_path / "i", _config())
     _commit(store, ["/a", "/b"], _unit(rng, 2), np.zeros((2, 2, 4), np.float16))
+    if changed == "tokens, no zarr.json":  # only reading a row can tell the layout
+        (tmp_path / "i" / "tokens.zarr" / "tokens" / "zarr.json").unlink()
     cfg = tmp_path / "i" / "index.json"
-    cfg.write_text(cfg.read_text().replace('"tokens_per_image": 2', '"tokens_per_image": 3'))
+    cfg.write_text(cfg.read_text().replace(was, now))
     broken = IndexStore.open(tmp_path / "i", mode="r+")
     assert broken.verify()
     with broken.writing(), pytest.raises(IndexCorrupt, match="restore index.json"):
         broken.repair()
-    cfg.write_text(cfg.read_text().replace('"tokens_per_image": 3', '"tokens_per_image": 2'))
+    cfg.write_text(cfg.read_text().replace(now, was))
     assert IndexStore.open(tmp_path / "i").verify() == [] and len(IndexStore.open(tmp_path / "i")) == 2
 
 
@@ -351,3 +356,13 @@ def test_segments_merge_and_recipes_retrain_as_the_index_grows(tmp_path, monkeyp
 def test_remote_store_url_must_be_a_url(tmp_path):
     with pytest.raises(BadInput, match="not a URL"):
         IndexStore.create(tmp_path / "i", _config(store_url="some/folder"))
+
+
+def test_both_row_stores_offer_what_the_index_store_asks_of_them(tmp_path):
+    """Vectors (.npy segments) and tokens (Zarr arrays) answer the same RowArray protocol."""
+    from edje_search.storage.rows import RowArray
+
+    store = IndexStore.create(tmp_path / "i", _config(token_dtype="int8"))
+    assert set(store.arrays) == {"vectors", "tokens", "token_scales"}
+    for arr in store.arrays.values():
+        assert isinstance(arr, RowArray), type(arr).__name__

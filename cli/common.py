@@ -60,11 +60,12 @@ class FriendlyGroup(click.Group):
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
-        except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as a tool killed by SIGPIPE
-            try:
-                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
-            except (OSError, ValueError):  # stdout is not a file descriptor (captured in a test)
-                pass
+        except BrokenPipeError as e:
+            if not _stdout_gone():  # another pipe or socket broke: an error like any other
+                click.echo(f"error: {describe_error(e)[0]}", err=True)
+                sys.exit(1)
+            # the reader of the output went away (`| head`): stop quietly, as a tool killed by SIGPIPE
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
             sys.exit(141)
         except Exception as e:  # noqa: BLE001 - the CLI boundary: every failure becomes one line
             if ctx.obj and ctx.obj.get("debug"):
@@ -72,6 +73,18 @@ class FriendlyGroup(click.Group):
             msg, status = describe_error(e)
             click.echo(f"error: {msg}", err=True)
             sys.exit(status)
+
+
+def _stdout_gone() -> bool:
+    """Whether standard output is a pipe whose reader has closed it (poll reports an error on it)."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # no file descriptor behind stdout (captured)
+        return False
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")

@@ -65,10 +65,7 @@ def query(text, index_dir, k, rerank_k, model, backend, compare, where, under, m
         raise BadInput("-k must be at least 1")
     if rerank_k < 0:
         raise BadInput("--rerank-k must be 0 or more")
-    if min_prob is not None and rerank_k == 0:
-        raise BadInput("--min-prob cuts on the joint encoder's probability, which only reranked hits have: "
-                       "give --rerank-k of at least 1")
-    check_min_prob(min_prob, rerank_k)
+    check_min_prob(min_prob, rerank_k, names=("--min-prob", "--rerank-k"))
     if compare and (dedupe or min_prob is not None or sort):
         raise BadInput("--compare shows the whole top k in both orders: it does not combine with --dedupe, "
                        "--min-prob or --sort")

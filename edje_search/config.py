@@ -101,7 +101,7 @@ class IndexConfig:
     token_dtype: str = "float16"  # "float16", "float32" or "int8"
     token_shard_rows: int = 256  # rows per shard object of the token store (storage/zarr_rows.py)
     # rows per inner chunk of int8's scales (storage/token_store.py): 0 = a whole shard; int8
-    # indexes whose index.json lacks this key have 1, one per row (read_config says so)
+    # indexes whose index.json lacks this key have 1, one per row (IndexConfig.load says so)
     token_scale_chunk_rows: int = 0
     factory: str = "auto"  # FAISS factory string, or "auto": chosen by size (storage/vector_index.py)
     model_path: str = "model"  # the model directory: relative to the index, or absolute when outside it

@@ -45,15 +45,16 @@ def check_query(text: object, max_chars: int = MAX_QUERY_CHARS) -> str:
     return text
 
 
-def check_min_prob(min_prob: float | None, rerank_k: int) -> None:
-    """A relevance cutoff must be a probability, and needs reranked hits to cut (BadQuery otherwise)."""
+def check_min_prob(min_prob: float | None, rerank_k: int, names: tuple[str, str] = ("min_prob", "rerank_k")) -> None:
+    """A relevance cutoff must be a probability, and needs reranked hits to cut (BadQuery otherwise).
+    ``names``: what the caller calls the two (the command line's flags, the library's arguments)."""
     if min_prob is None:
         return
     if isinstance(min_prob, bool) or not isinstance(min_prob, (int, float)) or not 0.0 <= min_prob <= 1.0:
-        raise BadQuery(f"min_prob must be a number between 0 and 1 (got {min_prob!r})")
+        raise BadQuery(f"{names[0]} must be a number between 0 and 1 (got {min_prob!r})")
     if rerank_k <= 0:
-        raise BadQuery("min_prob cuts on the joint encoder's probability, which only reranked hits have: "
-                       "rerank_k must be at least 1")
+        raise BadQuery(f"{names[0]} cuts on the joint encoder's probability, which only reranked hits have: "
+                       f"{names[1]} must be at least 1")
 
 
 def check_row(row: int) -> int:

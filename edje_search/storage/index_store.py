@@ -34,7 +34,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from ..config import IndexConfig, save_config
-from ..errors import BadInput, IndexCorrupt, IndexOutdated, StorageUnavailable
+from ..errors import BadInput, IndexCorrupt, IndexOutdated
 from ..fsutil import atomic_write
 from . import compaction, identity, integrity, layout, vector_index
 from .layout import CONFIG_FILE, FAISS_DIR, REFINE_FACTOR, SKIPPED_FILE
@@ -57,10 +57,7 @@ class IndexStore:
 
     def __init__(self, directory: Path, config: IndexConfig, manifest: Manifest, mode: str = "r",
                  lock_wait: float = 0.0):
-        self.directory = directory
-        self.config = config
-        self.manifest = manifest
-        self.mode = mode
+        self.directory, self.config, self.manifest, self.mode = directory, config, manifest, mode
         base = config.store_url or str(directory)
         self.vector_array = SegmentArray(f"{base.rstrip('/')}/vectors", (config.dim,), "float32")
         self.tokens = TokenStore(base, config.tokens_per_image, config.token_width, config.token_dtype,
@@ -170,7 +167,8 @@ class IndexStore:
     # ------------------------------------------------------------------------------- writing
     @contextmanager
     def writing(self):
-        """Hold the writer lock, on the latest generation, with a crashed commit's debris removed."""
+        """Hold the writer lock, on the latest generation, with a crashed commit's debris removed
+        (once index.json is known to describe what is stored: else nothing is a stray)."""
         if self.lock is None:
             raise IndexCorrupt("index opened read-only")
         with self._writer_thread:  # threads of one process take turns too (the file lock is per process)
@@ -178,6 +176,7 @@ class IndexStore:
             with self.lock:
                 if outer:
                     self.refresh()
+                    integrity.check_config_against_segments(self, self.arrays, self.snapshot)
                     integrity.remove_stray_files(self)
                     self.publish(only_if_stale=True)  # a crash may have come after the last commit
                 yield self
@@ -262,9 +261,9 @@ class IndexStore:
         """Let plain Zarr readers see every committed token row (TokenStore.publish). The engine
         never reads what this writes: a failure is logged, and the next writer publishes again."""
         try:
-            if not only_if_stale or self.tokens.publishable_lag(self.n_rows, self.snapshot.segments):
+            if not only_if_stale or self.tokens.published_rows() != self.n_rows:
                 self.tokens.publish(self.n_rows, self.config.model_fingerprint)
-        except (OSError, StorageUnavailable) as e:
+        except OSError as e:
             logger.warning("could not update the token store's zarr.json (the index is fine): %s", e)
 
     def remove_rows(self, rows: Sequence[int]) -> None:

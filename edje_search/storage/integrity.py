@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..errors import IndexCorrupt
+from ..errors import IndexCorrupt, StorageUnavailable
 from . import checksums, compaction, manifest_check, migrate, vector_index
 from .layout import CONFIG_FILE, FAISS_DIR
 from .manifest import Snapshot
@@ -108,6 +108,8 @@ def compare_codes(store: IndexStore, name: str, index) -> list[str]:
     """Stored vectors against what FAISS holds, for every row, where the codes are exact floats."""
     try:
         bad = differing_rows(store, index)
+    except StorageUnavailable:
+        raise  # not a problem of the index: verify stops
     except IndexCorrupt as e:
         return [str(e).split(" (run")[0]]
     if bad.size:
@@ -138,6 +140,8 @@ def unverifiable_vectors(store: IndexStore, damaged: set[int]) -> set[int]:
     for index in store.faiss_files.values():
         try:
             bad = differing_rows(store, index)
+        except StorageUnavailable:
+            raise
         except IndexCorrupt:
             continue  # an unreadable vector segment: its rows are already in ``damaged``
         out.update(r for r in bad.tolist() if r not in damaged and any(s <= r < s + n for s, n in unchecked))

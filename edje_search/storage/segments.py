@@ -37,9 +37,21 @@ def is_remote(url: str) -> bool:
 
 
 # Failures of access, not of the stored bytes: they must never make verify or repair drop rows.
-# (fsspec's S3 and HTTP clients raise these, or OSError subclasses of them, for refused and
-# failed requests; a missing object is FileNotFoundError, which is damage.)
+# On a local disk these; from object storage every OSError but FileNotFoundError (a missing
+# object, which is damage): fsspec's S3 client raises plain OSErrors for throttling and server
+# errors too.
 ACCESS_FAILURES = (PermissionError, ConnectionError, TimeoutError)
+
+
+def is_access_failure(e: BaseException, remote: bool) -> bool:
+    if isinstance(e, FileNotFoundError):
+        return False
+    return isinstance(e, ACCESS_FAILURES) or (remote and isinstance(e, OSError))
+
+
+def unavailable(what: str, e: BaseException) -> StorageUnavailable:
+    return StorageUnavailable(f"cannot read {what}: {e} (check access to the storage; nothing stored is known "
+                              f"to be damaged)")
 
 
 def segment_name(start: int) -> str:
@@ -180,10 +192,9 @@ class SegmentArray:
                 if not self.remote and not (index_dir / CONFIG_FILE).exists():  # the whole index went, not a file
                     raise IndexGone(f"index {index_dir} was removed (restore it or build it again)") from e
                 raise IndexCorrupt(f"segment file missing: {path} (run `edje-search repair`)") from e
-            except ACCESS_FAILURES as e:
-                raise StorageUnavailable(f"cannot read segment file {path}: {e} (check access to the storage; "
-                                         f"nothing stored is known to be damaged)") from e
             except (ValueError, OSError) as e:
+                if is_access_failure(e, self.remote):
+                    raise unavailable(f"segment file {path}", e) from e
                 raise IndexCorrupt(f"segment file unreadable: {path}: {e} (run `edje-search repair`)") from e
             if tuple(shape[1:]) != self.row_shape or dtype != self.dtype:
                 raise IndexCorrupt(f"segment file {path} holds rows of shape {tuple(shape[1:])} {dtype}, the index "
@@ -260,10 +271,15 @@ class SegmentArray:
     def read_file(self, start: int) -> bytes:
         """The whole segment file, as stored (checksums)."""
         path = self._path(start)
-        if self.remote:
-            return self.fs.cat_file(path)
-        with open(path, "rb") as f:
-            return f.read()
+        try:
+            if self.remote:
+                return self.fs.cat_file(path)
+            with open(path, "rb") as f:
+                return f.read()
+        except OSError as e:
+            if is_access_failure(e, self.remote):
+                raise unavailable(f"segment file {path}", e) from e
+            raise IndexCorrupt(f"segment file unreadable: {path}: {e} (run `edje-search repair`)") from e
 
     def read_segment(self, start: int, count: int) -> np.ndarray:
         """All rows of one committed segment (checks, repair)."""
@@ -311,9 +327,8 @@ class SegmentArray:
         blobs = self.fs.cat_ranges(paths, starts, ends)
         flat = out.reshape(idx.size, -1).view(np.uint8)
         for i, b in enumerate(blobs):
-            if isinstance(b, ACCESS_FAILURES):
-                raise StorageUnavailable(f"cannot read row {int(idx[i])} from {paths[i]}: {b} (check access to "
-                                         f"the storage; nothing stored is known to be damaged)") from b
+            if isinstance(b, Exception) and is_access_failure(b, True):
+                raise unavailable(f"row {int(idx[i])} from {paths[i]}", b) from b
             if isinstance(b, Exception) or len(b) != self.row_bytes:
                 raise IndexCorrupt(f"short read of row {int(idx[i])} from {paths[i]}")
             flat[i] = np.frombuffer(b, dtype=np.uint8)

@@ -160,14 +160,6 @@ class TokenStore:
         except (KeyError, TypeError, IndexError, ValueError):
             return None
 
-    def publishable_lag(self, rows: int, segments: dict[str, list[tuple[int, int]]]) -> bool:
-        """Whether ``zarr.json`` shows fewer than the ``rows`` committed (a crash came between a
-        commit and its publishing) and may be written again: not when the stored arrays disagree
-        with the layout the index config implies, whose evidence repair needs (it refuses then)."""
-        if self.published_rows() == rows:
-            return False
-        return not any(arr.layout_mismatch(segments.get(kind, [])) for kind, arr in self.arrays.items())
-
     def publish(self, rows: int, fingerprint: str) -> None:
         """Write the group's and arrays' ``zarr.json`` for ``rows`` committed rows, so that plain
         Zarr readers see every committed row (done after each commit, and by the next writer

@@ -141,7 +141,7 @@ def _why(e: Exception) -> str | None:
     """What a failed read of stored rows means, in a few words; None when the failure is not
     damage to the stored bytes: such a failure must stop verify or repair, never drop rows."""
     text = _short(e)
-    if not text.startswith(_DAMAGE):
+    if not text.startswith(_DAMAGE) or "HTTP response code" in text:  # an answer of the server, not bytes
         return None
     if text.startswith("NOT_FOUND") or "is missing" in text:
         return "shard file missing"

@@ -264,9 +264,10 @@ class ZarrRows:
         meta = self.read_metadata()
         if meta is not None:
             return metadata_mismatch(meta, self.row_shape, self.dtype, self.shard_rows, self.chunk_rows)
-        # a chunk of another size passes its CRC-32C and then fails to decode; damage fails otherwise
-        if segments and self.read_checked(segments[0][0], 1)[2] == "stored bytes do not decode":
-            return "its zarr.json is missing and its first row does not read with the config's layout"
+        # without it, the layout is wrong when no commit's first row reads (damage to every commit
+        # at once is far less likely than a changed index.json)
+        if segments and all(self.read_checked(start, 1)[1] for start, _ in segments):
+            return "its zarr.json is missing and no commit's first row reads with the config's layout"
         return None
 
     # ------------------------------------------------------------------------------ reading
@@ -305,8 +306,8 @@ class ZarrRows:
         # The shard may have been replaced since its index was cached: read once more through a
         # handle that checks what was cached. Only when that read succeeds does it replace the
         # shared handle, so rows that stay damaged do not make every reader recheck its cache.
-        fresh = self._open_handle()
         try:
+            fresh = self._open_handle()
             out = fresh[idx].read().result()
         except ValueError as e:
             raise read_failure(self, e) from e

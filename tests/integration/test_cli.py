@@ -53,7 +53,7 @@ def test_build_query_info(tmp_path, tiny_model_dir, shapes_dir):
     (["query", "cat", "--index", "{index}", "-k", "0"], "at least 1"),
     (["query", "cat", "--index", "{index}", "--rerank-k", "-1"], "0 or more"),
     (["query", "cat", "--index", "{index}", "-k", "ten"], "not a valid integer"),
-    (["query", "cat", "--index", "{index}", "--rerank-k", "0", "--min-prob", "0.5"], "give --rerank-k of at least 1"),
+    (["query", "cat", "--index", "{index}", "--rerank-k", "0", "--min-prob", "0.5"], "--rerank-k must be at least 1"),
     (["query", "--index", "{index}"], "Missing argument"),
     (["frobnicate"], "No such command"),
     (["add", "{tmp}/notes.txt", "--index", "{index}"], "not an image file name"),
@@ -88,6 +88,11 @@ def test_a_reader_closing_the_pipe_ends_a_command_quietly():
     p.stdout.close()
     err = p.stderr.read()
     assert p.wait(timeout=60) == 141 and err == b"", err
+    # a pipe other than the output breaking is an error like any other
+    other = script.replace("    for _ in range(100000): click.echo('x' * 100)",
+                           "    raise BrokenPipeError(32, 'Broken pipe (a socket)')")
+    p = subprocess.run([sys.executable, "-c", other], capture_output=True, timeout=60)
+    assert p.returncode == 1 and p.stderr.decode().startswith("error: ") and "socket" in p.stderr.decode()
 
 
 def test_build_index_with_int8_tokens(tmp_path, tiny_model_dir, shapes_dir):

@@ -250,23 +250,31 @@ def test_damage_is_found_by_verify_and_fixed_by_repair(tmp_path):
     assert rows[0, 0] == 53
 
 
-@pytest.mark.parametrize("changed,was,now", [("tokens", '"tokens_per_image": 2', '"tokens_per_image": 3'),
-                                             ("tokens, no zarr.json", '"tokens_per_image": 2', '"tokens_per_image": 3'),
-                                             ("vectors", '"dim": 8', '"dim": 9')])
-def test_repair_refuses_when_index_json_is_what_changed(tmp_path, changed, was, now):
+@pytest.mark.parametrize("changed,was,now", [
+    ("tokens", '"tokens_per_image": 2', '"tokens_per_image": 3'),
+    ("tokens, no zarr.json", '"tokens_per_image": 2', '"tokens_per_image": 3'),
+    ("shards, no zarr.json", '"token_shard_rows": 256', '"token_shard_rows": 512'),
+    ("vectors", '"dim": 8', '"dim": 9')])
+def test_a_writer_refuses_when_index_json_is_what_changed_and_removes_nothing(tmp_path, changed, was, now):
+    """Repair would drop every row, and stray-file removal would delete shards of the other
+    layout: a writer refuses first, so that restoring index.json gives the whole index back."""
     rng = np.random.default_rng(10)
     store = IndexStore.create(tmp_path / "i", _config())
     _commit(store, ["/a", "/b"], _unit(rng, 2), np.zeros((2, 2, 4), np.float16))
-    if changed == "tokens, no zarr.json":  # only reading a row can tell the layout
+    _commit(store, ["/c", "/d"], _unit(rng, 2), np.ones((2, 2, 4), np.float16))  # rows 256-257: shard 1
+    if "no zarr.json" in changed:  # only reading rows can tell the layout
         (tmp_path / "i" / "tokens.zarr" / "tokens" / "zarr.json").unlink()
+    files = sorted(p for p in (tmp_path / "i").rglob("*") if p.is_file() and p.name != "zarr.json")
     cfg = tmp_path / "i" / "index.json"
     cfg.write_text(cfg.read_text().replace(was, now))
     broken = IndexStore.open(tmp_path / "i", mode="r+")
     assert broken.verify()
-    with broken.writing(), pytest.raises(IndexCorrupt, match="restore index.json"):
-        broken.repair()
+    with pytest.raises(IndexCorrupt, match="restore index.json"):
+        with broken.writing():
+            broken.repair()
+    assert sorted(p for p in (tmp_path / "i").rglob("*") if p.is_file() and p.name != "zarr.json") == files
     cfg.write_text(cfg.read_text().replace(now, was))
-    assert IndexStore.open(tmp_path / "i").verify() == [] and len(IndexStore.open(tmp_path / "i")) == 2
+    assert IndexStore.open(tmp_path / "i").verify() == [] and len(IndexStore.open(tmp_path / "i")) == 4
 
 
 def test_threads_sharing_one_writable_store_take_turns(tmp_path):

@@ -23,11 +23,15 @@ def save_config(cfg: Any, path: str | Path) -> None:
 
 def load_config(cls: type[T], path: str | Path) -> T:
     """Rebuild a dataclass from JSON, rejecting unknown keys with a clear error."""
-    data = json.loads(Path(path).read_text())
+    return config_from_dict(cls, json.loads(Path(path).read_text()), path)
+
+
+def config_from_dict(cls: type[T], data: dict, source: str | Path) -> T:
+    """A dataclass from the JSON object read from ``source``, rejecting unknown keys."""
     known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = set(data) - known
     if unknown:
-        raise ValueError(f"{path}: unknown config keys {sorted(unknown)} for {cls.__name__}")
+        raise ValueError(f"{source}: unknown config keys {sorted(unknown)} for {cls.__name__}")
     return cls(**data)
 
 
@@ -117,9 +121,12 @@ class IndexConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> IndexConfig:
-        """An index's config from its index.json, keys the file predates filled in as they were
-        when it was written."""
-        config = load_config(cls, path)
-        if "token_scale_chunk_rows" not in json.loads(Path(path).read_text()):
-            config = dataclasses.replace(config, token_scale_chunk_rows=1)  # int8 scales one row per chunk
-        return config
+        """An index's config from its index.json (see :meth:`from_dict`)."""
+        return cls.from_dict(json.loads(Path(path).read_text()), path)
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str | Path) -> IndexConfig:
+        """An index's config from index.json's object, keys the file predates filled in as they
+        were when it was written."""
+        # written before the key: int8 scales one row per chunk
+        return config_from_dict(cls, {"token_scale_chunk_rows": 1, **data}, source)

@@ -176,7 +176,7 @@ class IndexStore:
             with self.lock:
                 if outer:
                     self.refresh()
-                    integrity.check_config_against_segments(self, self.arrays, self.snapshot)
+                    integrity.check_config_against_segments(self)
                     integrity.remove_stray_files(self)
                     self.publish(only_if_stale=True)  # a crash may have come after the last commit
                 yield self
@@ -415,7 +415,7 @@ def read_config(directory: Path) -> IndexConfig:
         raise IndexCorrupt(f"index at {directory} was written by edje-search 0.1 (format 1); build it again "
                            f"into a new folder with `edje-search build-index`")
     try:
-        return IndexConfig.load(directory / CONFIG_FILE)
+        return IndexConfig.from_dict(raw, directory / CONFIG_FILE)
     except (ValueError, TypeError) as e:
         raise IndexCorrupt(f"index at {directory} is corrupt: {e}") from e
 

@@ -20,11 +20,9 @@ import numpy as np
 from ..errors import IndexCorrupt, StorageUnavailable
 from . import checksums, compaction, manifest_check, migrate, vector_index
 from .layout import CONFIG_FILE, FAISS_DIR
-from .manifest import Snapshot
 
 if TYPE_CHECKING:
     from .index_store import IndexStore
-    from .rows import RowArray
 
 logger = logging.getLogger(__name__)
 
@@ -157,8 +155,7 @@ def repair(store: IndexStore) -> RepairReport:
     report = RepairReport()
     snap = store.manifest.snapshot()
     store.snapshot = snap
-    arrays = store.arrays
-    check_config_against_segments(store, arrays, snap)
+    arrays = store.arrays  # index.json was checked against them when the writer took the lock
     for kind, arr in arrays.items():
         arr.set_segments(snap.segments.get(kind, ()))
     damage = segment_damage(store)
@@ -200,12 +197,12 @@ def repair(store: IndexStore) -> RepairReport:
     return report
 
 
-def check_config_against_segments(store: IndexStore, arrays: dict[str, RowArray], snap: Snapshot) -> None:
-    """Refuse to repair when index.json, not the data, is what changed: if every segment of a
-    store is readable but of another row shape than the config implies, dropping its rows
-    would destroy an intact index."""
-    for kind, arr in arrays.items():
-        wrong = arr.layout_mismatch(snap.segments.get(kind, []))
+def check_config_against_segments(store: IndexStore) -> None:
+    """Refuse to write (repair included) when index.json, not the data, is what changed: if the
+    stored rows are of another layout than the config implies, repair would drop them all and
+    stray-file removal would delete files of the other layout, destroying an intact index."""
+    for kind, arr in store.arrays.items():
+        wrong = arr.layout_mismatch(store.snapshot.segments.get(kind, []))
         if wrong:
             raise IndexCorrupt(f"{CONFIG_FILE} disagrees with the stored {kind} ({wrong}); restore "
                                f"{CONFIG_FILE} instead of repairing")

@@ -49,8 +49,9 @@ def is_access_failure(e: BaseException, remote: bool) -> bool:
     return isinstance(e, ACCESS_FAILURES) or (remote and isinstance(e, OSError))
 
 
-def unavailable(what: str, e: BaseException) -> StorageUnavailable:
-    return StorageUnavailable(f"cannot read {what}: {e} (check access to the storage; nothing stored is known "
+def unavailable(what: str, why: object) -> StorageUnavailable:
+    """The error of a read the storage refused or failed (``why``: the failure or its text)."""
+    return StorageUnavailable(f"cannot read {what}: {why} (check access to the storage; nothing stored is known "
                               f"to be damaged)")
 
 

@@ -45,7 +45,7 @@ import numpy as np
 
 from ..errors import IndexCorrupt, StorageUnavailable
 from .checksums import row_checksums
-from .segments import is_remote
+from .segments import is_remote, unavailable
 from .zarr_io import (READ_CONTEXT, SHARD_INDEX_POOL, _short, _why, array_metadata, kvstore_spec, metadata_mismatch,
                       open_kvstore, read_document, shared_context)
 
@@ -358,15 +358,14 @@ def read_failure(rows: ZarrRows, e: Exception) -> IndexCorrupt:
     (nothing is known to be damaged), IndexCorrupt when the stored bytes are damaged."""
     from pathlib import Path
 
-    from ..errors import IndexGone, StorageUnavailable
+    from ..errors import IndexGone
     from .layout import CONFIG_FILE
 
     index_dir = Path(rows.url).parent.parent
     if not rows.remote and not (index_dir / CONFIG_FILE).exists():
         return IndexGone(f"index {index_dir} was removed (restore it or build it again)")
     if _why(e) is None:
-        return StorageUnavailable(f"cannot read stored rows under {rows.url}: {_short(e)} (check access to the "
-                                  f"storage; nothing stored is known to be damaged)")
+        return unavailable(f"stored rows under {rows.url}", _short(e))
     return IndexCorrupt(f"stored rows unreadable under {rows.url}: {_short(e)} (run `edje-search verify`, "
                         f"then `repair`)")
 
